@@ -1,0 +1,1 @@
+"""Orchestration only: Prefect flows and tasks that call pipeline functions. Nothing imports flows."""
