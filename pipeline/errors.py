@@ -1,0 +1,68 @@
+"""Rejected inputs: stable reason codes and the error that carries them.
+
+Every input the pipeline refuses gets one `Reason` (a stable UPPER_SNAKE code that scripts and
+dashboards may key on), the file it concerns (relative to the source root where known) and a
+message with the measured values. The batch goes on; the input is quarantined, never modified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+
+class Reason(StrEnum):
+    """Why an input was rejected or ignored. Values never change once released."""
+
+    # files
+    NOT_DICOM = "NOT_DICOM"  # not a DICOM or NIfTI file (reports, Thumbs.db, empty files): ignored
+    TRUNCATED = "TRUNCATED"  # the file ends before its header or pixel data says it should
+    TOO_LARGE = "TOO_LARGE"  # declared pixel count over the configured limit, refused before allocation
+    UNREADABLE = "UNREADABLE"  # a header that cannot be parsed
+    OUTSIDE_ROOT = "OUTSIDE_ROOT"  # a DICOMDIR or link that points outside the source root
+    # DICOM series
+    UNSUPPORTED_SOP_CLASS = "UNSUPPORTED_SOP_CLASS"
+    UNSUPPORTED_PHOTOMETRIC = "UNSUPPORTED_PHOTOMETRIC"
+    MISSING_DECODER = "MISSING_DECODER"  # a compressed transfer syntax with no installed decoder
+    MISSING_GEOMETRY = "MISSING_GEOMETRY"  # no ImagePositionPatient / ImageOrientationPatient / PixelSpacing
+    NON_UNIFORM_SPACING = "NON_UNIFORM_SPACING"  # a missing slice or uneven gaps
+    GANTRY_TILT = "GANTRY_TILT"
+    DUPLICATE_POSITION = "DUPLICATE_POSITION"
+    ORIENTATION_VARIES = "ORIENTATION_VARIES"
+    TOO_FEW_SLICES = "TOO_FEW_SLICES"
+    LOCALIZER = "LOCALIZER"
+    # NIfTI and datasets
+    QFORM_SFORM_MISMATCH = "QFORM_SFORM_MISMATCH"
+    NON_ORTHONORMAL_AFFINE = "NON_ORTHONORMAL_AFFINE"
+    UNSUPPORTED_DIMENSIONS = "UNSUPPORTED_DIMENSIONS"  # 4D or higher, or fewer than 3
+    NON_FINITE_VOXELS = "NON_FINITE_VOXELS"
+    NON_INTEGER_LABELS = "NON_INTEGER_LABELS"
+    UNEXPECTED_LABELS = "UNEXPECTED_LABELS"
+    LABEL_GEOMETRY_MISMATCH = "LABEL_GEOMETRY_MISMATCH"
+    MISSING_LABEL_SOURCE = "MISSING_LABEL_SOURCE"  # a label (SEG or NIfTI) whose image is not there
+    INVALID_DATASET = "INVALID_DATASET"  # a dataset.json that does not describe the files present
+
+
+# Reasons that mean "not an input at all" rather than "a bad input": listed as ignored.
+IGNORED_REASONS = frozenset({Reason.NOT_DICOM})
+
+
+@dataclass
+class InputRejected(Exception):
+    """An input the pipeline refuses, with the file, a stable reason code and measured values."""
+
+    reason: Reason
+    path: str  # the offending file (relative to the source root when known)
+    message: str  # what was expected, what was found, what to do
+    details: dict[str, Any] = field(default_factory=dict)  # measured values, JSON-serializable
+
+    def __post_init__(self) -> None:
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason.value}: {self.message}"
+
+    def to_record(self) -> dict[str, Any]:
+        """The quarantine.jsonl line for this rejection."""
+        return {"path": self.path, "reason": self.reason.value, "message": self.message, **self.details}

@@ -1,0 +1,1 @@
+"""Readers and writers of the formats hospitals hand us: DICOM, DICOM SEG, NIfTI, dataset layouts."""

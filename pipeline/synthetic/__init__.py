@@ -1,0 +1,1 @@
+"""Generated data for tests, benchmarks and the demo: real DICOM and NIfTI files, never downloads."""
