@@ -23,6 +23,7 @@ from pydicom.uid import (
     MRImageStorage,
     generate_uid,
 )
+from pydicom.valuerep import DSfloat
 
 SOP_CLASSES = {"CT": CTImageStorage, "MR": MRImageStorage}
 
@@ -83,6 +84,10 @@ def slice_positions(spec: SeriesSpec, n: int) -> np.ndarray:
         return np.asarray(spec.positions, float)
     normal = slice_normal(spec.orientation)
     return np.asarray(spec.origin, float) + np.outer(np.arange(n) * spec.slice_spacing, normal)
+
+
+def _ds(value: float) -> DSfloat:
+    return DSfloat(float(value), auto_format=True)
 
 
 def _uid(rng: np.random.Generator) -> UID:
@@ -159,9 +164,10 @@ def write_dicom_series(volume: np.ndarray, out_dir: str | Path, spec: SeriesSpec
         ds.PatientPosition = spec.patient_position
         ds.FrameOfReferenceUID = for_uid
         ds.PositionReferenceIndicator = ""
-        ds.ImagePositionPatient = [float(v) for v in positions[k]]
-        ds.ImageOrientationPatient = [float(v) for v in spec.orientation]
-        ds.SliceLocation = float(np.dot(positions[k], normal))
+        # DS values are at most 16 characters: auto_format keeps oblique geometry conformant.
+        ds.ImagePositionPatient = [_ds(v) for v in positions[k]]
+        ds.ImageOrientationPatient = [_ds(v) for v in spec.orientation]
+        ds.SliceLocation = _ds(np.dot(positions[k], normal))
         ds.SliceThickness = spec.slice_thickness if spec.slice_thickness is not None else spec.slice_spacing
         ds.PixelSpacing = [float(v) for v in spec.pixel_spacing]
         ds.SamplesPerPixel = 1
@@ -188,7 +194,8 @@ def write_dicom_series(volume: np.ndarray, out_dir: str | Path, spec: SeriesSpec
         if spec.transfer_syntax == DeflatedExplicitVRLittleEndian:
             meta.TransferSyntaxUID = spec.transfer_syntax  # pydicom deflates the dataset on save
         elif spec.transfer_syntax != ExplicitVRLittleEndian:
-            ds.compress(spec.transfer_syntax)  # pixel encoders: RLE, JPEG-LS, JPEG 2000 (lossless)
+            # pixel encoders: RLE, JPEG-LS, JPEG 2000 (lossless); keep our seeded SOP Instance UID
+            ds.compress(spec.transfer_syntax, generate_instance_uid=False)
         path = out_dir / names[k]
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
