@@ -127,3 +127,64 @@ def demo_data(
     typer.echo(f"  dicom/qa/     broken series; with strays {len(info.dicom_quarantine)} files to quarantine")
     typer.echo(f"  broken_nifti/ {len(info.nifti_quarantine)} files the NIfTI checks must reject")
     typer.echo("  expected.json what ingest should make of it all")
+
+
+def _setup_logging(verbose: bool) -> None:
+    """Warnings and errors to stderr (INFO with --verbose); the CLI's own output goes to stdout."""
+    import logging
+
+    logging.basicConfig(
+        level=logging.INFO if verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+
+
+@app.command("ingest")
+def ingest_command(
+    source: Annotated[Path, typer.Argument(help="DICOM folder tree, NIfTI files or an MSD dataset.")],
+    out: Annotated[Path, typer.Option("--out", help="Staging folder to write (made if absent).")],
+    secret_file: Annotated[
+        Path | None, typer.Option(help="Site secret keying case IDs (default: <workdir>/site-secret).")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Parallel conversion processes (default: CPUs).")
+    ] = None,
+    max_pixels: Annotated[int, typer.Option(help="Largest Rows x Columns x frames of one DICOM file.")] = 2
+    ** 28,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
+) -> None:
+    """Validate and convert a source into a staging dataset; quarantine what is wrong, with reasons.
+
+    Exit code 0 when at least one case is staged, 2 when none is.
+    """
+    import sys
+
+    from pipeline.ingest import IngestLimits, ingest
+
+    _setup_logging(verbose)
+    try:
+        report = ingest(
+            source,
+            out,
+            secret_file=secret_file,
+            workers=workers,
+            limits=IngestLimits(max_pixels_per_file=max_pixels),
+            progress=sys.stderr.isatty(),
+        )
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(
+        f"ingest: {report.cases} cases staged ({report.cases_converted} converted, "
+        f"{report.cases_skipped} unchanged) in {out}"
+    )
+    typer.echo(
+        f"  files: {report.discovered} discovered = {report.accepted} accepted + "
+        f"{report.quarantined} quarantined + {report.ignored} ignored"
+    )
+    for reason, count in report.by_reason.items():
+        typer.echo(f"  {reason:<24} {count}")
+    if report.by_reason:
+        typer.echo(f"  details: {out / 'quarantine.jsonl'}")
+    if report.cases == 0:
+        raise typer.Exit(code=2)

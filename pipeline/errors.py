@@ -21,6 +21,7 @@ class Reason(StrEnum):
     TOO_LARGE = "TOO_LARGE"  # declared pixel count over the configured limit, refused before allocation
     UNREADABLE = "UNREADABLE"  # a header that cannot be parsed
     OUTSIDE_ROOT = "OUTSIDE_ROOT"  # a DICOMDIR or link that points outside the source root
+    DICOMDIR = "DICOMDIR"  # a DICOMDIR index, not an image: the files it lists are found by the scan
     # DICOM series
     UNSUPPORTED_SOP_CLASS = "UNSUPPORTED_SOP_CLASS"
     UNSUPPORTED_PHOTOMETRIC = "UNSUPPORTED_PHOTOMETRIC"
@@ -41,11 +42,12 @@ class Reason(StrEnum):
     UNEXPECTED_LABELS = "UNEXPECTED_LABELS"
     LABEL_GEOMETRY_MISMATCH = "LABEL_GEOMETRY_MISMATCH"
     MISSING_LABEL_SOURCE = "MISSING_LABEL_SOURCE"  # a label (SEG or NIfTI) whose image is not there
+    CONVERSION_FAILED = "CONVERSION_FAILED"  # an unclassified failure while converting a case
     INVALID_DATASET = "INVALID_DATASET"  # a dataset.json that does not describe the files present
 
 
 # Reasons that mean "not an input at all" rather than "a bad input": listed as ignored.
-IGNORED_REASONS = frozenset({Reason.NOT_DICOM})
+IGNORED_REASONS = frozenset({Reason.NOT_DICOM, Reason.DICOMDIR})
 
 
 @dataclass
@@ -59,6 +61,9 @@ class InputRejected(Exception):
 
     def __post_init__(self) -> None:
         super().__init__(str(self))
+
+    def __reduce__(self):  # picklable across worker processes (Exception's default uses args)
+        return (type(self), (self.reason, self.path, self.message, self.details))
 
     def __str__(self) -> str:
         return f"{self.path}: {self.reason.value}: {self.message}"

@@ -96,6 +96,15 @@ def seg_referenced_series_uid(path: Path, rel: str | None = None) -> str:
     return series[0]
 
 
+def segment_names(path: Path, rel: str | None = None) -> dict[int, str]:
+    """Segment number -> SegmentLabel of a DICOM SEG (header-only read)."""
+    ds = _read_header(path, rel or Path(path).name)
+    return {
+        int(item.SegmentNumber): str(item.get("SegmentLabel", f"segment_{item.SegmentNumber}"))
+        for item in ds.get("SegmentSequence", [])
+    }
+
+
 def _frame_item(ds: Dataset, frame: int, keyword: str) -> Dataset | None:
     per_frame = ds.get("PerFrameFunctionalGroupsSequence")
     if per_frame is not None and frame < len(per_frame) and per_frame[frame].get(keyword):

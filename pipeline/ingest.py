@@ -1,0 +1,600 @@
+"""Ingest: hospital DICOM folders, NIfTI files and MSD datasets into a validated staging dataset.
+
+    ingest(SOURCE, STAGING) writes
+        STAGING/images/<case_id>.nii.gz      one geometrically coherent 3D volume per case
+        STAGING/labels/<case_id>.nii.gz      its label map, when the source has one (SEG or NIfTI)
+        STAGING/manifest.jsonl               one line per case: ids, geometry, sources, sha256
+        STAGING/quarantine.jsonl             one line per rejected or ignored input, with its reason
+        STAGING/ingest_report.json           counts: accepted + quarantined + ignored = discovered
+        STAGING/dataset.json                 label names -> values (nnU-Net v2 style)
+
+Case IDs are pseudonymous and stable: an HMAC of the series key (DICOM) or of the relative NIfTI
+path, keyed by a site secret made on first use. Nothing derived from tag values reaches a path,
+a log line or the report; the manifest is the one table that links case IDs to source paths.
+
+Each case's record is written (atomically, after its outputs) to STAGING/.records/<case_id>.json,
+so a crash loses nothing finished and a rerun skips cases whose inputs have not changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import logging
+import os
+import secrets
+from collections import Counter, defaultdict
+from collections.abc import Iterable
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass, field
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
+from pipeline.io.atomic import atomic_open, write_text
+from pipeline.io.dicom import DicomHeader, SeriesGroup, assemble_series, load_series, read_header
+from pipeline.io.msd import DATASET_JSON, MsdDataset, is_msd_dataset, read_msd_dataset
+from pipeline.io.nifti import NiftiCase, is_nifti, load_label, load_nifti, pair_nifti_files
+from pipeline.io.seg import read_seg_labels, seg_referenced_series_uid, segment_names
+from pipeline.io.volume import Volume, save_nifti
+
+log = logging.getLogger(__name__)
+
+# Bump when the conversion itself changes, so reruns redo cases converted by older code.
+CONVERTER_VERSION = "1"
+RECORDS_DIR = ".records"
+
+
+@dataclass(frozen=True)
+class IngestLimits:
+    """Bounds checked from headers before any voxel buffer is allocated."""
+
+    max_pixels_per_file: int = 2**28  # DICOM Rows x Columns x frames (256 Mi pixels)
+    max_voxels: int = 2**30  # NIfTI voxels
+    max_bytes: int = 8 * 2**30  # NIfTI decompressed bytes (bounds gzip bombs)
+
+
+@dataclass
+class IngestReport:
+    """What happened to every discovered file, and to every case."""
+
+    discovered: int = 0
+    accepted: int = 0  # files that went into a case (images, SEGs, labels, dataset.json)
+    quarantined: int = 0
+    ignored: int = 0  # not inputs at all (reports, Thumbs.db, empty files, DICOMDIR)
+    cases: int = 0
+    cases_converted: int = 0
+    cases_skipped: int = 0  # unchanged since the last run
+    by_reason: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def balanced(self) -> bool:
+        return self.accepted + self.quarantined + self.ignored == self.discovered
+
+
+@dataclass
+class _Job:
+    """One case to convert: everything a worker process needs, nothing identifying."""
+
+    case_id: str
+    kind: str  # "dicom" or "nifti"
+    sources: list[str]  # relative paths of every input file of the case
+    inputs_sha256: str
+    group: SeriesGroup | None = None
+    segs: list[str] = field(default_factory=list)
+    nifti: NiftiCase | None = None
+    allowed_labels: set[int] | None = None
+    label_names: dict[int, str] = field(default_factory=dict)
+    modality: str = "unknown"
+
+
+# ------------------------------------------------------------------------------------------
+# Pseudonyms
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """The site secret keying case IDs; created (32 random bytes, mode 0600) on first use."""
+    path = Path(path)
+    if path.exists():
+        secret = bytes.fromhex(path.read_text(encoding="ascii").strip())
+        if len(secret) < 16:
+            raise ValueError(f"site secret {path} is shorter than 16 bytes; delete it to make a new one")
+        return secret
+    path.parent.mkdir(parents=True, exist_ok=True)
+    secret = secrets.token_bytes(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w", encoding="ascii") as fh:
+        fh.write(secret.hex() + "\n")
+    log.info("created a new site secret at %s: keep it to keep case IDs stable", path)
+    return secret
+
+
+def case_id_for(key: str, secret: bytes) -> str:
+    """Pseudonymous, stable case ID: 'case_' + 16 hex digits of HMAC-SHA256(secret, key)."""
+    return "case_" + hmac.new(secret, key.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------
+# Discovery
+
+
+def _sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _inputs_hash(root: Path, rels: Iterable[str], extra: str = "") -> str:
+    """One hash over the relative paths and bytes of a case's inputs (order-independent)."""
+    digest = hashlib.sha256(f"converter={CONVERTER_VERSION};{extra}".encode())
+    for rel in sorted(rels):
+        digest.update(rel.encode("utf-8") + b"\0" + _sha256_file(root / rel).encode("ascii"))
+    return digest.hexdigest()
+
+
+def discover(source: Path) -> list[Path]:
+    """Every regular file under `source`, sorted; links are not followed into other folders."""
+    found = []
+    for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
+        dirnames.sort()
+        found.extend(Path(dirpath) / name for name in sorted(filenames))
+    return found
+
+
+def _rel(path: Path, root: Path) -> str:
+    return Path(os.path.relpath(path, root)).as_posix()
+
+
+# ------------------------------------------------------------------------------------------
+# Planning: which files make which case
+
+
+class _Planner:
+    def __init__(self, source: Path, secret: bytes, limits: IngestLimits) -> None:
+        self.source = source
+        self.secret = secret
+        self.limits = limits
+        self.jobs: list[_Job] = []
+        self.rejected: list[InputRejected] = []
+        self.accepted: set[str] = set()
+        self.label_names: dict[str, int] = {"background": 0}
+
+    def reject(self, err: InputRejected) -> None:
+        self.rejected.append(err)
+
+    def plan(self, files: list[Path], progress: bool) -> None:
+        msd_roots = sorted({p.parent for p in files if p.name == DATASET_JSON and is_msd_dataset(p.parent)})
+        in_msd: set[Path] = set()
+        for root in msd_roots:
+            in_msd.update(p for p in files if root in p.parents)
+            self._plan_msd(root, [p for p in files if root in p.parents])
+        rest = [p for p in files if p not in in_msd]
+        niftis = [p for p in rest if is_nifti(p)]
+        others = [p for p in rest if not is_nifti(p)]
+        if niftis:
+            cases, rejected = pair_nifti_files(niftis, self.source)
+            for err in rejected:
+                self.reject(err)
+            for case in cases:
+                self._add_nifti_job(case, allowed=None, names={})
+        if others:
+            self._plan_dicom(others, progress)
+
+    # -- NIfTI and MSD ------------------------------------------------------------------
+
+    def _plan_msd(self, root: Path, files: list[Path]) -> None:
+        rel_json = _rel(root / DATASET_JSON, self.source)
+        try:
+            dataset: MsdDataset = read_msd_dataset(root, source_root=self.source)
+        except InputRejected as err:
+            self.reject(err)
+            for p in files:  # the dataset cannot be understood: none of its files is used
+                if p.name != DATASET_JSON:
+                    self.reject(
+                        InputRejected(
+                            err.reason, _rel(p, self.source), f"part of a dataset that {err.message}"
+                        )
+                    )
+            return
+        for err in dataset.rejected:
+            self.reject(err)
+        for note in dataset.notes:
+            log.warning("%s: %s", rel_json, note)
+        names = {value: name for name, value in dataset.labels.items()}
+        self.accepted.add(rel_json)
+        used = {rel_json} | {e.path for e in dataset.rejected}
+        for case in dataset.cases:
+            used.update(case.channels)
+            if case.label:
+                used.add(case.label)
+            self._add_nifti_job(case, allowed=dataset.allowed_labels, names=names)
+        for p in files:  # files beside the dataset folders (README, licence): not inputs
+            rel = _rel(p, self.source)
+            if rel not in used:
+                self.reject(InputRejected(Reason.NOT_DICOM, rel, "not part of the dataset's image folders"))
+
+    def _add_nifti_job(self, case: NiftiCase, *, allowed: set[int] | None, names: dict[int, str]) -> None:
+        sources = list(case.channels) + ([case.label] if case.label else [])
+        if len(case.channels) > 1:
+            for rel in sources:
+                self.reject(
+                    InputRejected(
+                        Reason.UNSUPPORTED_DIMENSIONS,
+                        rel,
+                        f"multi-channel case ({len(case.channels)} channels); this release stages "
+                        "single-channel images only: stage one channel per dataset",
+                        {"channels": list(case.channels)},
+                    )
+                )
+            return
+        self._register_names(names)
+        self.jobs.append(
+            _Job(
+                case_id=case_id_for(f"nifti:{case.key}", self.secret),
+                kind="nifti",
+                sources=sources,
+                inputs_sha256=_inputs_hash(self.source, sources),
+                nifti=case,
+                allowed_labels=allowed,
+                label_names={v: n for v, n in names.items() if v != 0},
+            )
+        )
+
+    def _register_names(self, names: dict[int, str]) -> None:
+        for value, name in sorted(names.items()):
+            self.label_names.setdefault(name, value)
+
+    # -- DICOM -----------------------------------------------------------------------------
+
+    def _plan_dicom(self, files: list[Path], progress: bool) -> None:
+        headers: list[DicomHeader] = []
+        for path in tqdm(files, desc="reading headers", unit="file", disable=not progress, leave=False):
+            try:
+                headers.append(read_header(path, self.source, self.limits.max_pixels_per_file))
+            except InputRejected as err:
+                self.reject(err)
+        images = [h for h in headers if not h.is_segmentation]
+        segs_by_series: dict[str, list[DicomHeader]] = defaultdict(list)
+        for h in headers:
+            if h.is_segmentation:
+                try:
+                    segs_by_series[seg_referenced_series_uid(h.path, h.rel)].append(h)
+                except InputRejected as err:
+                    self.reject(err)
+        groups, rejected = assemble_series(images)
+        for err in rejected:
+            self.reject(err)
+        matched: set[str] = set()
+        for group in groups:
+            series_uid = group.headers[0].series_uid
+            segs = [s.rel for s in segs_by_series.get(series_uid, [])]
+            sources = [h.rel for h in group.headers] + segs
+            self.jobs.append(
+                _Job(
+                    case_id=case_id_for(f"dicom:{group.key}", self.secret),
+                    kind="dicom",
+                    sources=sources,
+                    inputs_sha256=_inputs_hash(self.source, sources),
+                    group=group,
+                    segs=segs,
+                    modality=group.modality,
+                )
+            )
+            matched.update(segs)
+        for series_segs in segs_by_series.values():
+            for seg in series_segs:
+                if seg.rel not in matched:
+                    self.reject(
+                        InputRejected(
+                            Reason.MISSING_LABEL_SOURCE,
+                            seg.rel,
+                            "a DICOM SEG whose referenced series is not among the accepted series "
+                            "(absent from the source, or quarantined: see its own line)",
+                        )
+                    )
+
+
+# ------------------------------------------------------------------------------------------
+# Conversion (runs in worker processes)
+
+
+def _remap_labels(label: Volume, names: dict[int, str], table: dict[str, int]) -> Volume:
+    """Renumber a label map's values so that equal names get equal values across cases."""
+    import numpy as np
+
+    lut = np.arange(max(256, int(label.data.max()) + 1), dtype=np.int64)
+    for value, name in names.items():
+        lut[value] = table[name]
+    if all(lut[v] == v for v in names):
+        return label
+    data = lut[label.data].astype(label.data.dtype)
+    return Volume(data, label.affine, "SEG", label.meta)
+
+
+def _convert(job: _Job, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]) -> dict:
+    """Convert one case and write its outputs; returns its manifest record."""
+    label: Volume | None = None
+    label_names: dict[int, str] = {}
+    if job.kind == "dicom":
+        assert job.group is not None
+        image = load_series(job.group)
+        for rel in job.segs:
+            seg_label, names = read_seg_labels(source / rel, rel, job.group.headers, image)
+            seg_label = _remap_labels(seg_label, names, table)
+            if label is None:
+                label = seg_label
+            else:  # several SEGs for one series: later segments paint over earlier ones
+                label.data[seg_label.data > 0] = seg_label.data[seg_label.data > 0]
+            label_names.update({table[n]: n for n in names.values()})
+    else:
+        assert job.nifti is not None
+        image = load_nifti(
+            source / job.nifti.image,
+            job.nifti.image,
+            max_voxels=limits.max_voxels,
+            max_bytes=limits.max_bytes,
+        )
+        if job.nifti.label:
+            label = load_label(
+                source / job.nifti.label,
+                job.nifti.label,
+                image,
+                allowed_labels=job.allowed_labels,
+                max_voxels=limits.max_voxels,
+                max_bytes=limits.max_bytes,
+            )
+            label_names = dict(job.label_names)
+
+    image_rel = f"images/{job.case_id}.nii.gz"
+    save_nifti(image, staging / image_rel)
+    label_rel = None
+    if label is not None:
+        label_rel = f"labels/{job.case_id}.nii.gz"
+        save_nifti(label, staging / label_rel)
+    modality = image.modality if image.modality != "unknown" else job.modality
+    record = {
+        "case_id": job.case_id,
+        "image": image_rel,
+        "label": label_rel,
+        "modality": modality,
+        "shape": list(image.shape),
+        "spacing": [round(s, 6) for s in image.spacing],
+        "affine": [[round(float(v), 6) for v in row] for row in image.affine],
+        "dtype": str(image.data.dtype),
+        "labels_present": sorted(int(v) for v in set(label.data.ravel().tolist()))
+        if label is not None
+        else [],
+        "source": {"kind": job.kind, "files": job.sources},
+        "sha256": {
+            "inputs": job.inputs_sha256,
+            "image": _sha256_file(staging / image_rel),
+            "label": _sha256_file(staging / label_rel) if label_rel else None,
+        },
+    }
+    with atomic_open(staging / RECORDS_DIR / f"{job.case_id}.json") as fh:
+        json.dump(record, fh)
+    return record
+
+
+def _convert_safely(
+    job: _Job, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]
+) -> tuple[str, dict | None, InputRejected | None]:
+    """Worker entry point: a case either yields its record or one InputRejected, never an exception."""
+    try:
+        return job.case_id, _convert(job, source, staging, limits, table), None
+    except InputRejected as err:
+        # The whole case is quarantined, not just the file that failed: list all its inputs.
+        err.details.setdefault("files", job.sources)
+        return job.case_id, None, err
+    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+        # A failure we did not classify: keep the batch going and say what happened.
+        err = InputRejected(
+            Reason.CONVERSION_FAILED,
+            job.sources[0],
+            f"conversion failed with {type(exc).__name__}: {exc}",
+            {"files": job.sources},
+        )
+        return job.case_id, None, err
+
+
+def _previous_record(staging: Path, job: _Job) -> dict | None:
+    """The record of an earlier run for this case, if its inputs are unchanged and outputs exist."""
+    path = staging / RECORDS_DIR / f"{job.case_id}.json"
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    if record.get("sha256", {}).get("inputs") != job.inputs_sha256:
+        return None
+    outputs = [record.get("image"), record.get("label")]
+    if not all((staging / rel).is_file() for rel in outputs if rel):
+        return None
+    return record
+
+
+# ------------------------------------------------------------------------------------------
+# The stage
+
+
+def ingest(
+    source: str | Path,
+    staging: str | Path,
+    *,
+    secret_file: str | Path | None = None,
+    workers: int | None = None,
+    limits: IngestLimits | None = None,
+    progress: bool = False,
+) -> IngestReport:
+    """Validate and convert everything under `source` into the staging folder `staging`.
+
+    Bad inputs are quarantined with a reason and the batch goes on. Input files are only read.
+    `workers` processes convert series in parallel (default: the CPUs available, at most 8).
+    """
+    from pipeline.config import Workdir
+
+    source = Path(source).resolve()
+    staging = Path(staging).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"ingest source {source} is not a folder")
+    if staging == source or source in staging.parents:
+        raise ValueError(f"the staging folder {staging} must not be inside the source {source}")
+    limits = limits or IngestLimits()
+    secret = load_or_create_secret(Path(secret_file) if secret_file else Workdir.resolve().secret_file)
+    staging.mkdir(parents=True, exist_ok=True)
+
+    files = discover(source)
+    planner = _Planner(source, secret, limits)
+    planner.plan(files, progress)
+    table = _label_table(staging, planner)
+
+    # Cases whose inputs are unchanged since the last run are not converted again.
+    records: dict[str, dict] = {}
+    todo: list[_Job] = []
+    for job in planner.jobs:
+        previous = _previous_record(staging, job)
+        if previous is not None:
+            records[job.case_id] = previous
+        else:
+            todo.append(job)
+    skipped = len(records)
+
+    failed: list[InputRejected] = []
+    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    bar = tqdm(total=len(todo), desc="converting", unit="case", disable=not progress or not todo)
+    if workers <= 1 or len(todo) <= 1:
+        results = (_convert_safely(job, source, staging, limits, table) for job in todo)
+        _collect(results, records, failed, bar)
+    else:
+        # forkserver: safe when the caller has threads (Prefect, MLflow), cheaper than spawn.
+        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
+            futures = [pool.submit(_convert_safely, job, source, staging, limits, table) for job in todo]
+            _collect((f.result() for f in futures), records, failed, bar)
+    bar.close()
+
+    rejected = planner.rejected + failed
+    report = _account(files, source, planner, records, rejected)
+    report.cases_skipped = skipped
+    report.cases_converted = len(records) - skipped
+    _write_outputs(staging, planner, records, rejected, report, table)
+    log.info(
+        "ingest: %d cases (%d converted, %d unchanged), %d files quarantined, %d ignored",
+        report.cases,
+        report.cases_converted,
+        report.cases_skipped,
+        report.quarantined,
+        report.ignored,
+    )
+    return report
+
+
+def _collect(results, records: dict, failed: list, bar) -> None:
+    for case_id, record, err in results:
+        if record is not None:
+            records[case_id] = record
+        else:
+            failed.append(err)
+            log.warning("case %s quarantined: %s", case_id, err.reason.value)
+        bar.update(1)
+
+
+def _label_table(staging: Path, planner: _Planner) -> dict[str, int]:
+    """Label name -> value, stable across runs: earlier runs' values are kept, new names appended."""
+    table: dict[str, int] = {}
+    existing = staging / "dataset.json"
+    if existing.is_file():
+        table.update(json.loads(existing.read_text(encoding="utf-8")).get("labels", {}))
+    for name, value in planner.label_names.items():
+        table.setdefault(name, value)
+    # DICOM SEG names are only known once read; give each new one the next free value.
+    if any(j.kind == "dicom" and j.segs for j in planner.jobs):
+        for job in planner.jobs:
+            for rel in job.segs:
+                try:
+                    names = segment_names(planner.source / rel, rel)
+                except InputRejected:
+                    continue  # reported when the case converts
+                for number, name in sorted(names.items()):
+                    if name not in table:
+                        taken = set(table.values())
+                        table[name] = number if number not in taken else max(taken) + 1
+    return table
+
+
+def _account(
+    files: list[Path],
+    source: Path,
+    planner: _Planner,
+    records: dict[str, dict],
+    rejected: list[InputRejected],
+) -> IngestReport:
+    """Give every discovered file exactly one disposition and count them."""
+    status: dict[str, str] = {}
+    for err in rejected:
+        rels = err.details.get("files") or [err.path]
+        kind = "ignored" if err.reason in IGNORED_REASONS else "quarantined"
+        for rel in rels:
+            status.setdefault(rel, kind)
+    for record in records.values():
+        for rel in record["source"]["files"]:
+            status.setdefault(rel, "accepted")
+    for rel in planner.accepted:
+        status.setdefault(rel, "accepted")
+    report = IngestReport(discovered=len(files), cases=len(records))
+    counts = Counter(status.get(_rel(p, source), "unaccounted") for p in files)
+    report.accepted, report.quarantined, report.ignored = (
+        counts["accepted"],
+        counts["quarantined"],
+        counts["ignored"],
+    )
+    if counts["unaccounted"]:
+        missing = [_rel(p, source) for p in files if _rel(p, source) not in status]
+        log.error("ingest left %d files unaccounted for, e.g. %s", len(missing), missing[:3])
+    report.by_reason = dict(sorted(Counter(err.reason.value for err in rejected).items()))
+    return report
+
+
+def _write_outputs(
+    staging: Path,
+    planner: _Planner,
+    records: dict[str, dict],
+    rejected: list[InputRejected],
+    report: IngestReport,
+    table: dict[str, int],
+) -> None:
+    with atomic_open(staging / "manifest.jsonl") as fh:
+        for case_id in sorted(records):
+            fh.write(json.dumps(records[case_id]) + "\n")
+    with atomic_open(staging / "quarantine.jsonl") as fh:
+        for err in sorted(rejected, key=lambda e: (e.path, e.reason.value)):
+            status = "ignored" if err.reason in IGNORED_REASONS else "quarantined"
+            fh.write(json.dumps({"status": status, **err.to_record()}, default=str) + "\n")
+    report_dict = asdict(report) | {"balanced": report.balanced}
+    write_text(staging / "ingest_report.json", json.dumps(report_dict, indent=2) + "\n")
+    dataset = {
+        "name": "unet-pipeline staging",
+        "labels": dict(sorted(table.items(), key=lambda kv: kv[1])),
+        "modalities": sorted({r["modality"] for r in records.values()}),
+        "numCases": len(records),
+        "numLabelled": sum(1 for r in records.values() if r["label"]),
+        "file_ending": ".nii.gz",
+    }
+    write_text(staging / "dataset.json", json.dumps(dataset, indent=2) + "\n")
+
+
+def read_manifest(staging: str | Path) -> list[dict[str, Any]]:
+    """The staging manifest's records, in case-ID order."""
+    path = Path(staging) / "manifest.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: is {staging} a staging folder made by `unet-pipeline ingest`?"
+        )
+    with open(path, encoding="utf-8") as fh:
+        return [json.loads(line) for line in fh if line.strip()]

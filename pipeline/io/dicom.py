@@ -1,0 +1,34 @@
+"""DICOM series builder: the public API the ingest orchestrator calls.
+
+    headers = [read_header(p, root, max_pixels) for p in files]   # header-only, no pixels
+    groups, rejected = assemble_series(headers)                   # grouping and geometry rules
+    volume = load_series(group)                                   # pixels decoded only now
+
+Every refusal is an `InputRejected` with a stable `Reason`. The implementation lives in
+`dicom_header` (the header pass) and `dicom_series` (assembly and decoding).
+"""
+
+from pipeline.io.dicom_header import (
+    MULTI_FRAME_CLASSES,
+    SEGMENTATION_STORAGE,
+    SUPPORTED_CLASSES,
+    DicomHeader,
+    FrameGeometry,
+    dicomdir_references,
+    read_header,
+)
+from pipeline.io.dicom_series import SeriesGroup, assemble_series, decode_stored, load_series
+
+__all__ = [
+    "MULTI_FRAME_CLASSES",
+    "SEGMENTATION_STORAGE",
+    "SUPPORTED_CLASSES",
+    "DicomHeader",
+    "FrameGeometry",
+    "SeriesGroup",
+    "assemble_series",
+    "decode_stored",
+    "dicomdir_references",
+    "load_series",
+    "read_header",
+]

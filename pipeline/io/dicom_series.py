@@ -1,0 +1,535 @@
+"""Series assembly: header facts -> geometrically coherent volumes, or a reason why not.
+
+Ours, not a library's: MONAI's folder reader stacks every file of a folder and orders slices by
+InstanceNumber, and dcm2niix writes a volume (plus an "_Eq" copy) even when a slice is missing.
+Here a series is split until each group is one coherent grid, ordered by ImagePositionPatient on
+the slice normal, spaced from positions (never SliceThickness) and refused, with the measured
+values, when it is not a uniform grid. Nothing is ever interpolated.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pydicom
+from pydicom.uid import UID
+
+from pipeline.errors import InputRejected, Reason
+from pipeline.io.dicom_header import DicomHeader, FrameGeometry, show
+from pipeline.io.volume import Volume
+
+log = logging.getLogger(__name__)
+
+POSITION_TOL_MM = 0.01  # positions closer than this are the same; offsets under it are rounding
+SPACING_REL_TOL = 0.01  # a gap may differ from the median gap by 1 % (scanners round positions)
+ORIENTATION_SPLIT = 0.05  # cosines further apart than this (about 3 degrees) are different planes
+ORIENTATION_TOL = 1e-4  # within one plane, every slice's cosines agree this closely
+MIN_SLICES = 3
+
+# Which package decodes each compressed transfer syntax (for MISSING_DECODER messages).
+DECODER_PACKAGES = {
+    "1.2.840.10008.1.2.4.50": "pylibjpeg-libjpeg (or pillow)",
+    "1.2.840.10008.1.2.4.51": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.57": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.70": "pylibjpeg-libjpeg",
+    "1.2.840.10008.1.2.4.80": "pyjpegls (or pylibjpeg-libjpeg)",
+    "1.2.840.10008.1.2.4.81": "pyjpegls (or pylibjpeg-libjpeg)",
+    "1.2.840.10008.1.2.4.90": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.91": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.201": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.202": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.4.203": "pylibjpeg-openjpeg",
+    "1.2.840.10008.1.2.5": "pylibjpeg-rle",
+}
+
+
+@dataclass
+class SeriesGroup:
+    """One geometrically coherent volume-to-be: its files in spatial order and its grid."""
+
+    key: str  # series UID + split descriptor: stable across runs; HMAC it, never write it in clear
+    headers: list[DicomHeader]  # the files, in the spatial order of their first frame
+    frames: list[tuple[int, int]]  # per slice, in spatial order: (index into headers, frame index)
+    affine: np.ndarray  # (4, 4) voxel (column, row, slice) -> RAS mm
+    slice_spacing: float  # mm between slice centres, from positions
+    modality: str
+
+    @property
+    def files(self) -> list[str]:
+        return [h.rel for h in self.headers]
+
+    @property
+    def shape(self) -> tuple[int, int, int]:
+        return (self.headers[0].columns, self.headers[0].rows, len(self.frames))
+
+
+@dataclass
+class _Slice:
+    header: DicomHeader
+    frame: int
+    geom: FrameGeometry
+
+
+def _unique_files(slices: Iterable[_Slice]) -> list[str]:
+    return list(dict.fromkeys(s.header.rel for s in slices))
+
+
+def _reject(reason: Reason, files: list[str], message: str, **details: Any) -> InputRejected:
+    """One rejection per group: named by its first file, listing every file it covers."""
+    return InputRejected(reason, files[0], message, {"files": files, "n_files": len(files), **details})
+
+
+def assemble_series(headers: list[DicomHeader]) -> tuple[list[SeriesGroup], list[InputRejected]]:
+    """Group headers into volumes; return the accepted groups and one rejection per refused group.
+
+    Grouping: study and series UID, then orientation, matrix size, pixel spacing, echo, temporal
+    position and stack; acquisition number splits a series only where acquisitions repeat positions
+    (some CT scanners number every slice of one helix as its own acquisition).
+    Order and results are deterministic for a given set of files, whatever their order in `headers`.
+    """
+    by_series: dict[tuple[str, str], list[DicomHeader]] = defaultdict(list)
+    for h in headers:
+        by_series[(h.study_uid, h.series_uid)].append(h)
+    groups: list[SeriesGroup] = []
+    rejected: list[InputRejected] = []
+    for study_series in sorted(by_series):
+        series = sorted(by_series[study_series], key=lambda h: h.rel)
+        _assemble_one(study_series[1], series, groups, rejected)
+    return groups, rejected
+
+
+def _assemble_one(
+    series_uid: str, headers: list[DicomHeader], groups: list[SeriesGroup], rejected: list[InputRejected]
+) -> None:
+    seg, photometric, localizer, no_geometry, usable = [], [], [], [], []
+    for h in headers:
+        if h.is_segmentation:
+            seg.append(h)
+        elif h.samples_per_pixel != 1 or h.photometric not in ("MONOCHROME1", "MONOCHROME2"):
+            photometric.append(h)
+        elif h.is_localizer:
+            localizer.append(h)
+        elif not all(f.has_geometry for f in h.frames):
+            no_geometry.append(h)
+        else:
+            usable.append(h)
+    if seg:
+        rejected.append(
+            _reject(
+                Reason.UNSUPPORTED_SOP_CLASS,
+                [h.rel for h in seg],
+                "a DICOM SEG is a label map, not an image: read it with pipeline.io.seg against the "
+                "series it references.",
+                sop_class="Segmentation Storage",
+            )
+        )
+    if photometric:
+        found = sorted({f"{show(h.photometric, 24)} x {h.samples_per_pixel}" for h in photometric})
+        rejected.append(
+            _reject(
+                Reason.UNSUPPORTED_PHOTOMETRIC,
+                [h.rel for h in photometric],
+                f"expected MONOCHROME1 or MONOCHROME2 with 1 sample per pixel; found {', '.join(found)}. "
+                "Colour images are not segmentation inputs.",
+                found=found,
+            )
+        )
+    if localizer:
+        rejected.append(
+            _reject(
+                Reason.LOCALIZER,
+                [h.rel for h in localizer],
+                f"{len(localizer)} localizer (scout) image(s), ImageType LOCALIZER: listed, not converted.",
+                n_slices=sum(len(h.frames) for h in localizer),
+            )
+        )
+    if no_geometry:
+        missing = {h.rel: _missing_geometry(h) for h in no_geometry}
+        tags = sorted({t for found in missing.values() for t in found})
+        rejected.append(
+            _reject(
+                Reason.MISSING_GEOMETRY,
+                list(missing),
+                "ImagePositionPatient, ImageOrientationPatient and PixelSpacing are needed to place "
+                f"every slice; missing or malformed: {', '.join(tags)}.",
+                missing=missing,
+            )
+        )
+
+    slices = [_Slice(h, i, g) for h in usable for i, g in enumerate(h.frames)]
+    centres: list[np.ndarray] = []
+    split: dict[tuple, list[_Slice]] = defaultdict(list)
+    for s in slices:
+        iop = np.asarray(s.geom.orientation)
+        plane = next((i for i, c in enumerate(centres) if np.abs(iop - c).max() < ORIENTATION_SPLIT), None)
+        if plane is None:
+            plane, _ = len(centres), centres.append(iop)
+        ps = s.geom.pixel_spacing
+        key = (
+            s.header.rows,
+            s.header.columns,
+            round(ps[0], 4),  # type: ignore[index]
+            round(ps[1], 4),  # type: ignore[index]
+            plane,
+            _sortable(s.geom.echo),
+            _sortable(s.geom.temporal),
+            _sortable(s.geom.stack),
+        )
+        split[key].append(s)
+
+    seen_keys: set[str] = set()
+    for key in sorted(split):
+        for acq, members in _split_acquisitions(split[key]):
+            rows, cols, ps0, ps1, plane, echo, temporal, stack = key
+            iop = ",".join(f"{v:.2f}" for v in centres[plane] + 0.0)  # + 0.0: no "-0.00"
+            parts = [series_uid, f"{rows}x{cols}", f"ps={ps0:.4f},{ps1:.4f}", f"iop={iop}"]
+            for name, value in (("echo", echo), ("t", temporal), ("stack", stack), ("acq", acq)):
+                if value[1] is not None:
+                    parts.append(f"{name}={value[1]}")
+            group_key = "|".join(parts)
+            n = 2
+            while group_key in seen_keys:
+                group_key = "|".join(parts) + f"#{n}"
+                n += 1
+            seen_keys.add(group_key)
+            result = _check_group(group_key, members)
+            (groups if isinstance(result, SeriesGroup) else rejected).append(result)
+
+
+def _sortable(value: Any) -> tuple[int, Any]:
+    """None sorts before values (split keys hold Nones)."""
+    return (0, None) if value is None else (1, value)
+
+
+def _missing_geometry(h: DicomHeader) -> list[str]:
+    missing = set()
+    for f in h.frames:
+        if f.position is None:
+            missing.add("ImagePositionPatient")
+        if f.orientation is None:
+            missing.add("ImageOrientationPatient")
+        if f.pixel_spacing is None:
+            missing.add("PixelSpacing")
+    return sorted(missing)
+
+
+def _split_acquisitions(slices: list[_Slice]) -> list[tuple[tuple[int, Any], list[_Slice]]]:
+    """Split by AcquisitionNumber only when acquisitions revisit the same positions."""
+    by_acq: dict[Any, list[_Slice]] = defaultdict(list)
+    for s in slices:
+        by_acq[_sortable(s.header.acquisition_number)].append(s)
+    if len(by_acq) == 1:
+        return [((0, None), slices)]
+    if _has_duplicates(slices) and not any(_has_duplicates(v) for v in by_acq.values()):
+        return [(k, by_acq[k]) for k in sorted(by_acq)]
+    return [((0, None), slices)]
+
+
+def _normal(geom: FrameGeometry) -> np.ndarray:
+    iop = np.asarray(geom.orientation, float)
+    row, col = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    return np.cross(row, col)
+
+
+def _has_duplicates(slices: list[_Slice]) -> bool:
+    d = np.sort([np.dot(s.geom.position, _normal(s.geom)) for s in slices])  # type: ignore[arg-type]
+    return bool(len(d) > 1 and np.diff(d).min() < POSITION_TOL_MM)
+
+
+def _check_group(key: str, slices: list[_Slice]) -> SeriesGroup | InputRejected:
+    """Apply the geometry rules to one split group; return the group or its rejection."""
+    files = _unique_files(slices)
+    iops = np.array([s.geom.orientation for s in slices], float)
+    deviation = float(np.abs(iops - iops[0]).max())
+    if deviation > ORIENTATION_TOL:
+        angles = [_angle_deg(_normal(slices[0].geom), _normal(s.geom)) for s in slices]
+        worst = int(np.argmax(np.abs(iops - iops[0]).max(axis=1)))
+        return _reject(
+            Reason.ORIENTATION_VARIES,
+            files,
+            f"ImageOrientationPatient varies within the series: {slices[worst].header.rel} differs from "
+            f"{slices[0].header.rel} by {deviation:.6f} in a direction cosine (slice normals up to "
+            f"{max(angles):.3f} degrees apart); expected one orientation for every slice.",
+            max_cosine_difference=round(deviation, 6),
+            max_normal_angle_deg=round(max(angles), 4),
+        )
+    if len(slices) < MIN_SLICES:
+        return _reject(
+            Reason.TOO_FEW_SLICES,
+            files,
+            f"{len(slices)} slice(s) in this series; a volume needs at least {MIN_SLICES}. "
+            "Listed, not converted.",
+            n_slices=len(slices),
+        )
+
+    normal = _normal(slices[0].geom)
+    positions = np.array([s.geom.position for s in slices], float)
+    along = positions @ normal
+    order = np.argsort(along, kind="stable")
+    slices = [slices[i] for i in order]
+    positions, along = positions[order], along[order]
+    names = [
+        s.header.rel if len(s.header.frames) == 1 else f"{s.header.rel}#frame{s.frame + 1}" for s in slices
+    ]
+    gaps = np.diff(along)
+
+    dup = np.flatnonzero(gaps < POSITION_TOL_MM)
+    if dup.size:
+        pairs = [{"position_mm": round(float(along[i]), 4), "files": [names[i], names[i + 1]]} for i in dup]
+        return _reject(
+            Reason.DUPLICATE_POSITION,
+            files,
+            f"{dup.size} pair(s) of slices at the same position, first {names[dup[0]]} and "
+            f"{names[dup[0] + 1]} at {along[dup[0]]:.3f} mm along the normal; expected one slice per "
+            "position (two acquisitions or echoes mixed in one series?).",
+            duplicates=pairs,
+        )
+
+    offsets = positions - positions[0]
+    perpendicular = np.linalg.norm(offsets - np.outer(offsets @ normal, normal), axis=1)
+    if perpendicular.max() > POSITION_TOL_MM:
+        angle = math.degrees(math.atan2(perpendicular[-1], along[-1] - along[0]))
+        tag = slices[0].header.gantry_tilt
+        return _reject(
+            Reason.GANTRY_TILT,
+            files,
+            f"slices step {angle:.3f} degrees off their normal (gantry tilt; GantryDetectorTilt "
+            f"{'absent' if tag is None else f'{tag:g}'}): up to {perpendicular.max():.3f} mm sideways "
+            f"between {names[0]} and {names[-1]}. A tilted stack is not a rectilinear grid; "
+            "reconstruct without tilt or resample it explicitly.",
+            tilt_angle_deg=round(angle, 4),
+            max_offset_mm=round(float(perpendicular.max()), 4),
+            gantry_detector_tilt=tag,
+        )
+
+    expected = float(np.median(gaps))
+    tol = max(POSITION_TOL_MM, SPACING_REL_TOL * expected)
+    bad = np.flatnonzero(np.abs(gaps - expected) > tol)
+    uniform = along[0] + np.arange(len(along)) * (along[-1] - along[0]) / (len(along) - 1)
+    drift = float(np.abs(along - uniform).max())
+    if bad.size or drift > tol:
+        found = [
+            {"found_spacing_mm": round(float(gaps[i]), 4), "between": [names[i], names[i + 1]]} for i in bad
+        ]
+        if bad.size:
+            i = bad[0]
+            where = f"found {gaps[i]:.3f} mm between {names[i]} and {names[i + 1]}"
+            missing = int(sum(max(round(gaps[j] / expected) - 1, 0) for j in bad))
+            hint = f" ({missing} missing slice(s)?)" if missing else ""
+        else:
+            where, hint = f"positions drift up to {drift:.3f} mm from a uniform grid", ""
+        return _reject(
+            Reason.NON_UNIFORM_SPACING,
+            files,
+            f"expected a uniform slice spacing of {expected:.3f} mm (the median gap); {where}{hint}. "
+            "Not interpolated: find the missing slices or convert the parts separately.",
+            expected_spacing_mm=round(expected, 4),
+            gaps=found,
+            max_drift_mm=round(drift, 4),
+        )
+
+    # Voxel (i, j, k) = (column, row, slice). DICOM PixelSpacing is (between rows, between columns).
+    first = slices[0].geom
+    iop = np.asarray(first.orientation, float)
+    row_cos, col_cos = iop[:3] / np.linalg.norm(iop[:3]), iop[3:] / np.linalg.norm(iop[3:])
+    step = (positions[-1] - positions[0]) / (len(slices) - 1)  # as dcm2niix: first to last slice
+    lps = np.eye(4)
+    lps[:3, 0] = row_cos * first.pixel_spacing[1]  # type: ignore[index]
+    lps[:3, 1] = col_cos * first.pixel_spacing[0]  # type: ignore[index]
+    lps[:3, 2] = step
+    lps[:3, 3] = positions[0]
+    affine = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # LPS -> RAS
+
+    headers: list[DicomHeader] = []
+    index: dict[str, int] = {}
+    frames = []
+    for s in slices:
+        if s.header.rel not in index:
+            index[s.header.rel] = len(headers)
+            headers.append(s.header)
+        frames.append((index[s.header.rel], s.frame))
+    return SeriesGroup(
+        key=key,
+        headers=headers,
+        frames=frames,
+        affine=affine,
+        slice_spacing=float(np.linalg.norm(step)),
+        modality=headers[0].modality,
+    )
+
+
+def _angle_deg(a: np.ndarray, b: np.ndarray) -> float:
+    return math.degrees(math.acos(float(np.clip(np.dot(a, b), -1.0, 1.0))))
+
+
+def _require_decoder(transfer_syntax: str, rel: str) -> None:
+    """Raise MISSING_DECODER, naming the syntax and the package, before any pixel is read."""
+    uid = UID(transfer_syntax)
+    package = DECODER_PACKAGES.get(transfer_syntax)
+    try:
+        decoder = pydicom.pixels.get_decoder(uid)
+    except NotImplementedError:
+        decoder = None
+    if decoder is not None and decoder.is_available:
+        return
+    if package:
+        advice = f"install {package} (pinned in requirements.lock) and run ingest again"
+    else:
+        advice = (
+            "pydicom has no decoder for it: convert the series to a lossless syntax (e.g. gdcmconv --raw)"
+        )
+    raise InputRejected(
+        Reason.MISSING_DECODER,
+        rel,
+        f"pixel data are encoded as {show(uid.name, 100)} ({show(str(uid), 70)}); "
+        f"no decoder is installed: {advice}.",
+        {"transfer_syntax": show(uid.name, 100), "package": package},
+    )
+
+
+def decode_stored(path: str | Path, rel: str) -> np.ndarray:
+    """Stored values of every frame of one DICOM file: (frames, rows, columns[, samples]).
+
+    No rescale, no photometric change: what the encoder was given. The decoder is checked first
+    (MISSING_DECODER); a short or cut pixel stream is TRUNCATED, anything else UNREADABLE.
+    """
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            ds = pydicom.dcmread(path)
+        # pydicom reads a cut encapsulated stream with only a warning; for us it is a refusal.
+        cut = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
+        if cut:
+            raise InputRejected(
+                Reason.TRUNCATED,
+                rel,
+                f"the file ends inside its pixel data ({show(cut[0], 120)}); re-export or re-copy it.",
+            )
+        _require_decoder(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")), rel)
+        pixels = np.asarray(ds.pixel_array)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
+    except InputRejected:
+        raise
+    except (EOFError, ValueError) as exc:
+        # pydicom reports short native pixel data and cut encapsulated fragments this way.
+        text = str(exc)
+        truncated = isinstance(exc, EOFError) or any(w in text for w in ("length", "end of", "expected"))
+        raise InputRejected(
+            Reason.TRUNCATED if truncated else Reason.UNREADABLE,
+            rel,
+            f"pixel data cannot be decoded: {show(text, 200)}",
+        ) from None
+    except (RuntimeError, OSError, TypeError, AttributeError, KeyError, NotImplementedError) as exc:
+        raise InputRejected(
+            Reason.UNREADABLE,
+            rel,
+            f"pixel data cannot be decoded: {type(exc).__name__}: {show(str(exc), 200)}",
+        ) from None
+    return pixels[np.newaxis] if n_frames == 1 else pixels
+
+
+def _decode(header: DicomHeader) -> np.ndarray:
+    """Stored values of one scanned file, checked against what its header declared at scan time."""
+    pixels = decode_stored(header.path, header.rel)
+    expected = (header.number_of_frames, header.rows, header.columns)
+    if pixels.shape != expected:
+        raise InputRejected(
+            Reason.UNREADABLE,
+            header.rel,
+            f"decoded pixel array has shape {pixels.shape}; the header declared {expected} "
+            "(frames, rows, columns) when scanned. Was the file replaced? Run ingest again.",
+        )
+    return pixels
+
+
+def _invert_monochrome1(stored: np.ndarray, header: DicomHeader) -> np.ndarray:
+    """MONOCHROME1 (low values bright) -> MONOCHROME2 by mirroring the stored range.
+
+    Unsigned: (2**BitsStored - 1) - v; signed: -1 - v. Both map the representable range onto
+    itself, so no value leaves it and the inversion is exact.
+    """
+    values = stored.astype(np.int64)
+    if header.pixel_representation == 1:
+        return -1 - values
+    return (2**header.bits_stored - 1) - values
+
+
+def load_series(group: SeriesGroup) -> Volume:
+    """Decode an assembled group into a Volume of modality values (rescale applied per slice).
+
+    dtype: when every slope and intercept is an integer, the smallest of int16 and int32 that holds
+    the actual values exactly (float64 beyond int32); otherwise float32. MONOCHROME1 is inverted to
+    MONOCHROME2 on stored values before rescale. The affine maps (column, row, slice) to RAS mm.
+    Raises InputRejected: MISSING_DECODER, TRUNCATED, UNREADABLE.
+    """
+    # Every decoder is checked before the first pixel is decoded, so a missing package is one error.
+    for ts in dict.fromkeys(h.transfer_syntax for h in group.headers):
+        _require_decoder(ts, next(h.rel for h in group.headers if h.transfer_syntax == ts))
+
+    decoded: dict[int, np.ndarray] = {}
+    remaining = defaultdict(int)
+    for header_index, _ in group.frames:
+        remaining[header_index] += 1
+    frames: list[np.ndarray] = []
+    lo, hi, integral, inverted = math.inf, -math.inf, True, False
+    for header_index, frame in group.frames:
+        header = group.headers[header_index]
+        if header_index not in decoded:
+            decoded[header_index] = _decode(header)
+        stored = decoded[header_index][frame]
+        remaining[header_index] -= 1
+        if not remaining[header_index]:
+            del decoded[header_index]  # keep at most one multi-frame file decoded at a time
+        if header.photometric == "MONOCHROME1":
+            stored, inverted = _invert_monochrome1(stored, header), True
+        geom = header.frames[frame]
+        slope, intercept = geom.rescale_slope, geom.rescale_intercept
+        integral = integral and float(slope).is_integer() and float(intercept).is_integer()
+        s_lo, s_hi = int(stored.min()), int(stored.max())
+        ends = (s_lo * slope + intercept, s_hi * slope + intercept)
+        lo, hi = min(lo, *ends), max(hi, *ends)
+        frames.append(stored)
+
+    if integral:
+        dtype = next(
+            (t for t in (np.int16, np.int32) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), np.float64
+        )
+    else:
+        dtype = np.float32
+    rows, cols = group.headers[0].rows, group.headers[0].columns
+    out = np.empty((len(frames), rows, cols), dtype=dtype)
+    for k, ((header_index, frame), stored) in enumerate(zip(group.frames, frames, strict=True)):
+        geom = group.headers[header_index].frames[frame]
+        slope, intercept = geom.rescale_slope, geom.rescale_intercept
+        if integral:
+            # int64 per slice: stored * slope + intercept is exact before the (safe) narrowing.
+            out[k] = stored.astype(np.int64) * int(slope) + int(intercept)
+        else:
+            out[k] = stored.astype(np.float64) * slope + intercept
+        frames[k] = None  # type: ignore[call-overload]  # release each slice's stored copy as we go
+
+    first = group.headers[0]
+    geom = first.frames[group.frames[0][1]]
+    meta = {
+        "source_format": "DICOM",
+        "sop_class": first.sop_class_name,
+        "transfer_syntaxes": sorted({show(UID(h.transfer_syntax).name, 100) for h in group.headers}),
+        "photometric": "MONOCHROME1 (inverted)" if inverted else "MONOCHROME2",
+        "bits_stored": first.bits_stored,
+        "signed": first.pixel_representation == 1,
+        "rescale": "integer" if integral else "fractional",
+        "n_slices": len(group.frames),
+        "n_files": len(group.headers),
+        "pixel_spacing_mm": [float(v) for v in geom.pixel_spacing],  # type: ignore[union-attr]
+        "slice_spacing_mm": group.slice_spacing,
+    }
+    # (slice, row, column) -> (column, row, slice): a transposed view, F-ordered as NIfTI stores it.
+    return Volume(data=out.transpose(2, 1, 0), affine=group.affine, modality=group.modality, meta=meta)

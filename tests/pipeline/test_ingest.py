@@ -1,0 +1,199 @@
+"""Ingest end to end on the generated demo dataset: what is staged, quarantined and never touched."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.ingest import case_id_for, ingest, load_or_create_secret, read_manifest
+from pipeline.synthetic.dataset import make_demo_dataset
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    return make_demo_dataset(tmp_path_factory.mktemp("demo") / "data", n_cases=6, seed=3, size=40)
+
+
+def tree_hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def quarantine(staging: Path) -> dict[str, str]:
+    """Every quarantined or ignored file -> reason, expanding series-level lines to their files."""
+    out = {}
+    for line in (staging / "quarantine.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        for rel in rec.get("files") or [rec["path"]]:
+            out[rel] = rec["reason"]
+    return out
+
+
+def world_canonical(img: nib.Nifti1Image) -> tuple[np.ndarray, np.ndarray]:
+    canon = nib.as_closest_canonical(img)
+    return np.asanyarray(canon.dataobj), canon.affine
+
+
+@pytest.fixture(scope="module")
+def staged(demo, tmp_path_factory):
+    staging = tmp_path_factory.mktemp("staging") / "dicom"
+    secret = tmp_path_factory.mktemp("secret") / "site-secret"
+    before = tree_hashes(demo.dicom_root)
+    report = ingest(demo.dicom_root, staging, secret_file=secret, workers=2)
+    return staging, secret, report, before
+
+
+def test_every_file_accounted_for(staged):
+    staging, _, report, _ = staged
+    assert report.balanced
+    saved = json.loads((staging / "ingest_report.json").read_text())
+    assert saved["accepted"] + saved["quarantined"] + saved["ignored"] == saved["discovered"]
+    assert saved["discovered"] == report.discovered > 0
+
+
+def test_quarantine_matches_expected_reasons(demo, staged):
+    staging, *_ = staged
+    assert quarantine(staging) == demo.dicom_quarantine
+
+
+def test_each_series_becomes_a_labelled_case_matching_the_reference(demo, staged):
+    staging, _, report, _ = staged
+    records = {r["case_id"]: r for r in read_manifest(staging)}
+    # every demo case, plus the valid series with hostile tags (accepted, unlabelled)
+    assert report.cases == len(demo.cases) + 1
+    by_first_file = {r["source"]["files"][0]: r for r in records.values()}
+    for case in demo.cases:
+        record = next(r for f, r in by_first_file.items() if f in case.dicom_files)
+        assert set(record["source"]["files"]) == set(case.dicom_files) | {
+            f"annotations/{Path(case.seg).name}"
+        }
+        image = nib.load(staging / record["image"])
+        label = nib.load(staging / record["label"])
+        # qform == sform up to the float32 quaternion encoding of oblique rotations
+        np.testing.assert_allclose(image.get_qform(), image.get_sform(), atol=1e-4)
+        assert image.header["qform_code"] == image.header["sform_code"] == 1
+        # The MSD copy was written from the same voxels and geometry the DICOM series encodes.
+        ref_img, ref_aff = world_canonical(nib.load(demo.msd_root / case.msd_image))
+        got_img, got_aff = world_canonical(image)
+        np.testing.assert_allclose(got_aff, ref_aff, atol=1e-3)
+        np.testing.assert_array_equal(got_img, ref_img)
+        got_lab, _ = world_canonical(label)
+        counts = {v: int((got_lab == v).sum()) for v in (1, 2)}
+        assert counts == {int(k): v for k, v in case.label_voxels.items()}
+        if case.msd_label:  # held-out cases have no label in the MSD copy
+            ref_lab, _ = world_canonical(nib.load(demo.msd_root / case.msd_label))
+            np.testing.assert_array_equal(got_lab, ref_lab)
+        assert record["modality"] == case.modality
+    dataset = json.loads((staging / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "organ": 1, "lesion": 2}
+
+
+def test_case_ids_are_keyed_pseudonyms_and_outputs_hold_no_patient_data(demo, staged):
+    staging, secret_path, _, _ = staged
+    secret = load_or_create_secret(secret_path)
+    assert case_id_for("x", secret) != case_id_for("x", b"another secret of 32 bytes......")
+    identifiers = set()
+    for case in demo.cases:
+        identifiers |= {case.patient_name, case.patient_id, case.series_uid, case.study_uid}
+    identifiers.add("../../x")
+    for path in staging.rglob("*"):
+        if path.is_file():
+            assert path.name.startswith(("case_", "manifest", "quarantine", "ingest_report", "dataset"))
+            if path.suffix in {".json", ".jsonl"}:
+                text = path.read_text()
+                leaked = [i for i in identifiers if i in text]
+                assert not leaked, f"{path.name} holds {leaked}"
+
+
+def test_inputs_are_never_modified(demo, staged):
+    *_, before = staged
+    assert tree_hashes(demo.dicom_root) == before
+
+
+def test_rerun_skips_unchanged_and_redoes_changed(demo, staged, tmp_path):
+    staging, secret, first, _ = staged
+    again = ingest(demo.dicom_root, staging, secret_file=secret, workers=1)
+    assert (again.cases_converted, again.cases_skipped) == (0, first.cases)
+    # Change one case's input: copy the source, alter one slice's pixel bytes.
+    copy = tmp_path / "source"
+    subprocess.run(["cp", "-r", str(demo.dicom_root), str(copy)], check=True)
+    case = demo.cases[0]
+    target = copy / case.dicom_files[3]
+    data = bytearray(target.read_bytes())
+    data[-2] ^= 0x01
+    target.write_bytes(bytes(data))
+    staging2 = tmp_path / "staging"
+    subprocess.run(["cp", "-r", str(staging), str(staging2)], check=True)
+    changed = ingest(copy, staging2, secret_file=secret, workers=1)
+    assert (changed.cases_converted, changed.cases_skipped) == (1, first.cases - 1)
+
+
+def test_msd_dataset_is_staged_with_its_labels(demo, tmp_path):
+    report = ingest(demo.msd_root, tmp_path / "msd", secret_file=tmp_path / "s")
+    assert report.balanced and report.quarantined == 0
+    assert report.cases == len(demo.cases)
+    records = read_manifest(tmp_path / "msd")
+    assert sum(r["label"] is not None for r in records) == sum(c.split == "train" for c in demo.cases)
+    assert json.loads((tmp_path / "msd" / "dataset.json").read_text())["labels"]["lesion"] == 2
+
+
+def test_broken_nifti_files_are_quarantined(demo, tmp_path):
+    report = ingest(demo.broken_nifti_root, tmp_path / "broken", secret_file=tmp_path / "s")
+    got = quarantine(tmp_path / "broken")
+    for rel, reason in demo.nifti_quarantine.items():
+        assert got[rel] == reason
+    assert report.cases == 0 and report.balanced
+
+
+def test_killed_midway_rerun_finishes_only_the_rest(demo, tmp_path):
+    staging, secret = tmp_path / "staging", tmp_path / "secret"
+    script = (
+        "import sys; from pipeline.ingest import ingest; "
+        "ingest(sys.argv[1], sys.argv[2], secret_file=sys.argv[3], workers=1)"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", script, str(demo.dicom_root), str(staging), str(secret)])
+    records = staging / ".records"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(list(records.glob("*.json"))) < 2:
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = len(list(records.glob("*.json")))
+    assert 2 <= done_before < len(demo.cases) + 1, "the kill should land mid-batch"
+    assert not list(staging.rglob("*.tmp*")) or all(p.name.startswith(".") for p in staging.rglob("*.tmp*"))
+    report = ingest(demo.dicom_root, staging, secret_file=secret, workers=1)
+    assert report.cases_skipped == done_before
+    assert report.cases_converted == report.cases - done_before
+    assert not [p for p in staging.rglob("*") if ".tmp" in p.name], "temporary files left behind"
+
+
+def test_cli_ingest_prints_the_accounting(demo, tmp_path):
+    result = CliRunner().invoke(
+        app,
+        ["ingest", str(demo.msd_root), "--out", str(tmp_path / "s"), "--secret-file", str(tmp_path / "k")],
+    )
+    assert result.exit_code == 0, result.output
+    assert f"{len(demo.cases)} cases staged" in result.output
+    assert "discovered =" in result.output
+
+
+def test_cli_ingest_nothing_staged_exits_2(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "notes.txt").write_text("not an image")
+    result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "s")])
+    assert result.exit_code == 2
+    assert "NOT_DICOM" in result.output
