@@ -105,6 +105,9 @@ class DicomHeader:
     instance_number: int | None  # informational only: never used to order slices
     gantry_tilt: float | None  # GantryDetectorTilt (degrees) as written, for messages
     frames: tuple[FrameGeometry, ...]  # one per frame; single-frame files have one
+    # Byte offset of native (uncompressed) pixel data with a defined length, found by the header
+    # pass: lets the decoder read such pixels straight from the file. None otherwise.
+    pixel_offset: int | None = None
 
     @property
     def is_segmentation(self) -> bool:
@@ -232,15 +235,17 @@ def _looks_like_raw_dataset(head: bytes) -> bool:
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
-def _check_pixel_extent(fh: Any, ds: Dataset, rel: str, expected: int) -> None:
+def _check_pixel_extent(fh: Any, ds: Dataset, rel: str, expected: int) -> int | None:
     """Raise TRUNCATED when native pixel data end past the end of the file (header pass only).
+
+    Returns the byte offset of the pixel values when they are native with a defined length.
 
     After `dcmread(stop_before_pixels=True)` the file sits at the Pixel Data tag; its element
     header gives the declared length, compared with the bytes left and with Rows x Columns x ...
     """
     ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
     if ts not in _NATIVE:
-        return  # encapsulated or deflated: lengths are per fragment, checked when decoded
+        return None  # encapsulated or deflated: lengths are per fragment, checked when decoded
     endian, explicit = _NATIVE[ts]
     start = fh.tell()
     size = os.fstat(fh.fileno()).st_size
@@ -255,7 +260,7 @@ def _check_pixel_extent(fh: Any, ds: Dataset, rel: str, expected: int) -> None:
         )
     group, element = struct.unpack(endian + "HH", head[:4])
     if (group, element) != (0x7FE0, 0x0010):
-        return  # Float/Double Float Pixel Data or something else: checked when decoded
+        return None  # Float/Double Float Pixel Data or something else: checked when decoded
     if explicit:
         if len(head) < 12:
             raise InputRejected(
@@ -275,6 +280,7 @@ def _check_pixel_extent(fh: Any, ds: Dataset, rel: str, expected: int) -> None:
             f"declare {expected}. The file was cut short; re-export or re-copy it.",
             {"found_pixel_bytes": int(min(length, available)), "expected_pixel_bytes": expected},
         )
+    return value_start if length != 0xFFFFFFFF else None
 
 
 def read_header(path: Path, root: Path, max_pixels: int) -> DicomHeader:
@@ -384,7 +390,7 @@ def _header_from_dataset(
         )
     bits_allocated = _int(_get(ds, "BitsAllocated")) or 16
     expected = (rows * columns * n_frames * samples * bits_allocated + 7) // 8
-    _check_pixel_extent(fh, ds, rel, expected)
+    pixel_offset = _check_pixel_extent(fh, ds, rel, expected)
 
     if sop_class in MULTI_FRAME_CLASSES or sop_class == SEGMENTATION_STORAGE:
         frames = _multi_frame_geometry(ds, n_frames)
@@ -415,6 +421,7 @@ def _header_from_dataset(
         instance_number=_int(_get(ds, "InstanceNumber")),
         gantry_tilt=_float(_get(ds, "GantryDetectorTilt")),
         frames=frames,
+        pixel_offset=pixel_offset,
     )
 
 

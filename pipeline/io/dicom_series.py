@@ -436,9 +436,46 @@ def decode_stored(path: str | Path, rel: str) -> np.ndarray:
     return pixels[np.newaxis] if n_frames == 1 else pixels
 
 
+_LITTLE_ENDIAN_NATIVE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
+
+
+def _read_native(header: DicomHeader) -> np.ndarray | None:
+    """Stored values read straight from the file for the common native case, else None.
+
+    Little-endian, one sample, 8 or 16 bits allocated: the pixel values are a plain array at the
+    offset the header pass found, so pydicom's full re-parse of the file is skipped (most of a
+    conversion's time otherwise). Whenever the result could differ from pydicom's (bits stored
+    below bits allocated with values above them, a file changed since the scan) this returns
+    None and the caller decodes through pydicom.
+    """
+    if (
+        header.pixel_offset is None
+        or header.transfer_syntax not in _LITTLE_ENDIAN_NATIVE
+        or header.samples_per_pixel != 1
+        or header.bits_allocated not in (8, 16)
+        or (header.pixel_representation == 1 and header.bits_stored != header.bits_allocated)
+    ):
+        return None
+    dtype = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2"}[
+        (header.bits_allocated, header.pixel_representation)
+    ]
+    count = header.number_of_frames * header.rows * header.columns
+    try:
+        pixels = np.fromfile(header.path, dtype=dtype, count=count, offset=header.pixel_offset)
+    except (OSError, ValueError):
+        return None
+    if pixels.size != count:
+        return None
+    if header.bits_stored < header.bits_allocated and int(pixels.max()) >= 1 << header.bits_stored:
+        return None  # bits above BitsStored are set (overlays): let pydicom apply its rules
+    return pixels.reshape(header.number_of_frames, header.rows, header.columns)
+
+
 def _decode(header: DicomHeader) -> np.ndarray:
     """Stored values of one scanned file, checked against what its header declared at scan time."""
-    pixels = decode_stored(header.path, header.rel)
+    pixels = _read_native(header)
+    if pixels is None:
+        pixels = decode_stored(header.path, header.rel)
     expected = (header.number_of_frames, header.rows, header.columns)
     if pixels.shape != expected:
         raise InputRejected(
@@ -509,7 +546,9 @@ def load_series(group: SeriesGroup) -> Volume:
     for k, ((header_index, frame), stored) in enumerate(zip(group.frames, frames, strict=True)):
         geom = group.headers[header_index].frames[frame]
         slope, intercept = geom.rescale_slope, geom.rescale_intercept
-        if integral:
+        if integral and slope == 1 and intercept == 0:
+            out[k] = stored  # the common identity rescale: a plain (safe) copy
+        elif integral:
             # int64 per slice: stored * slope + intercept is exact before the (safe) narrowing.
             out[k] = stored.astype(np.int64) * int(slope) + int(intercept)
         else:

@@ -8,6 +8,7 @@ from typing import Any
 
 import nibabel as nib
 import numpy as np
+from isal import igzip
 
 from pipeline.io.atomic import atomic_path
 
@@ -51,8 +52,18 @@ class Volume:
 
 
 def save_nifti(volume: Volume, path: str | Path) -> Path:
-    """Write `volume` atomically as NIfTI (.nii or .nii.gz by the name), qform == sform."""
+    """Write `volume` atomically as NIfTI (.nii or .nii.gz by the name), qform == sform.
+
+    .nii.gz is compressed with ISA-L's gzip (python-isal) at level 1: a standard gzip stream,
+    about three times faster than zlib's level 1 at a similar size (compression is most of a
+    conversion's time).
+    """
     path = Path(path)
+    img = volume.to_nifti()
     with atomic_path(path) as tmp:
-        nib.save(volume.to_nifti(), tmp)
+        if path.name.endswith(".gz"):
+            with igzip.open(tmp, "wb", compresslevel=1) as fh:
+                img.to_file_map({"image": nib.FileHolder(fileobj=fh)})
+        else:
+            nib.save(img, tmp)
     return path
