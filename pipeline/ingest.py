@@ -77,8 +77,8 @@ class IngestReport:
 
 
 @dataclass
-class _Job:
-    """One case to convert: everything a worker process needs, nothing identifying."""
+class CaseJob:
+    """One planned case: everything a worker process needs to decode it, nothing identifying."""
 
     case_id: str
     kind: str  # "dicom" or "nifti"
@@ -155,12 +155,19 @@ def _rel(path: Path, root: Path) -> str:
 # Planning: which files make which case
 
 
-class _Planner:
+class CasePlanner:
+    """Decides which discovered files make which case, and rejects the rest with reasons.
+
+    Used by ingest and by predict (which validates its sources by the same rules):
+        planner = CasePlanner(source, secret, limits); planner.plan(discover(source), progress)
+        planner.jobs, planner.rejected
+    """
+
     def __init__(self, source: Path, secret: bytes, limits: IngestLimits) -> None:
         self.source = source
         self.secret = secret
         self.limits = limits
-        self.jobs: list[_Job] = []
+        self.jobs: list[CaseJob] = []
         self.rejected: list[InputRejected] = []
         self.accepted: set[str] = set()
         self.label_names: dict[str, int] = {"background": 0}
@@ -235,7 +242,7 @@ class _Planner:
             return
         self._register_names(names)
         self.jobs.append(
-            _Job(
+            CaseJob(
                 case_id=case_id_for(f"nifti:{case.key}", self.secret),
                 kind="nifti",
                 sources=sources,
@@ -276,7 +283,7 @@ class _Planner:
             segs = [s.rel for s in segs_by_series.get(series_uid, [])]
             sources = [h.rel for h in group.headers] + segs
             self.jobs.append(
-                _Job(
+                CaseJob(
                     case_id=case_id_for(f"dicom:{group.key}", self.secret),
                     kind="dicom",
                     sources=sources,
@@ -317,39 +324,48 @@ def _remap_labels(label: Volume, names: dict[int, str], table: dict[str, int]) -
     return Volume(data, label.affine, "SEG", label.meta)
 
 
-def _convert(job: _Job, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]) -> dict:
-    """Convert one case and write its outputs; returns its manifest record."""
+def load_case(
+    job: CaseJob, source: Path, limits: IngestLimits, table: dict[str, int] | None = None
+) -> tuple[Volume, Volume | None]:
+    """Decode one planned case: its image Volume and, when the source has one, its label Volume.
+
+    `table` maps label names to values across cases (DICOM SEG segment numbers are renumbered by
+    name); without it, SEG segment numbers are kept. Raises InputRejected for a bad input.
+    """
     label: Volume | None = None
-    label_names: dict[int, str] = {}
     if job.kind == "dicom":
-        assert job.group is not None
+        if job.group is None:
+            raise ValueError(f"case {job.case_id}: a DICOM job without its series group")
         image = load_series(job.group)
         for rel in job.segs:
             seg_label, names = read_seg_labels(source / rel, rel, job.group.headers, image)
-            seg_label = _remap_labels(seg_label, names, table)
+            if table is not None:
+                seg_label = _remap_labels(seg_label, names, table)
             if label is None:
                 label = seg_label
             else:  # several SEGs for one series: later segments paint over earlier ones
                 label.data[seg_label.data > 0] = seg_label.data[seg_label.data > 0]
-            label_names.update({table[n]: n for n in names.values()})
-    else:
-        assert job.nifti is not None
-        image = load_nifti(
-            source / job.nifti.image,
-            job.nifti.image,
+        return image, label
+    if job.nifti is None:
+        raise ValueError(f"case {job.case_id}: a NIfTI job without its files")
+    image = load_nifti(
+        source / job.nifti.image, job.nifti.image, max_voxels=limits.max_voxels, max_bytes=limits.max_bytes
+    )
+    if job.nifti.label:
+        label = load_label(
+            source / job.nifti.label,
+            job.nifti.label,
+            image,
+            allowed_labels=job.allowed_labels,
             max_voxels=limits.max_voxels,
             max_bytes=limits.max_bytes,
         )
-        if job.nifti.label:
-            label = load_label(
-                source / job.nifti.label,
-                job.nifti.label,
-                image,
-                allowed_labels=job.allowed_labels,
-                max_voxels=limits.max_voxels,
-                max_bytes=limits.max_bytes,
-            )
-            label_names = dict(job.label_names)
+    return image, label
+
+
+def _convert(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]) -> dict:
+    """Convert one case and write its outputs; returns its manifest record."""
+    image, label = load_case(job, source, limits, table)
 
     image_rel = f"images/{job.case_id}.nii.gz"
     save_nifti(image, staging / image_rel)
@@ -383,7 +399,7 @@ def _convert(job: _Job, source: Path, staging: Path, limits: IngestLimits, table
 
 
 def _convert_safely(
-    job: _Job, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]
+    job: CaseJob, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]
 ) -> tuple[str, dict | None, InputRejected | None]:
     """Worker entry point: a case either yields its record or one InputRejected, never an exception."""
     try:
@@ -403,7 +419,7 @@ def _convert_safely(
         return job.case_id, None, err
 
 
-def _previous_record(staging: Path, job: _Job) -> dict | None:
+def _previous_record(staging: Path, job: CaseJob) -> dict | None:
     """The record of an earlier run for this case, if its inputs are unchanged and outputs exist."""
     path = staging / RECORDS_DIR / f"{job.case_id}.json"
     if not path.is_file():
@@ -451,13 +467,13 @@ def ingest(
     staging.mkdir(parents=True, exist_ok=True)
 
     files = discover(source)
-    planner = _Planner(source, secret, limits)
+    planner = CasePlanner(source, secret, limits)
     planner.plan(files, progress)
     table = _label_table(staging, planner)
 
     # Cases whose inputs are unchanged since the last run are not converted again.
     records: dict[str, dict] = {}
-    todo: list[_Job] = []
+    todo: list[CaseJob] = []
     for job in planner.jobs:
         previous = _previous_record(staging, job)
         if previous is not None:
@@ -505,7 +521,7 @@ def _collect(results, records: dict, failed: list, bar) -> None:
         bar.update(1)
 
 
-def _label_table(staging: Path, planner: _Planner) -> dict[str, int]:
+def _label_table(staging: Path, planner: CasePlanner) -> dict[str, int]:
     """Label name -> value, stable across runs: earlier runs' values are kept, new names appended."""
     table: dict[str, int] = {}
     existing = staging / "dataset.json"
@@ -531,7 +547,7 @@ def _label_table(staging: Path, planner: _Planner) -> dict[str, int]:
 def _account(
     files: list[Path],
     source: Path,
-    planner: _Planner,
+    planner: CasePlanner,
     records: dict[str, dict],
     rejected: list[InputRejected],
 ) -> IngestReport:
@@ -563,7 +579,7 @@ def _account(
 
 def _write_outputs(
     staging: Path,
-    planner: _Planner,
+    planner: CasePlanner,
     records: dict[str, dict],
     rejected: list[InputRejected],
     report: IngestReport,
