@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ProcessPoolExecutor
@@ -47,6 +48,7 @@ log = logging.getLogger(__name__)
 # Bump when the conversion itself changes, so reruns redo cases converted by older code.
 CONVERTER_VERSION = "1"
 RECORDS_DIR = ".records"
+PLAN_DIR = ".plan"
 
 
 @dataclass(frozen=True)
@@ -401,7 +403,7 @@ def _convert(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, ta
 def _convert_safely(
     job: CaseJob, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]
 ) -> tuple[str, dict | None, InputRejected | None]:
-    """Worker entry point: a case either yields its record or one InputRejected, never an exception."""
+    """A case either yields its record or one InputRejected, never an exception."""
     try:
         return job.case_id, _convert(job, source, staging, limits, table), None
     except InputRejected as err:
@@ -437,7 +439,191 @@ def _previous_record(staging: Path, job: CaseJob) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------
-# The stage
+# The stage, in three steps that orchestrators may run as separate tasks:
+#   plan_ingest (header pass, one call) -> convert_case (one per case, in any process)
+#   -> finalize_ingest (manifest, quarantine, report). `ingest` runs all three.
+#
+# The plan lives in STAGING/.plan/: plan.json (discovered files, rejections, label table, case
+# IDs) and jobs/<case_id>.json (each case's input files). Like the manifest, it links case IDs
+# to source paths, so it stays inside the staging folder and never travels as task parameters.
+
+
+def _resolve(source: str | Path, staging: str | Path) -> tuple[Path, Path]:
+    source, staging = Path(source).resolve(), Path(staging).resolve()
+    if not source.is_dir():
+        raise FileNotFoundError(f"ingest source {source} is not a folder")
+    if staging == source or source in staging.parents:
+        raise ValueError(f"the staging folder {staging} must not be inside the source {source}")
+    return source, staging
+
+
+def _job_to_json(job: CaseJob) -> dict[str, Any]:
+    return {
+        "case_id": job.case_id,
+        "kind": job.kind,
+        "sources": job.sources,
+        "inputs_sha256": job.inputs_sha256,
+        "images": [h.rel for h in job.group.headers] if job.group else [],
+        "segs": job.segs,
+        "nifti": asdict(job.nifti) if job.nifti else None,
+        "allowed_labels": sorted(job.allowed_labels) if job.allowed_labels is not None else None,
+        "label_names": {str(k): v for k, v in job.label_names.items()},
+        "modality": job.modality,
+    }
+
+
+def _job_from_json(data: dict[str, Any], source: Path, secret: bytes, limits: IngestLimits) -> CaseJob:
+    """Rebuild a planned case; a DICOM series is re-assembled from its files' headers."""
+    group = None
+    if data["kind"] == "dicom":
+        headers = [read_header(source / rel, source, limits.max_pixels_per_file) for rel in data["images"]]
+        groups, rejected = assemble_series(headers)
+        matches = [g for g in groups if case_id_for(f"dicom:{g.key}", secret) == data["case_id"]]
+        if len(matches) != 1:
+            if rejected:
+                raise rejected[0]
+            raise InputRejected(
+                Reason.CONVERSION_FAILED,
+                data["images"][0],
+                "the series changed between planning and conversion; run ingest again",
+                {"files": data["sources"]},
+            )
+        group = matches[0]
+    nifti = data.get("nifti")
+    allowed = data.get("allowed_labels")
+    return CaseJob(
+        case_id=data["case_id"],
+        kind=data["kind"],
+        sources=list(data["sources"]),
+        inputs_sha256=data["inputs_sha256"],
+        group=group,
+        segs=list(data["segs"]),
+        nifti=NiftiCase(**{**nifti, "channels": tuple(nifti["channels"])}) if nifti else None,
+        allowed_labels=set(allowed) if allowed is not None else None,
+        label_names={int(k): v for k, v in data["label_names"].items()},
+        modality=data["modality"],
+    )
+
+
+def _secret(secret_file: str | Path | None) -> bytes:
+    from pipeline.config import Workdir
+
+    return load_or_create_secret(Path(secret_file) if secret_file else Workdir.resolve().secret_file)
+
+
+def plan_ingest(
+    source: str | Path,
+    staging: str | Path,
+    *,
+    secret_file: str | Path | None = None,
+    limits: IngestLimits | None = None,
+    progress: bool = False,
+) -> list[str]:
+    """Step 1: discover and validate `source`; returns the case IDs that need converting.
+
+    Cases whose inputs are unchanged since an earlier run keep their outputs and are not listed.
+    """
+    source, staging = _resolve(source, staging)
+    limits = limits or IngestLimits()
+    secret = _secret(secret_file)
+    staging.mkdir(parents=True, exist_ok=True)
+    files = discover(source)
+    planner = CasePlanner(source, secret, limits)
+    planner.plan(files, progress)
+    table = _label_table(staging, planner)
+    plan_dir = staging / PLAN_DIR
+    shutil.rmtree(plan_dir / "failed", ignore_errors=True)
+    # Temporary files of a run that was killed mid-write (atomic writes never leave them at
+    # final paths). One ingest per staging folder at a time.
+    for leftover in staging.rglob(".*.tmp*"):
+        leftover.unlink(missing_ok=True)
+    todo = []
+    for job in planner.jobs:
+        with atomic_open(plan_dir / "jobs" / f"{job.case_id}.json") as fh:
+            json.dump(_job_to_json(job), fh)
+        if _previous_record(staging, job) is None:
+            todo.append(job.case_id)
+    plan = {
+        "files": [_rel(p, source) for p in files],
+        "rejected": [{"reason": e.reason.value, **e.to_record()} for e in planner.rejected],
+        "accepted": sorted(planner.accepted),
+        "table": table,
+        "cases": [job.case_id for job in planner.jobs],
+        "todo": todo,
+        "limits": asdict(limits),
+    }
+    write_text(plan_dir / "plan.json", json.dumps(plan, default=str))
+    return todo
+
+
+def convert_case(
+    source: str | Path, staging: str | Path, case_id: str, *, secret_file: str | Path | None = None
+) -> dict[str, Any]:
+    """Step 2: convert one planned case; returns {"case_id", "status": "converted"|"quarantined", ...}.
+
+    Never raises for bad input: a rejection is recorded for `finalize_ingest` and returned.
+    """
+    source, staging = _resolve(source, staging)
+    plan_dir = staging / PLAN_DIR
+    plan = json.loads((plan_dir / "plan.json").read_text(encoding="utf-8"))
+    limits = IngestLimits(**plan["limits"])
+    data = json.loads((plan_dir / "jobs" / f"{case_id}.json").read_text(encoding="utf-8"))
+    try:
+        job = _job_from_json(data, source, _secret(secret_file), limits)
+    except InputRejected as err:
+        err.details.setdefault("files", data["sources"])
+        result: tuple[str, dict | None, InputRejected | None] = (case_id, None, err)
+    else:
+        result = _convert_safely(job, source, staging, limits, plan["table"])
+    _, _, err = result
+    failed_path = plan_dir / "failed" / f"{case_id}.json"
+    if err is not None:
+        with atomic_open(failed_path) as fh:
+            json.dump({"reason": err.reason.value, **err.to_record()}, fh, default=str)
+        log.warning("case %s quarantined: %s", case_id, err.reason.value)
+        return {"case_id": case_id, "status": "quarantined", "reason": err.reason.value}
+    failed_path.unlink(missing_ok=True)
+    return {"case_id": case_id, "status": "converted", "reason": None}
+
+
+def _rejection_from_record(rec: dict[str, Any]) -> InputRejected:
+    rec = dict(rec)
+    rec.pop("status", None)
+    reason, path, message = Reason(rec.pop("reason")), rec.pop("path"), rec.pop("message")
+    return InputRejected(reason, path, message, rec)
+
+
+def finalize_ingest(source: str | Path, staging: str | Path) -> IngestReport:
+    """Step 3: write the manifest, quarantine list, report and dataset.json from the plan."""
+    source, staging = _resolve(source, staging)
+    plan_dir = staging / PLAN_DIR
+    plan = json.loads((plan_dir / "plan.json").read_text(encoding="utf-8"))
+    failed = {
+        p.stem: _rejection_from_record(json.loads(p.read_text(encoding="utf-8")))
+        for p in sorted((plan_dir / "failed").glob("*.json"))
+    }
+    records: dict[str, dict] = {}
+    for case_id in plan["cases"]:
+        path = staging / RECORDS_DIR / f"{case_id}.json"
+        if case_id not in failed and path.is_file():
+            record = json.loads(path.read_text(encoding="utf-8"))
+            job = json.loads((plan_dir / "jobs" / f"{case_id}.json").read_text(encoding="utf-8"))
+            if record["sha256"]["inputs"] == job["inputs_sha256"]:
+                records[case_id] = record
+    rejected = [_rejection_from_record(r) for r in plan["rejected"]] + list(failed.values())
+    report = _account(plan["files"], plan["accepted"], records, rejected)
+    report.cases_converted = len(set(plan["todo"]) & set(records))
+    report.cases_skipped = len(records) - report.cases_converted
+    _write_outputs(staging, records, rejected, report, plan["table"])
+    log.info(
+        "ingest: %d cases (%d converted, %d unchanged), %d files quarantined, %d ignored",
+        report.cases,
+        report.cases_converted,
+        report.cases_skipped,
+        report.quarantined,
+        report.ignored,
+    )
+    return report
 
 
 def ingest(
@@ -452,73 +638,24 @@ def ingest(
     """Validate and convert everything under `source` into the staging folder `staging`.
 
     Bad inputs are quarantined with a reason and the batch goes on. Input files are only read.
-    `workers` processes convert series in parallel (default: the CPUs available, at most 8).
+    `workers` processes convert cases in parallel (default: the CPUs available, at most 8).
     """
-    from pipeline.config import Workdir
-
-    source = Path(source).resolve()
-    staging = Path(staging).resolve()
-    if not source.is_dir():
-        raise FileNotFoundError(f"ingest source {source} is not a folder")
-    if staging == source or source in staging.parents:
-        raise ValueError(f"the staging folder {staging} must not be inside the source {source}")
-    limits = limits or IngestLimits()
-    secret = load_or_create_secret(Path(secret_file) if secret_file else Workdir.resolve().secret_file)
-    staging.mkdir(parents=True, exist_ok=True)
-
-    files = discover(source)
-    planner = CasePlanner(source, secret, limits)
-    planner.plan(files, progress)
-    table = _label_table(staging, planner)
-
-    # Cases whose inputs are unchanged since the last run are not converted again.
-    records: dict[str, dict] = {}
-    todo: list[CaseJob] = []
-    for job in planner.jobs:
-        previous = _previous_record(staging, job)
-        if previous is not None:
-            records[job.case_id] = previous
-        else:
-            todo.append(job)
-    skipped = len(records)
-
-    failed: list[InputRejected] = []
+    todo = plan_ingest(source, staging, secret_file=secret_file, limits=limits, progress=progress)
     workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     bar = tqdm(total=len(todo), desc="converting", unit="case", disable=not progress or not todo)
     if workers <= 1 or len(todo) <= 1:
-        results = (_convert_safely(job, source, staging, limits, table) for job in todo)
-        _collect(results, records, failed, bar)
+        for case_id in todo:
+            convert_case(source, staging, case_id, secret_file=secret_file)
+            bar.update(1)
     else:
         # forkserver: safe when the caller has threads (Prefect, MLflow), cheaper than spawn.
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
-            futures = [pool.submit(_convert_safely, job, source, staging, limits, table) for job in todo]
-            _collect((f.result() for f in futures), records, failed, bar)
+            futures = [pool.submit(convert_case, source, staging, c, secret_file=secret_file) for c in todo]
+            for future in futures:
+                future.result()
+                bar.update(1)
     bar.close()
-
-    rejected = planner.rejected + failed
-    report = _account(files, source, planner, records, rejected)
-    report.cases_skipped = skipped
-    report.cases_converted = len(records) - skipped
-    _write_outputs(staging, planner, records, rejected, report, table)
-    log.info(
-        "ingest: %d cases (%d converted, %d unchanged), %d files quarantined, %d ignored",
-        report.cases,
-        report.cases_converted,
-        report.cases_skipped,
-        report.quarantined,
-        report.ignored,
-    )
-    return report
-
-
-def _collect(results, records: dict, failed: list, bar) -> None:
-    for case_id, record, err in results:
-        if record is not None:
-            records[case_id] = record
-        else:
-            failed.append(err)
-            log.warning("case %s quarantined: %s", case_id, err.reason.value)
-        bar.update(1)
+    return finalize_ingest(source, staging)
 
 
 def _label_table(staging: Path, planner: CasePlanner) -> dict[str, int]:
@@ -545,11 +682,7 @@ def _label_table(staging: Path, planner: CasePlanner) -> dict[str, int]:
 
 
 def _account(
-    files: list[Path],
-    source: Path,
-    planner: CasePlanner,
-    records: dict[str, dict],
-    rejected: list[InputRejected],
+    files: list[str], accepted: list[str], records: dict[str, dict], rejected: list[InputRejected]
 ) -> IngestReport:
     """Give every discovered file exactly one disposition and count them."""
     status: dict[str, str] = {}
@@ -561,17 +694,14 @@ def _account(
     for record in records.values():
         for rel in record["source"]["files"]:
             status.setdefault(rel, "accepted")
-    for rel in planner.accepted:
+    for rel in accepted:
         status.setdefault(rel, "accepted")
     report = IngestReport(discovered=len(files), cases=len(records))
-    counts = Counter(status.get(_rel(p, source), "unaccounted") for p in files)
-    report.accepted, report.quarantined, report.ignored = (
-        counts["accepted"],
-        counts["quarantined"],
-        counts["ignored"],
-    )
+    counts = Counter(status.get(rel, "unaccounted") for rel in files)
+    report.accepted, report.quarantined = counts["accepted"], counts["quarantined"]
+    report.ignored = counts["ignored"]
     if counts["unaccounted"]:
-        missing = [_rel(p, source) for p in files if _rel(p, source) not in status]
+        missing = [rel for rel in files if rel not in status]
         log.error("ingest left %d files unaccounted for, e.g. %s", len(missing), missing[:3])
     report.by_reason = dict(sorted(Counter(err.reason.value for err in rejected).items()))
     return report
@@ -579,7 +709,6 @@ def _account(
 
 def _write_outputs(
     staging: Path,
-    planner: CasePlanner,
     records: dict[str, dict],
     rejected: list[InputRejected],
     report: IngestReport,

@@ -111,7 +111,9 @@ def test_case_ids_are_keyed_pseudonyms_and_outputs_hold_no_patient_data(demo, st
     identifiers.add("../../x")
     for path in staging.rglob("*"):
         if path.is_file():
-            assert path.name.startswith(("case_", "manifest", "quarantine", "ingest_report", "dataset"))
+            assert path.name.startswith(
+                ("case_", "manifest", "quarantine", "ingest_report", "dataset", "plan")
+            )
             if path.suffix in {".json", ".jsonl"}:
                 text = path.read_text()
                 leaked = [i for i in identifiers if i in text]
