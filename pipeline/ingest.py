@@ -511,6 +511,19 @@ def _secret(secret_file: str | Path | None) -> bytes:
     return load_or_create_secret(Path(secret_file) if secret_file else Workdir.resolve().secret_file)
 
 
+@dataclass(frozen=True)
+class IngestPlan:
+    """What step 1 decided: every case, and those whose inputs changed since their last outputs."""
+
+    cases: list[str]
+    todo: list[str]
+
+    def input_hash(self, staging: str | Path, case_id: str) -> str:
+        """sha256 over the case's input files' bytes (a content key for caches)."""
+        path = Path(staging) / PLAN_DIR / "jobs" / f"{case_id}.json"
+        return json.loads(path.read_text(encoding="utf-8"))["inputs_sha256"]
+
+
 def plan_ingest(
     source: str | Path,
     staging: str | Path,
@@ -518,10 +531,10 @@ def plan_ingest(
     secret_file: str | Path | None = None,
     limits: IngestLimits | None = None,
     progress: bool = False,
-) -> list[str]:
-    """Step 1: discover and validate `source`; returns the case IDs that need converting.
+) -> IngestPlan:
+    """Step 1: discover and validate `source`, and record the plan in STAGING/.plan/.
 
-    Cases whose inputs are unchanged since an earlier run keep their outputs and are not listed.
+    Cases whose inputs are unchanged since an earlier run keep their outputs (not in `todo`).
     """
     source, staging = _resolve(source, staging)
     limits = limits or IngestLimits()
@@ -553,14 +566,15 @@ def plan_ingest(
         "limits": asdict(limits),
     }
     write_text(plan_dir / "plan.json", json.dumps(plan, default=str))
-    return todo
+    return IngestPlan(cases=plan["cases"], todo=todo)
 
 
 def convert_case(
     source: str | Path, staging: str | Path, case_id: str, *, secret_file: str | Path | None = None
 ) -> dict[str, Any]:
-    """Step 2: convert one planned case; returns {"case_id", "status": "converted"|"quarantined", ...}.
+    """Step 2: convert one planned case; returns {"case_id", "status", "reason"}.
 
+    status is "converted", "quarantined" or "unchanged" (its outputs from an earlier run stand).
     Never raises for bad input: a rejection is recorded for `finalize_ingest` and returned.
     """
     source, staging = _resolve(source, staging)
@@ -568,6 +582,8 @@ def convert_case(
     plan = json.loads((plan_dir / "plan.json").read_text(encoding="utf-8"))
     limits = IngestLimits(**plan["limits"])
     data = json.loads((plan_dir / "jobs" / f"{case_id}.json").read_text(encoding="utf-8"))
+    if case_id not in plan["todo"]:
+        return {"case_id": case_id, "status": "unchanged", "reason": None}
     try:
         job = _job_from_json(data, source, _secret(secret_file), limits)
     except InputRejected as err:
@@ -640,7 +656,7 @@ def ingest(
     Bad inputs are quarantined with a reason and the batch goes on. Input files are only read.
     `workers` processes convert cases in parallel (default: the CPUs available, at most 8).
     """
-    todo = plan_ingest(source, staging, secret_file=secret_file, limits=limits, progress=progress)
+    todo = plan_ingest(source, staging, secret_file=secret_file, limits=limits, progress=progress).todo
     workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     bar = tqdm(total=len(todo), desc="converting", unit="case", disable=not progress or not todo)
     if workers <= 1 or len(todo) <= 1:
