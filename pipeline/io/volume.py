@@ -62,7 +62,8 @@ def save_nifti(volume: Volume, path: str | Path) -> Path:
     img = volume.to_nifti()
     with atomic_path(path) as tmp:
         if path.name.endswith(".gz"):
-            with igzip.open(tmp, "wb", compresslevel=1) as fh:
+            # No name and mtime 0 in the gzip header: the same volume always gives the same bytes
+            with open(tmp, "wb") as raw, igzip.IGzipFile("", "wb", 1, fileobj=raw, mtime=0) as fh:
                 img.to_file_map({"image": nib.FileHolder(fileobj=fh)})
         else:
             nib.save(img, tmp)
