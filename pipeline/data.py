@@ -1,0 +1,98 @@
+"""Case splits and the training data pipeline (cached volumes, threaded loading).
+
+Splits are by case, never by slice, so no slice of a validation case is trained on. Volumes
+are preprocessed once by the deterministic part of the chain and cached (in memory by
+CacheDataset, or on disk by PersistentDataset for data larger than memory); random slice
+sampling and augmentation run per step in a ThreadDataLoader thread so the model never waits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from monai.data import CacheDataset, Dataset, PersistentDataset, ThreadDataLoader, list_data_collate
+from torch.utils.data import DistributedSampler
+
+log = logging.getLogger(__name__)
+
+
+def split_cases(
+    case_ids: Sequence[str], *, val_fraction: float = 0.2, folds: int = 1, fold: int = 0, seed: int = 0
+) -> tuple[list[str], list[str]]:
+    """(train ids, validation ids), disjoint, decided by `seed` only (not by input order).
+
+    folds == 1: a random `val_fraction` of the cases (at least one) validates. folds = k > 1: the
+    shuffled cases are dealt into k folds and fold `fold` validates. At least one case trains.
+    """
+    ids = sorted(set(case_ids))
+    if len(ids) != len(case_ids):
+        raise ValueError("case ids must be unique; found duplicates")
+    if len(ids) < 2:
+        raise ValueError(f"need at least 2 labelled cases to split into train and validation; got {len(ids)}")
+    order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
+    if folds > 1:
+        if folds > len(ids):
+            raise ValueError(f"folds={folds} exceeds the {len(ids)} labelled cases")
+        if not 0 <= fold < folds:
+            raise ValueError(f"fold must be in 0..{folds - 1}; got {fold}")
+        val = order[fold::folds]
+    else:
+        n_val = min(len(ids) - 1, max(1, round(val_fraction * len(ids))))
+        val = order[:n_val]
+    val_set = set(val)
+    return [c for c in order if c not in val_set], sorted(val)
+
+
+def make_train_dataset(
+    items: list[dict[str, Any]], transform, *, cache: str = "memory", cache_dir: str | Path | None = None
+) -> Dataset:
+    """CacheDataset (memory), PersistentDataset (disk, `cache_dir`) or a plain Dataset ('none')."""
+    if cache == "memory":
+        return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+    if cache == "disk":
+        if cache_dir is None:
+            raise ValueError("cache 'disk' needs a cache_dir (data.cache_dir)")
+        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        return PersistentDataset(items, transform, cache_dir=cache_dir)
+    if cache == "none":
+        return Dataset(items, transform)
+    raise ValueError(f"cache must be one of memory, disk, none; got {cache!r}")
+
+
+def make_loader(
+    dataset: Dataset,
+    *,
+    volumes_per_batch: int,
+    seed: int,
+    buffer_size: int = 2,
+    distributed: bool = False,
+) -> tuple[ThreadDataLoader, DistributedSampler | None]:
+    """A shuffling threaded loader; each item is a list of slices, flattened into one batch."""
+    sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False) if distributed else None
+    loader = ThreadDataLoader(
+        dataset,
+        batch_size=volumes_per_batch,
+        shuffle=sampler is None,
+        sampler=sampler,
+        num_workers=0,
+        buffer_size=buffer_size,
+        collate_fn=list_data_collate,
+        drop_last=False,
+    )
+    return loader, sampler
+
+
+def infinite_batches(
+    loader: ThreadDataLoader, sampler: DistributedSampler | None, start: int = 0
+) -> Iterator:
+    """Batches forever: passes over the volumes back to back (epochs are counted in steps)."""
+    n = start
+    while True:
+        if sampler is not None:
+            sampler.set_epoch(n)
+        yield from loader
+        n += 1

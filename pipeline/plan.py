@@ -1,0 +1,347 @@
+"""Dataset fingerprint and the automatic preprocessing plan (nnU-Net's idea, for 2D slices).
+
+`fingerprint_dataset(staging)` reads every staged case once: spacings and shapes in the RAS frame,
+per-modality intensity statistics of the labelled foreground, and voxel counts per label.
+`make_plan(fingerprint, config.preprocess)` turns it into the decisions training and inference share:
+
+- slice axis: the lowest-resolution (largest-spacing) RAS axis, by the dataset median; a case
+  whose own spacing is clearly anisotropic is sliced along its own coarsest axis (mixed
+  axial/sagittal/coronal acquisitions are each sliced as acquired, never across thick slices);
+- target in-plane spacing: the median in-plane spacing; the slice spacing is never resampled;
+- normalization by modality: CT is clipped to the 0.5/99.5 percentiles of the labelled
+  foreground of all CT cases and z-scored with that foreground's mean and std; MR and any other
+  modality are z-scored per case over the body (Otsu) mask;
+- patch size: the median in-plane size after resampling, rounded up to a multiple of 16, capped;
+- class weights: inverse square root of each label's voxel share, normalised to mean 1.
+
+The plan is computed once, saved as JSON into the model folder and inference loads exactly it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import nibabel as nib
+import numpy as np
+
+from pipeline.io.atomic import write_text
+
+log = logging.getLogger(__name__)
+
+PLAN_VERSION = 1
+PATCH_MULTIPLE = 16  # the U-Net (depth 4) halves 4 times; patches are padded to this multiple
+ANISOTROPY_RATIO = 1.5  # a case's coarsest axis is "its" slice axis when this much coarser than the others
+FINGERPRINT_PERCENTILES = (0.5, 1, 2, 5, 50, 95, 98, 99, 99.5)  # foreground percentiles kept
+SAMPLES_PER_CASE = 20_000  # foreground intensities sampled per case for the CT statistics
+
+
+@dataclass(frozen=True)
+class CaseFingerprint:
+    """What the plan needs of one case, in the RAS frame."""
+
+    case_id: str
+    modality: str
+    shape: tuple[int, int, int]  # voxels along R, A, S after reorientation
+    spacing: tuple[float, float, float]  # mm along R, A, S
+    label_counts: dict[int, int]  # voxels per label value (0 included)
+
+
+@dataclass
+class Fingerprint:
+    """The dataset fingerprint: per-case geometry plus per-modality foreground intensities."""
+
+    cases: list[CaseFingerprint]
+    labels: dict[str, int]  # name -> value, from dataset.json
+    intensity: dict[str, dict[str, float]]  # modality -> mean, std, p00_5, p99_5, ... of labelled voxels
+
+    @property
+    def modalities(self) -> list[str]:
+        return sorted({c.modality for c in self.cases})
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The preprocessing decisions, shared by training and inference (JSON round-trip)."""
+
+    slice_axis: int  # RAS axis (0 R, 1 A, 2 S) that slices are taken across, by the dataset median
+    target_spacing: float  # in-plane mm of every slice
+    patch_size: int  # training patch side (multiple of 16); inference takes whole slices
+    normalization: dict[str, dict[str, Any]]  # modality -> {"scheme": "ct"|"zscore", ...}; "default" too
+    labels: dict[str, int]  # name -> value, background included
+    class_weights: list[float]  # per label value 0..num_classes-1, mean 1
+    crop_foreground: bool = True  # crop to the body bounding box before slicing
+    anisotropy_ratio: float = ANISOTROPY_RATIO  # see `case_slice_axis`
+    median_shape: tuple[int, int, int] = (0, 0, 0)  # RAS voxels after resampling, for reference
+    version: int = PLAN_VERSION
+    fingerprint_summary: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return max(self.labels.values()) + 1
+
+    @property
+    def label_names(self) -> dict[int, str]:
+        return {v: k for k, v in self.labels.items()}
+
+    def normalization_for(self, modality: str) -> dict[str, Any]:
+        """CT uses the dataset's CT statistics; every other modality is z-scored per case."""
+        return self.normalization.get(modality.upper(), {"scheme": "zscore"})
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["median_shape"] = list(self.median_shape)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Plan:
+        data = dict(data)
+        version = data.get("version")
+        if version != PLAN_VERSION:
+            raise ValueError(
+                f"plan version {version!r} is not supported (this code reads version {PLAN_VERSION}); "
+                "re-plan the dataset or use the matching pipeline version"
+            )
+        valid = set(cls.__dataclass_fields__)
+        unknown = sorted(set(data) - valid)
+        if unknown:
+            raise ValueError(
+                f"unknown plan key(s) {', '.join(unknown)}; valid keys: {', '.join(sorted(valid))}"
+            )
+        data["median_shape"] = tuple(data.get("median_shape", (0, 0, 0)))
+        return cls(**data)
+
+    def case_slice_axis(self, spacing: tuple[float, float, float] | np.ndarray) -> int:
+        """The axis one case is sliced across: its own coarsest axis when clearly anisotropic.
+
+        Near-isotropic cases (coarsest < `anisotropy_ratio` x the finest) use the dataset's axis.
+        """
+        sp = np.asarray(spacing, float)
+        order = np.argsort(sp)
+        if sp[order[-1]] >= self.anisotropy_ratio * sp[order[-2]]:
+            return int(order[-1])
+        return self.slice_axis
+
+
+def save_plan(plan: Plan, path: str | Path) -> Path:
+    path = Path(path)
+    write_text(path, json.dumps(plan.to_dict(), indent=2) + "\n")
+    return path
+
+
+def load_plan(path: str | Path) -> Plan:
+    path = Path(path)
+    try:
+        return Plan.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read plan {path}: {exc}") from exc
+
+
+# --------------------------------------------------------------------------------------------
+# Staging manifest
+
+
+def read_manifest(staging: str | Path) -> list[dict[str, Any]]:
+    """The rows of STAGING/manifest.jsonl, with `image`/`label` made absolute paths."""
+    staging = Path(staging)
+    path = staging / "manifest.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: STAGING must be a folder written by `unet-pipeline ingest`"
+        )
+    rows = []
+    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from exc
+        missing = {"case_id", "image"} - set(row)
+        if missing:
+            raise ValueError(f"{path}:{n} lacks {', '.join(sorted(missing))}")
+        row["image"] = str(staging / row["image"])
+        row["label"] = str(staging / row["label"]) if row.get("label") else None
+        row["modality"] = str(row.get("modality") or "unknown").upper()
+        rows.append(row)
+    if not rows:
+        raise ValueError(f"{path} lists no cases")
+    return rows
+
+
+def read_labels(staging: str | Path) -> dict[str, int]:
+    """name -> value from STAGING/dataset.json (nnU-Net v2 style)."""
+    path = Path(staging) / "dataset.json"
+    try:
+        labels = json.loads(path.read_text(encoding="utf-8"))["labels"]
+    except (OSError, KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read the labels of {path}: {exc!r}") from exc
+    labels = {str(k): int(v) for k, v in labels.items()}
+    if labels.get("background") != 0:
+        raise ValueError(f"{path}: labels must map 'background' to 0; found {labels}")
+    return labels
+
+
+# --------------------------------------------------------------------------------------------
+# Fingerprint
+
+
+def _ras_geometry(
+    img: nib.Nifti1Image,
+) -> tuple[np.ndarray, tuple[int, int, int], tuple[float, float, float]]:
+    """(axis permutation, shape, spacing) of an image once reoriented to RAS."""
+    ornt = nib.orientations.io_orientation(img.affine)
+    perm = ornt[:, 0].astype(int)  # voxel axis i goes to RAS axis perm[i]
+    shape = [0, 0, 0]
+    spacing = [0.0, 0.0, 0.0]
+    zooms = np.linalg.norm(img.affine[:3, :3], axis=0)
+    for i in range(3):
+        shape[perm[i]] = int(img.shape[i])
+        spacing[perm[i]] = float(zooms[i])
+    return perm, tuple(shape), tuple(spacing)  # type: ignore[return-value]
+
+
+def fingerprint_dataset(staging: str | Path, seed: int = 0) -> Fingerprint:
+    """Read the labelled staged cases once and summarise them (see the module docstring)."""
+    rows = [r for r in read_manifest(staging) if r.get("label")]
+    if not rows:
+        raise ValueError(f"{staging}: no labelled cases in manifest.jsonl; training needs labels")
+    rng = np.random.default_rng(seed)
+    cases: list[CaseFingerprint] = []
+    samples: dict[str, list[np.ndarray]] = {}
+    for row in rows:
+        img = nib.load(row["image"])
+        _perm, shape, spacing = _ras_geometry(img)
+        label = np.asarray(nib.load(row["label"]).dataobj)
+        if label.shape != img.shape:
+            raise ValueError(f"case {row['case_id']}: label shape {label.shape} != image shape {img.shape}")
+        values, counts = np.unique(label, return_counts=True)
+        cases.append(
+            CaseFingerprint(
+                row["case_id"],
+                row["modality"],
+                shape,
+                spacing,
+                {int(v): int(c) for v, c in zip(values, counts, strict=True)},
+            )
+        )
+        fg = np.asarray(img.dataobj, dtype=np.float32)[label > 0]
+        if fg.size:
+            pick = rng.choice(fg.size, size=min(SAMPLES_PER_CASE, fg.size), replace=False)
+            samples.setdefault(row["modality"], []).append(fg[pick])
+    intensity = {}
+    for modality, parts in samples.items():
+        v = np.concatenate(parts)
+        intensity[modality] = {
+            "mean": float(v.mean()),
+            "std": float(v.std()),
+            "min": float(v.min()),
+            "max": float(v.max()),
+            **{f"p{p:g}": float(np.percentile(v, p)) for p in FINGERPRINT_PERCENTILES},
+        }
+    return Fingerprint(cases, read_labels(staging), intensity)
+
+
+# --------------------------------------------------------------------------------------------
+# Plan
+
+
+def _round_up(n: float, multiple: int) -> int:
+    return int(multiple * math.ceil(n / multiple))
+
+
+def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
+    """Decide the plan from a fingerprint; `preprocess` (PreprocessConfig) may override parts."""
+    from pipeline.config import PreprocessConfig
+
+    pre = preprocess or PreprocessConfig()
+    if not fingerprint.cases:
+        raise ValueError("cannot plan an empty dataset fingerprint")
+    spacings = np.array([c.spacing for c in fingerprint.cases], float)  # (cases, 3) RAS
+    shapes = np.array([c.shape for c in fingerprint.cases], float)
+    median_spacing = np.median(spacings, axis=0)
+    slice_axis = int(np.argmax(median_spacing))  # ties: the first (lowest) axis
+
+    draft = Plan(
+        slice_axis, 1.0, PATCH_MULTIPLE, {}, fingerprint.labels, [], anisotropy_ratio=ANISOTROPY_RATIO
+    )
+    in_plane_spacing, in_plane_size = [], []
+    for sp, sh in zip(spacings, shapes, strict=True):
+        axis = draft.case_slice_axis(sp)
+        others = [a for a in range(3) if a != axis]
+        in_plane_spacing.extend(sp[others])
+        in_plane_size.append(sh[others] * sp[others])  # extent in mm
+    target = float(pre.target_spacing or np.median(in_plane_spacing))
+    sizes_px = np.concatenate(in_plane_size) / target
+    if pre.patch_size is not None:
+        patch = int(pre.patch_size)
+    else:
+        patch = min(_round_up(float(np.median(sizes_px)), PATCH_MULTIPLE), int(pre.max_patch_size))
+
+    lo_p, hi_p = pre.ct_clip_percentiles
+    normalization: dict[str, dict[str, Any]] = {}
+    for modality in fingerprint.modalities:
+        stats = fingerprint.intensity.get(modality)
+        if modality == "CT" and stats:
+            keys = (f"p{lo_p:g}", f"p{hi_p:g}")
+            if not all(k in stats for k in keys):
+                raise ValueError(
+                    f"preprocess.ct_clip_percentiles {[lo_p, hi_p]} must be among the fingerprint's "
+                    f"percentiles {list(FINGERPRINT_PERCENTILES)}"
+                )
+            normalization["CT"] = {
+                "scheme": "ct",
+                "clip": [stats[keys[0]], stats[keys[1]]],
+                "mean": stats["mean"],
+                "std": max(stats["std"], 1e-6),
+            }
+        else:
+            normalization[modality] = {"scheme": "zscore"}
+
+    num_classes = max(fingerprint.labels.values()) + 1
+    counts = np.zeros(num_classes)
+    for c in fingerprint.cases:
+        for v, n in c.label_counts.items():
+            if 0 <= v < num_classes:
+                counts[v] += n
+    share = np.maximum(counts / max(counts.sum(), 1.0), 1e-6)
+    weights = 1.0 / np.sqrt(share)
+    weights = weights / weights.mean()
+
+    median_shape = tuple(round(float(s)) for s in np.median(shapes * spacings, axis=0) / target)
+    return Plan(
+        slice_axis=slice_axis,
+        target_spacing=round(target, 4),
+        patch_size=patch,
+        normalization=normalization,
+        labels=dict(fingerprint.labels),
+        class_weights=[round(float(w), 4) for w in weights],
+        crop_foreground=bool(pre.crop_foreground),
+        median_shape=median_shape,  # type: ignore[arg-type]
+        fingerprint_summary={
+            "cases": len(fingerprint.cases),
+            "modalities": {
+                m: sum(c.modality == m for c in fingerprint.cases) for m in fingerprint.modalities
+            },
+            "median_spacing_ras": [round(float(s), 4) for s in median_spacing],
+            "median_in_plane_px": round(float(np.median(sizes_px)), 1),
+            "intensity": fingerprint.intensity,
+        },
+    )
+
+
+def plan_dataset(staging: str | Path, preprocess: Any | None = None) -> Plan:
+    """Fingerprint then plan: the one call training makes."""
+    plan = make_plan(fingerprint_dataset(staging), preprocess)
+    log.info(
+        "plan: slice axis %d, in-plane %.3f mm, patch %d, normalization %s",
+        plan.slice_axis,
+        plan.target_spacing,
+        plan.patch_size,
+        {m: n["scheme"] for m, n in plan.normalization.items()},
+    )
+    return plan

@@ -1,0 +1,310 @@
+"""MONAI dictionary transforms from a staged NIfTI volume to normalized 2D slices.
+
+One deterministic chain (`geometry_transforms`) is shared by training, validation and inference:
+
+    LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> PlanSpacingd (in-plane only)
+    -> CropForegroundd (body box) -> PlanNormalized
+
+Training then moves each case's slice axis last and samples 2D slices with foreground
+oversampling (RandCropByPosNegLabeld with a (patch, patch, 1) box, then SqueezeDimd), augments
+them (flips, rotation/scaling, noise, contrast, intensity shift) and pads them to the patch
+size (a multiple of 16). Validation and inference call `preprocess_volume`, which runs the same
+chain on a whole volume and returns every slice plus what `restore` needs to map predictions
+back onto the original grid.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from monai.data import MetaTensor
+from monai.transforms import (
+    CastToTyped,
+    Compose,
+    CropForegroundd,
+    EnsureChannelFirstd,
+    LoadImaged,
+    MapTransform,
+    Orientationd,
+    RandAdjustContrastd,
+    RandAffined,
+    RandCropByPosNegLabeld,
+    RandFlipd,
+    RandGaussianNoised,
+    RandShiftIntensityd,
+    Spacing,
+    SpatialPadd,
+    SpatialResample,
+    SqueezeDimd,
+)
+
+from pipeline.io.volume import Volume
+from pipeline.plan import Plan
+
+IMAGE, LABEL = "image", "label"
+SLICE_AXIS_KEY = "slice_axis"  # per-case RAS axis the slices are taken across (set by PlanSpacingd)
+FOREGROUND_MARGIN = 4  # voxels kept around the body box
+
+
+def body_mask(image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    """Voxels above the Otsu threshold of the image: the body, without the air or MR background.
+
+    Used for the foreground crop and for the per-case z-score of MR and other modalities. Our own
+    ten lines because MONAI has no Otsu transform and scikit-image is not a dependency.
+    """
+    values = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    flat = values.reshape(-1).astype(np.float64)
+    lo, hi = float(flat.min()), float(flat.max())
+    if hi <= lo:
+        mask = np.ones_like(values, dtype=bool)
+    else:
+        hist, edges = np.histogram(flat, bins=256, range=(lo, hi))
+        centers = (edges[:-1] + edges[1:]) / 2
+        w0 = np.cumsum(hist)
+        w1 = w0[-1] - w0
+        m0 = np.cumsum(hist * centers) / np.maximum(w0, 1)
+        m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1)
+        threshold = centers[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))]
+        mask = values > threshold
+    return torch.as_tensor(mask) if isinstance(image, torch.Tensor) else mask
+
+
+def _spacing_of(img: MetaTensor) -> np.ndarray:
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return np.linalg.norm(affine[:3, :3], axis=0)
+
+
+class PlanSpacingd(MapTransform):
+    """Resample in-plane to the plan's spacing; the slice axis keeps its own spacing.
+
+    MONAI's Spacingd takes one fixed pixdim; here the slice axis (and so which entry stays
+    unchanged) is decided per case from its spacing (`Plan.case_slice_axis`), so the pixdim is
+    built per call. Images are bilinear, labels nearest. Stores the axis under `slice_axis`.
+    """
+
+    def __init__(self, keys: Sequence[str], plan: Plan, allow_missing_keys: bool = True) -> None:
+        super().__init__(keys, allow_missing_keys)
+        self.plan = plan
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        spacing = _spacing_of(d[IMAGE])
+        axis = self.plan.case_slice_axis(spacing)
+        pixdim = [self.plan.target_spacing] * 3
+        pixdim[axis] = float(spacing[axis])
+        for key in self.key_iterator(d):
+            mode = "nearest" if key == LABEL else "bilinear"
+            d[key] = Spacing(pixdim=pixdim, mode=mode, padding_mode="border")(d[key])
+        d[SLICE_AXIS_KEY] = axis
+        return d
+
+
+class PlanNormalized(MapTransform):
+    """The plan's intensity normalization for the case's modality (key `modality`).
+
+    MONAI's ScaleIntensityRangePercentilesd computes percentiles per image, and
+    NormalizeIntensityd has no clip step, so neither gives nnU-Net's CT scheme (clip to the
+    dataset's foreground percentiles, z-score with the dataset's foreground statistics).
+    Other modalities: z-score with the mean and std of the case's body (Otsu) mask.
+    """
+
+    def __init__(self, keys: Sequence[str], plan: Plan) -> None:
+        super().__init__(keys)
+        self.plan = plan
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        norm = self.plan.normalization_for(str(d.get("modality", "unknown")))
+        for key in self.key_iterator(d):
+            img = d[key].float()
+            if norm["scheme"] == "ct":
+                lo, hi = norm["clip"]
+                img = (img.clamp(lo, hi) - norm["mean"]) / norm["std"]
+            else:
+                mask = body_mask(img)
+                fg = img[mask] if bool(mask.any()) else img.reshape(-1)
+                img = (img - fg.mean()) / fg.std().clamp_min(1e-6)
+            d[key] = img
+        return d
+
+
+class SliceAxisLastd(MapTransform):
+    """Move each case's slice axis to the last spatial position (plain tensors: training only)."""
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        d = dict(data)
+        axis = int(d[SLICE_AXIS_KEY])
+        for key in self.key_iterator(d):
+            x = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
+            d[key] = x.movedim(1 + axis, -1).contiguous()  # (C, a, b, slices)
+        return d
+
+
+def geometry_transforms(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL), load: bool = True) -> list:
+    """The deterministic chain shared by training, validation and inference."""
+    keys = list(keys)
+    steps: list = []
+    if load:
+        steps += [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)]
+    steps += [Orientationd(keys, axcodes="RAS", labels=None), PlanSpacingd(keys, plan)]
+    if plan.crop_foreground:
+        steps.append(
+            CropForegroundd(
+                keys,
+                source_key=IMAGE,
+                select_fn=body_mask,
+                margin=FOREGROUND_MARGIN,
+                allow_smaller=True,
+            )
+        )
+    steps.append(PlanNormalized([IMAGE], plan))
+    return steps
+
+
+def train_transforms(plan: Plan, preprocess: Any, slices_per_volume: int) -> Compose:
+    """Cached geometry chain, then random 2D slice sampling and augmentation (see module docstring)."""
+    p = plan.patch_size
+    ratio = float(preprocess.foreground_ratio)
+    steps = [
+        *geometry_transforms(plan),
+        SliceAxisLastd([IMAGE, LABEL]),
+        RandCropByPosNegLabeld(
+            [IMAGE, LABEL],
+            label_key=LABEL,
+            spatial_size=(p, p, 1),
+            pos=ratio,
+            neg=1.0 - ratio,
+            num_samples=slices_per_volume,
+            allow_smaller=True,
+        ),
+        SqueezeDimd([IMAGE, LABEL], dim=-1),  # (1, h, w)
+    ]
+    if preprocess.augment:
+        rad = float(np.deg2rad(preprocess.rotate_degrees))
+        scale = float(preprocess.scale_range)
+        steps += [
+            RandFlipd([IMAGE, LABEL], prob=preprocess.flip_prob, spatial_axis=0),
+            RandFlipd([IMAGE, LABEL], prob=preprocess.flip_prob, spatial_axis=1),
+            RandAffined(
+                [IMAGE, LABEL],
+                prob=0.5,
+                rotate_range=(rad,),
+                scale_range=(scale, scale),
+                mode=("bilinear", "nearest"),
+                padding_mode="border",
+            ),
+            RandGaussianNoised([IMAGE], prob=0.15, std=preprocess.noise_std),
+            RandAdjustContrastd([IMAGE], prob=0.15, gamma=tuple(preprocess.contrast_gamma)),
+            RandShiftIntensityd([IMAGE], prob=0.15, offsets=preprocess.intensity_shift),
+        ]
+    steps += [
+        # Pad to the patch (a multiple of 16): edge values for the image, background for labels.
+        SpatialPadd([IMAGE], spatial_size=(p, p), mode="replicate"),
+        SpatialPadd([LABEL], spatial_size=(p, p), mode="constant"),
+        CastToTyped([IMAGE, LABEL], dtype=(torch.float32, torch.int64)),
+    ]
+    return Compose(steps)
+
+
+# --------------------------------------------------------------------------------------------
+# Whole volumes: validation and inference
+
+
+@dataclass(frozen=True)
+class PreprocessInfo:
+    """What `restore` needs to map slice predictions back to the original voxel grid."""
+
+    slice_axis: int  # RAS axis of the preprocessed volume the slices were taken across
+    affine: np.ndarray  # (4, 4) voxel -> RAS mm of the preprocessed volume
+    spatial_shape: tuple[int, int, int]  # preprocessed volume (RAS order)
+    original_affine: np.ndarray  # (4, 4) of the input volume
+    original_shape: tuple[int, int, int]
+
+
+def preprocess_volume(
+    volume: Volume | str | Path, plan: Plan, modality: str | None = None
+) -> tuple[torch.Tensor, PreprocessInfo]:
+    """Run the shared chain on a whole volume: (slices (S, 1, H, W) float32, restore info).
+
+    `volume` is a `Volume` or a NIfTI path; `modality` defaults to the Volume's (CT, MR, ...) and
+    must be given for paths. Slices are not padded: the U-Net pads any H, W >= 16 internally.
+    """
+    if isinstance(volume, Volume):
+        modality = modality or volume.modality
+        img = MetaTensor(
+            torch.as_tensor(np.asarray(volume.data, dtype=np.float32))[None], affine=volume.affine
+        )
+        data = {IMAGE: img, "modality": modality}
+        chain = Compose(geometry_transforms(plan, keys=[IMAGE], load=False))
+    else:
+        if modality is None:
+            raise ValueError(f"preprocess_volume({volume}): pass the modality for a path input")
+        data = {IMAGE: str(volume), "modality": modality}
+        chain = Compose(geometry_transforms(plan, keys=[IMAGE], load=True))
+    out = chain(data)
+    image: MetaTensor = out[IMAGE]
+    original_affine = np.asarray(
+        volume.affine if isinstance(volume, Volume) else image.meta["original_affine"], dtype=np.float64
+    )
+    original_shape = (
+        volume.shape if isinstance(volume, Volume) else tuple(int(s) for s in image.meta["spatial_shape"])
+    )
+    axis = int(out[SLICE_AXIS_KEY])
+    slices = image.as_tensor().movedim(1 + axis, 0).float().contiguous()  # (S, 1, H, W)
+    info = PreprocessInfo(
+        slice_axis=axis,
+        affine=np.asarray(image.affine, dtype=np.float64),
+        spatial_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]
+        original_affine=original_affine,
+        original_shape=tuple(int(s) for s in original_shape),  # type: ignore[arg-type]
+    )
+    return slices, info
+
+
+def restore(slices_out: torch.Tensor, info: PreprocessInfo, mode: str = "nearest") -> torch.Tensor:
+    """Per-slice outputs (S, C, H, W) -> (C, I, J, K) on the original grid (resampled by affines).
+
+    Use mode "nearest" for label maps and "bilinear" for probabilities; voxels outside the
+    foreground crop come back as 0 (background).
+    """
+    vol = slices_out.movedim(0, 1 + info.slice_axis).float()  # (C, X, Y, Z) preprocessed grid
+    src = MetaTensor(vol, affine=torch.as_tensor(info.affine))
+    out = SpatialResample(mode=mode, padding_mode="zeros")(
+        src, dst_affine=torch.as_tensor(info.original_affine), spatial_size=info.original_shape
+    )
+    return out.as_tensor() if isinstance(out, MetaTensor) else out
+
+
+def restore_labels(labels: torch.Tensor | np.ndarray, info: PreprocessInfo) -> np.ndarray:
+    """Slice label maps (S, H, W) -> uint8 label volume on the original grid."""
+    labels = torch.as_tensor(labels)
+    out = restore(labels[:, None].float(), info, mode="nearest")[0]
+    return out.round().to(torch.uint8).numpy()
+
+
+def postprocess_labels(
+    labels: np.ndarray, *, largest_component: bool = False, fill_holes: bool = False
+) -> np.ndarray:
+    """The infer section's clean-up of a label volume, per label: keep the largest 3D connected
+    component and/or fill enclosed holes (scipy.ndimage; MONAI's KeepLargestConnectedComponent
+    works on tensors per channel, this keeps the label map as is)."""
+    from scipy import ndimage
+
+    out = np.array(labels, copy=True)
+    for value in (int(v) for v in np.unique(labels) if v != 0):
+        mask = out == value
+        if largest_component:
+            components, n = ndimage.label(mask)
+            if n > 1:
+                sizes = np.bincount(components.ravel())[1:]
+                out[mask & (components != 1 + int(np.argmax(sizes)))] = 0
+                mask = out == value
+        if fill_holes:
+            filled = ndimage.binary_fill_holes(mask)
+            out[filled & (out == 0)] = value
+    return out

@@ -1,0 +1,157 @@
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from pipeline.config import PipelineConfig
+from pipeline.plan import load_plan
+from pipeline.training import TrainCallback, plot_training_curves, train
+from tests.pipeline.staging_fixture import make_staging
+
+REPO = Path(__file__).resolve().parents[2]
+TINY = {
+    "model": {"base_channels": 4, "depth": 3},
+    "train": {
+        "epochs": 2,
+        "steps_per_epoch": 2,
+        "batch_size": 4,
+        "slices_per_volume": 2,
+        "val_every": 1,
+        "time_budget_minutes": None,
+        "device": "cpu",
+    },
+}
+
+
+def tiny_config(**train) -> PipelineConfig:
+    return PipelineConfig().replace(model=TINY["model"], train={**TINY["train"], **train})
+
+
+@pytest.fixture(scope="module")
+def staging(tmp_path_factory):
+    return make_staging(tmp_path_factory.mktemp("staging"), n_cases=4, size=32)
+
+
+class Recorder(TrainCallback):
+    def __init__(self):
+        self.started, self.epochs, self.result = False, [], None
+
+    def on_train_start(self, *, config, plan, split):
+        self.started = True
+
+    def on_epoch_end(self, epoch, metrics):
+        self.epochs.append((epoch, dict(metrics)))
+
+    def on_train_end(self, result):
+        self.result = result
+
+
+def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
+    rec = Recorder()
+    result = train(staging, tmp_path / "run", tiny_config(), callbacks=[rec])
+    assert result.epochs_run == 2 and result.stopped_reason == "completed"
+    assert [e for e, _ in rec.epochs] == [0, 1] and rec.started and rec.result is result
+    for _, metrics in rec.epochs:  # validated every epoch on whole volumes
+        assert {"loss", "lr", "slices_per_s", "val_dice_mean", "val_dice/organ", "val_hd95/lesion"} <= set(
+            metrics
+        )
+        assert 0.0 <= metrics["val_dice_mean"] <= 1.0 and math.isfinite(metrics["loss"])
+    assert set(result.best_dice) == {"organ", "lesion"} and 0 <= result.best_epoch <= 1
+    assert not set(result.split["train"]) & set(result.split["val"])
+    run = tmp_path / "run"
+    assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
+    assert load_plan(run / "plan.json").num_classes == 3
+    assert (run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((run / "result.json").read_text())["epochs_run"] == 2
+    pytest.importorskip("pipeline.model_store")
+    assert result.model_dir is not None and (result.model_dir / "weights.safetensors").is_file()
+
+
+def test_training_resumes_after_being_killed(staging, tmp_path):
+    out = tmp_path / "run"
+    cfg = tiny_config(epochs=4)
+    script = tmp_path / "train_slowly.py"
+    script.write_text(
+        textwrap.dedent(
+            f"""
+            import time, json
+            from pipeline.config import PipelineConfig
+            from pipeline.training import TrainCallback, train
+
+            class Slow(TrainCallback):
+                def on_epoch_end(self, epoch, metrics):
+                    time.sleep(30)  # the test kills us here, after the epoch's checkpoint
+
+            cfg = PipelineConfig.from_dict(json.loads({json.dumps(json.dumps(cfg.to_dict()))}))
+            train({str(staging)!r}, {str(out)!r}, cfg, callbacks=[Slow()])
+            """
+        )
+    )
+    proc = subprocess.Popen(
+        [sys.executable, str(script)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    last = out / "checkpoints" / "last.pt"
+    deadline = time.monotonic() + 120
+    try:
+        while not last.is_file():
+            assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
+            assert time.monotonic() < deadline, "no checkpoint within 120 s"
+            time.sleep(0.05)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+
+    result = train(staging, out, tiny_config(epochs=99))  # the checkpoint's config wins
+    assert result.resumed_from_epoch == 1  # epoch 0 was checkpointed before the kill
+    assert result.epochs_run == 4 and result.stopped_reason == "completed"
+    assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+    again = train(staging, out, tiny_config())  # a finished run resumes to its result
+    assert again.epochs_run == 4 and again.best_dice_mean == result.best_dice_mean
+
+
+def test_wall_clock_budget_stops_cleanly_keeping_the_best(staging, tmp_path):
+    result = train(staging, tmp_path / "run", tiny_config(epochs=50, time_budget_minutes=0.0001))
+    assert result.stopped_reason == "time_budget" and result.epochs_run == 1
+    assert result.best_epoch == 0 and "val_dice_mean" in result.history[-1]
+    assert (tmp_path / "run" / "checkpoints" / "best.pt").is_file()
+
+
+def test_early_stopping_after_patience_validations(staging, tmp_path):
+    cfg = tiny_config(epochs=20, lr=1e-12, warmup_epochs=0, early_stopping_patience=1)
+    result = train(staging, tmp_path / "run", cfg)
+    assert result.stopped_reason == "early_stopping" and result.epochs_run < 20
+
+
+def test_sgd_poly_kfold_and_disk_cache(staging, tmp_path):
+    cfg = tiny_config(optimizer="sgd", epochs=1).replace(data={"folds": 2, "fold": 1, "cache": "disk"})
+    result = train(staging, tmp_path / "run", cfg)
+    assert result.epochs_run == 1 and len(result.split["val"]) == 2
+    assert any((tmp_path / "run" / "cache").iterdir())  # PersistentDataset wrote its cache
+
+
+def test_single_process_ddp_with_gloo(staging, tmp_path):
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        result = train(staging, tmp_path / "run", tiny_config(epochs=1))
+        assert dist.is_initialized()  # the caller's group is left to the caller
+    finally:
+        dist.destroy_process_group()
+    assert result.epochs_run == 1 and (tmp_path / "run" / "checkpoints" / "last.pt").is_file()
+    state = torch.load(tmp_path / "run" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert not any(k.startswith("module.") for k in state)  # saved unwrapped
+
+
+def test_plot_training_curves(tmp_path):
+    history = [{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.5, "val_dice_mean": 0.7}]
+    path = plot_training_curves(history, tmp_path / "c.png")
+    assert path.read_bytes()[:4] == b"\x89PNG"

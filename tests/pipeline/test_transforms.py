@@ -1,0 +1,102 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import PreprocessConfig
+from pipeline.io.volume import Volume
+from pipeline.plan import Plan, plan_dataset, read_manifest
+from pipeline.transforms import body_mask, preprocess_volume, restore_labels, train_transforms
+from tests.pipeline.staging_fixture import make_staging
+
+LABELS = {"background": 0, "organ": 1, "lesion": 2}
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    root = make_staging(tmp_path_factory.mktemp("t"), n_cases=4, size=33)
+    return root, plan_dataset(root), read_manifest(root)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_training_slices_are_patch_sized_and_labels_stay_integer(staged, augment):
+    _root, plan, rows = staged
+    transform = train_transforms(plan, PreprocessConfig(augment=augment), slices_per_volume=3)
+    transform.set_random_state(0)
+    for row in rows:  # axial, sagittal and oblique acquisitions
+        samples = transform({"image": row["image"], "label": row["label"], "modality": row["modality"]})
+        assert len(samples) == 3
+        for s in samples:
+            assert s["image"].shape == (1, plan.patch_size, plan.patch_size)
+            assert plan.patch_size % 16 == 0
+            assert s["image"].dtype == torch.float32 and s["label"].dtype == torch.int64
+            assert set(torch.unique(s["label"]).tolist()) <= {0, 1, 2}
+
+
+def test_foreground_oversampling_hits_labels(staged):
+    _root, plan, rows = staged
+    transform = train_transforms(plan, PreprocessConfig(augment=False, foreground_ratio=1.0), 4)
+    transform.set_random_state(1)
+    row = rows[0]
+    samples = transform({"image": row["image"], "label": row["label"], "modality": row["modality"]})
+    assert all(int((s["label"] > 0).sum()) > 0 for s in samples)
+
+
+def test_normalization_gives_unit_scale_images(staged):
+    _root, plan, rows = staged
+    for row in rows:
+        slices, _ = preprocess_volume(row["image"], plan, row["modality"])
+        assert slices.dim() == 4 and slices.shape[1] == 1
+        assert torch.isfinite(slices).all()
+        assert -10 < float(slices.mean()) < 10 and 0.1 < float(slices.std()) < 10
+
+
+@pytest.mark.parametrize(("orientation_case", "axis"), [(0, 2), (1, 0), (3, 2)])
+def test_slices_follow_each_case_acquisition(staged, orientation_case, axis):
+    _root, plan, rows = staged
+    row = rows[orientation_case]  # 0 axial, 1 sagittal (thick along R), 3 oblique axial
+    slices, info = preprocess_volume(row["image"], plan, row["modality"])
+    assert info.slice_axis == axis
+    assert slices.shape[0] == row["shape"][2]  # one slice per acquired slice, never resampled
+
+
+@pytest.mark.parametrize("shape", [(33, 37, 9), (40, 32, 12)])
+def test_preprocess_then_restore_returns_the_original_grid(shape):
+    """Labels pushed through the inference path and restored land on their original voxels."""
+    rng = np.random.default_rng(0)
+    label = np.zeros(shape, np.uint8)
+    label[5:20, 6:25, 2:-2] = 1
+    label[8:14, 10:18, 3:-3] = 2
+    affine = np.diag([0.9, 0.9, 3.0, 1.0])
+    affine[:3, 3] = rng.uniform(-10, 10, 3)
+    plan = Plan(
+        slice_axis=2,
+        target_spacing=0.9,
+        patch_size=48,
+        normalization={"CT": {"scheme": "ct", "clip": [0.0, 200.0], "mean": 0.0, "std": 100.0}},
+        labels=LABELS,
+        class_weights=[1.0, 1.0, 1.0],
+        crop_foreground=False,
+    )
+    slices, info = preprocess_volume(Volume(label.astype(np.float32) * 100, affine, "CT"), plan)
+    pred = slices[:, 0].round().long()  # normalized value == label
+    assert info.original_shape == shape
+    assert np.array_equal(restore_labels(pred, info), label)
+
+
+def test_body_mask_separates_body_from_air():
+    img = np.full((20, 20, 4), -1000.0, np.float32)
+    img[5:15, 5:15] = 40.0
+    mask = body_mask(img)
+    assert mask.sum() == 100 * 4 and mask[10, 10, 0] and not mask[0, 0, 0]
+
+
+def test_postprocess_keeps_the_largest_component_and_fills_holes():
+    from pipeline.transforms import postprocess_labels
+
+    labels = np.zeros((20, 20, 3), np.uint8)
+    labels[2:12, 2:12] = 1
+    labels[5:7, 5:7, 1] = 0  # a hole inside the organ
+    labels[15:17, 15:17] = 1  # a stray blob
+    out = postprocess_labels(labels, largest_component=True, fill_holes=True)
+    assert out[16, 16, 0] == 0 and out[6, 6, 1] == 1 and out[3, 3, 0] == 1
+    assert np.array_equal(postprocess_labels(labels), labels)
