@@ -44,6 +44,8 @@ class Reason(StrEnum):
     MISSING_LABEL_SOURCE = "MISSING_LABEL_SOURCE"  # a label (SEG or NIfTI) whose image is not there
     CONVERSION_FAILED = "CONVERSION_FAILED"  # an unclassified failure while converting a case
     INVALID_DATASET = "INVALID_DATASET"  # a dataset.json that does not describe the files present
+    # prediction
+    PREDICTION_FAILED = "PREDICTION_FAILED"  # an unclassified failure while predicting a valid case
 
 
 # Reasons that mean "not an input at all" rather than "a bad input": listed as ignored.

@@ -1,0 +1,380 @@
+"""Batch prediction end to end on the generated demo data, with an untrained tiny model.
+
+One predict run over the demo's DICOM tree (every orientation, broken series beside good ones,
+through the CLI) is shared by most tests; reruns, a changed model and a kill mid-batch run on a
+small NIfTI folder to stay fast.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import highdicom as hd
+import nibabel as nib
+import numpy as np
+import pydicom
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+from pipeline.inference import ModelLoadError, postprocess, predict
+from tests.pipeline.predict_fixture import PredictSetup, make_predict_setup, save_untrained_model
+
+REPO = Path(__file__).resolve().parents[2]
+DCM2NIIX = Path(sys.executable).parent / "dcm2niix"
+
+
+class _Records(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.DEBUG)
+        self.lines: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.lines.append(record.getMessage())
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> PredictSetup:
+    return make_predict_setup(tmp_path_factory.mktemp("predict"))
+
+
+@pytest.fixture(scope="module")
+def dicom_run(setup):
+    """The CLI run over the demo DICOM tree; returns (exit code, stdout, OUT, every log line)."""
+    out = setup.root / "out_dicom"
+    handler = _Records()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.DEBUG)
+    try:
+        result = CliRunner().invoke(
+            app,
+            [
+                "predict",
+                str(setup.demo.dicom_root),
+                "--model",
+                str(setup.model_dir),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+                "--secret-file",
+                str(setup.secret),
+                "--verbose",
+            ],
+        )
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(old_level)
+    return result.exit_code, result.output, out, handler.lines
+
+
+def _rows(out: Path) -> list[dict[str, str]]:
+    with open(out / "results.csv", newline="", encoding="utf-8") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _referenced_series(seg_path: Path) -> str:
+    seg = pydicom.dcmread(seg_path, stop_before_pixels=True)
+    return str(seg.ReferencedSeriesSequence[0].SeriesInstanceUID)
+
+
+def _ok_cases(setup: PredictSetup, out: Path):
+    """(demo case, OUT/<case_id>) for every ok DICOM case, matched by the SEG's referenced series."""
+    by_series = {c.series_uid: c for c in setup.demo.cases}
+    pairs = []
+    for row in _rows(out):
+        if row["status"] == "ok":
+            series = _referenced_series(out / row["case_id"] / "seg.dcm")
+            if series in by_series:
+                pairs.append((by_series[series], out / row["case_id"]))
+    return pairs
+
+
+def test_batch_with_quarantined_series_exits_1_and_lists_every_case(setup, dicom_run):
+    code, output, out, _ = dicom_run
+    assert code == 1, output
+    rows = _rows(out)
+    statuses = {r["status"] for r in rows}
+    assert statuses == {"ok", "quarantined"}
+    ok = [r for r in rows if r["status"] == "ok"]
+    assert len(ok) == len(setup.demo.cases) + 1  # the demo cases plus the valid "hostile" series
+    quarantined = {r["reason"] for r in rows if r["status"] == "quarantined"}
+    expected = {v for v in setup.demo.dicom_quarantine.values() if v != "NOT_DICOM"}
+    assert quarantined == expected
+    for row in ok:
+        case_dir = out / row["case_id"]
+        assert {p.name for p in case_dir.iterdir()} == {"seg.nii.gz", "seg.dcm", "qc.png", "done.json"}
+    assert "quarantined" in output and "report" in output
+    lines = (out / "quarantine.jsonl").read_text().splitlines()
+    assert {json.loads(x)["reason"] for x in lines} >= expected
+
+
+def test_results_csv_columns_exactly_as_the_issue_lists(setup, dicom_run):
+    _, _, out, _ = dicom_run
+    with open(out / "results.csv", newline="", encoding="utf-8") as fh:
+        header = next(csv.reader(fh))
+    names = [setup.plan.label_names[v] for v in sorted(setup.plan.label_names) if v != 0]
+    per_label = [c for n in names for c in (f"{n}_ml", f"{n}_voxels")]
+    assert header == [
+        "case_id",
+        "source",
+        "status",
+        "reason",
+        "model_name",
+        "model_version",
+        *per_label,
+        "seconds",
+    ]
+    for row in _rows(out):
+        if row["status"] == "ok":
+            mask = np.asarray(nib.load(out / row["case_id"] / "seg.nii.gz").dataobj)
+            for value, name in setup.plan.label_names.items():
+                if value:
+                    assert int(row[f"{name}_voxels"]) == int((mask == value).sum())
+
+
+def _dcm2niix(files: list[Path], work: Path) -> nib.Nifti1Image:
+    src, dst = work / "src", work / "dst"
+    src.mkdir(parents=True)
+    dst.mkdir()
+    for i, f in enumerate(files):
+        shutil.copy(f, src / f"{i:04d}.dcm")
+    subprocess.run(
+        [str(DCM2NIIX), "-z", "y", "-o", str(dst), "-f", "%s_%d", str(src)], check=True, capture_output=True
+    )
+    made = [p for p in dst.glob("*.nii.gz") if "_Eq" not in p.name]
+    assert len(made) == 1, made
+    return nib.load(made[0])
+
+
+def test_masks_have_the_dcm2niix_geometry_for_every_orientation(setup, dicom_run, tmp_path):
+    _, _, out, _ = dicom_run
+    pairs = _ok_cases(setup, out)
+    assert {c.orientation for c, _ in pairs} == {"axial", "sagittal", "coronal", "oblique", "feet_first"}
+    for case, case_dir in pairs:
+        mask = nib.load(case_dir / "seg.nii.gz")
+        assert mask.get_data_dtype() == np.uint8
+        assert np.allclose(mask.get_qform(), mask.get_sform(), atol=1e-4)
+        files = [setup.demo.dicom_root / f for f in case.dicom_files]
+        ref = _dcm2niix(files, tmp_path / case.name)
+        a, b = nib.as_closest_canonical(mask), nib.as_closest_canonical(ref)
+        assert a.shape == b.shape[:3], case.orientation
+        np.testing.assert_allclose(a.affine, b.affine, atol=1e-3, err_msg=case.orientation)
+
+
+def test_dicom_seg_reads_back_as_the_nifti_mask_in_the_same_place(setup, dicom_run):
+    _, _, out, _ = dicom_run
+    for case, case_dir in _ok_cases(setup, out):
+        nii = nib.load(case_dir / "seg.nii.gz")
+        mask = np.asarray(nii.dataobj)
+        seg = hd.seg.segread(case_dir / "seg.dcm")
+        assert seg.SegmentSequence[0].SegmentAlgorithmType == "AUTOMATIC"
+        algorithm = seg.SegmentSequence[0].SegmentationAlgorithmIdentificationSequence[0]
+        assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("model", "local")
+        labels = {int(s.SegmentNumber): s.SegmentLabel for s in seg.SegmentSequence}
+        assert labels == {v: n for v, n in setup.plan.label_names.items() if v}
+        inverse = np.linalg.inv(nii.affine)
+        for rel in case.dicom_files:
+            ds = pydicom.dcmread(setup.demo.dicom_root / rel, stop_before_pixels=True)
+            # Where is this instance in the mask? Its first pixel's position, LPS -> RAS -> voxel.
+            lps = np.array([float(v) for v in ds.ImagePositionPatient])
+            ijk = inverse @ np.array([-lps[0], -lps[1], lps[2], 1.0])
+            assert np.allclose(ijk[:2], 0, atol=1e-3)
+            k = round(float(ijk[2]))
+            pixels = seg.get_pixels_by_source_instance(
+                [str(ds.SOPInstanceUID)], combine_segments=True, relabel=False
+            )[0]
+            np.testing.assert_array_equal(pixels, mask[:, :, k].T, err_msg=f"{case.orientation} {rel}")
+
+
+def _identifiers(root: Path) -> set[str]:
+    found = set()
+    for path in root.rglob("*"):
+        if not path.is_file():
+            continue
+        try:
+            ds = pydicom.dcmread(path, stop_before_pixels=True)
+        except Exception:  # noqa: BLE001 - strays and broken files are not DICOM
+            continue
+        for key in ("PatientName", "PatientID", "StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"):
+            value = str(ds.get(key, "") or "")
+            if len(value) >= 6:
+                found.add(value)
+    return found
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")
+def test_no_patient_identifiers_in_tables_report_manifest_or_logs(setup, dicom_run):
+    _, output, out, log_lines = dicom_run
+    identifiers = _identifiers(setup.demo.dicom_root)
+    assert any(i.startswith("DEMO^") for i in identifiers)
+    texts = {
+        "results.csv": (out / "results.csv").read_text(),
+        "report.html": (out / "report.html").read_text(),
+        "run_manifest.json": (out / "run_manifest.json").read_text(),
+        "logs": "\n".join(log_lines),
+        "stdout": output,
+    }
+    assert log_lines  # --verbose logged the cases
+    for where, text in texts.items():
+        leaked = [i for i in identifiers if i in text]
+        assert not leaked, f"{where} contains {leaked[:3]}"
+
+
+def test_report_is_self_contained_and_lists_every_case(dicom_run):
+    _, _, out, _ = dicom_run
+    page = (out / "report.html").read_text()
+    assert "http://" not in page and "https://" not in page
+    assert "<link" not in page and "<script" not in page
+    rows = _rows(out)
+    for row in rows:
+        if row["case_id"]:
+            assert row["case_id"] in page
+        assert row["source"] in page
+    assert page.count("data:image/png;base64,") == sum(r["status"] == "ok" for r in rows)
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    assert manifest["model"]["sha256"] and manifest["plan"] and manifest["config"]
+    assert manifest["started"] <= manifest["finished"]
+    assert set(manifest["inputs"]) == {r["case_id"] for r in rows if r["status"] == "ok"}
+
+
+# ------------------------------------------------------------------------------------------
+# Reliability on a small NIfTI folder
+
+
+@pytest.fixture
+def nifti_source(setup, tmp_path) -> Path:
+    src = tmp_path / "nifti"
+    src.mkdir()
+    for case in setup.demo.cases[:4]:
+        shutil.copy(setup.demo.msd_root / case.msd_image, src / Path(case.msd_image).name)
+    return src
+
+
+def test_tampered_model_is_refused_before_any_case(setup, nifti_source, tmp_path):
+    bad = tmp_path / "tampered"
+    shutil.copytree(setup.model_dir, bad)
+    weights = bytearray((bad / "weights.safetensors").read_bytes())
+    weights[-1] ^= 0xFF
+    (bad / "weights.safetensors").write_bytes(bytes(weights))
+    out = tmp_path / "out"
+    with pytest.raises(ModelLoadError, match=re.escape(str(bad))):
+        predict(nifti_source, bad, out, device="cpu", secret_file=setup.secret)
+    assert not out.exists()
+    partial = tmp_path / "partial"
+    shutil.copytree(setup.model_dir, partial)
+    (partial / "plan.json").unlink()
+    result = CliRunner().invoke(
+        app, ["predict", str(nifti_source), "--model", str(partial), "--out", str(out), "--device", "cpu"]
+    )
+    assert result.exit_code == 2
+    assert "plan.json" in result.output and "partial" in result.output.replace("\n", "")
+    assert not out.exists()
+
+
+def test_rerun_skips_done_cases_and_a_changed_model_redoes_them(setup, nifti_source, tmp_path):
+    out = tmp_path / "out"
+    first = predict(
+        nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret, write_qc=False
+    )
+    assert first.exit_code == 0 and first.processed == 4
+    again = predict(
+        nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret, write_qc=False
+    )
+    assert again.exit_code == 0 and again.processed == 0 and again.skipped == 4
+    # One changed input is redone, the others are not.
+    changed = sorted(nifti_source.iterdir())[0]
+    img = nib.load(changed)
+    data = np.asarray(img.dataobj) + 1
+    nib.save(nib.Nifti1Image(data.astype(img.get_data_dtype()), img.affine, img.header), changed)
+    third = predict(
+        nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret, write_qc=False
+    )
+    assert third.processed == 1 and third.skipped == 3
+    other = save_untrained_model(setup.plan, tmp_path / "model_v2", seed=1)
+    fourth = predict(nifti_source, other, out, device="cpu", secret_file=setup.secret, write_qc=False)
+    assert fourth.processed == 4 and fourth.skipped == 0
+    marker = json.loads((out / fourth.results[0].case_id / "done.json").read_text())
+    assert marker["model_sha256"] == json.loads((other / "model.json").read_text())["weights_sha256"]
+
+
+KILLER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pipeline import export
+    from pipeline.inference import predict
+
+    calls = []
+    real = export.write_qc_png
+
+    def dying_qc(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # the third case has written its mask, not yet its QC or marker
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(*args, **kwargs)
+
+    export.write_qc_png = dying_qc
+    predict(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", secret_file=sys.argv[4])
+    """
+)
+
+
+def test_kill_mid_batch_then_rerun_finishes_only_the_rest(setup, nifti_source, tmp_path):
+    out = tmp_path / "out"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, str(nifti_source), str(setup.model_dir), str(out), str(setup.secret)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    done = sorted(p.parent.name for p in out.glob("*/done.json"))
+    assert len(done) == 2
+    # Nothing partial at a final path: each final file of the killed case is complete.
+    for mask in out.glob("*/seg.nii.gz"):
+        assert np.asarray(nib.load(mask).dataobj).dtype == np.uint8
+    assert not (out / "results.csv").exists()
+    rerun = predict(nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    assert rerun.exit_code == 0
+    assert rerun.skipped == 2 and rerun.processed == 2
+    assert sorted(r.case_id for r in rerun.results if r.skipped) == done
+
+
+def test_staging_folder_as_source(setup, tmp_path):
+    out = tmp_path / "out"
+    summary = predict(setup.staging, setup.model_dir, out, device="cpu", write_qc=False, write_seg=False)
+    assert summary.exit_code == 0
+    assert summary.processed == len(setup.demo.cases)
+    for r in summary.results:
+        staged = nib.load(setup.staging / "images" / f"{r.case_id}.nii.gz")
+        mask = nib.load(out / r.case_id / "seg.nii.gz")
+        assert mask.shape == staged.shape
+        np.testing.assert_allclose(mask.affine, staged.affine, atol=1e-5)
+
+
+@pytest.mark.parametrize(("largest", "fill"), [(True, False), (False, True), (True, True)])
+def test_postprocess_per_label(largest, fill):
+    labels = np.zeros((12, 12, 5), np.uint8)
+    labels[1:6, 1:6, 1:4] = 1
+    labels[3, 3, 2] = 0  # a hole inside label 1
+    labels[2, 2, 2] = 2  # a lesion inside label 1 keeps its label
+    labels[9:11, 9:11, 1:3] = 1  # a smaller second component
+    out = postprocess(labels, largest_component=largest, fill_holes=fill)
+    assert out[2, 2, 2] == 2
+    assert (out[9, 9, 1] == 0) == largest
+    assert (out[3, 3, 2] == 1) == fill
+    assert out.dtype == np.uint8
