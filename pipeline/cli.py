@@ -188,3 +188,160 @@ def ingest_command(
         typer.echo(f"  details: {out / 'quarantine.jsonl'}")
     if report.cases == 0:
         raise typer.Exit(code=2)
+
+
+@app.command("config")
+def config_command(
+    show: Annotated[bool, typer.Option("--show", help="Print the resolved configuration as YAML.")] = False,
+    config: Annotated[Path | None, typer.Option(help="YAML file to validate and resolve.")] = None,
+) -> None:
+    """Validate a configuration file; with --show print it resolved (defaults filled in)."""
+    from pipeline.config import ConfigError, load_config
+
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    if show:
+        typer.echo(cfg.to_yaml(), nl=False)
+    else:
+        typer.echo(f"configuration {'in ' + str(config) if config else '(defaults)'} is valid")
+
+
+@app.command("train")
+def train_command(
+    staging: Annotated[Path, typer.Argument(help="Staging folder written by `unet-pipeline ingest`.")],
+    config: Annotated[Path | None, typer.Option(help="YAML configuration (see `config --show`).")] = None,
+    out: Annotated[Path | None, typer.Option(help="Run folder (default <workdir>/runs/<time>).")] = None,
+    register: Annotated[str | None, typer.Option(help="Register the model under this name.")] = None,
+    workdir: Annotated[
+        Path | None, typer.Option(help="Work directory (default $UNET_PIPELINE_WORKDIR).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
+) -> None:
+    """Train a U-Net on the staged cases, log it to MLflow and print one JSON line."""
+    import json
+    import time
+
+    import numpy as np
+
+    from pipeline import tracking
+    from pipeline.config import ConfigError, Workdir, load_config
+    from pipeline.training import train
+
+    _setup_logging(verbose)
+    try:
+        cfg = load_config(config)
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    wd = Workdir.resolve(workdir)
+    out = out or wd.root / "runs" / time.strftime("%Y%m%d-%H%M%S")
+    uri = wd.mlflow_tracking_uri()
+
+    class _Start:  # logs the resolved config and plan once training has them
+        def __init__(self, tracker):
+            self.tracker = tracker
+
+        def on_train_start(self, *, config, plan, split):
+            self.tracker.log_config(config.to_dict(), plan.to_dict())
+
+    try:
+        with tracking.Tracker(
+            experiment=cfg.tracking.experiment_name,
+            tracking_uri=uri,
+            dataset_sha256=tracking.dataset_sha256(staging / "manifest.jsonl"),
+        ) as tracker:
+            result = train(staging, out, cfg, callbacks=[_Start(tracker), tracker])
+            tracker.log_artifact(out / "training_curves.png")
+            patch = int(json.loads((out / "plan.json").read_text())["patch_size"])
+            example = np.zeros((1, 1, patch, patch), np.float32)
+            model_uri = tracker.log_model(result.model_dir, input_example=example)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    version, champion = None, False
+    name = register or None
+    if name and model_uri:
+        version = tracking.register(model_uri, name, tracking_uri=uri)
+        champion = tracking.promote(
+            name, version, result.best_dice_mean, margin=cfg.tracking.champion_margin, tracking_uri=uri
+        )
+    line = {
+        "run_id": tracker.run_id,
+        "model_uri": model_uri,
+        "model_version": version,
+        "model_dir": str(result.model_dir),
+        "val_dice": {**result.best_dice, "mean": result.best_dice_mean},
+        "champion": champion,
+        "stopped_reason": result.stopped_reason,
+    }
+    typer.echo(json.dumps(line))
+
+
+@app.command("evaluate")
+def evaluate_command(
+    pred: Annotated[Path, typer.Option(help="Folder of predicted label maps (<case>.nii.gz).")],
+    truth: Annotated[Path, typer.Option(help="Folder of reference label maps (same names).")],
+    out: Annotated[Path | None, typer.Option(help="CSV to write (default PRED/metrics.csv).")] = None,
+) -> None:
+    """Per-case Dice and HD95 of predicted against reference label maps (CSV), and the means."""
+    from pipeline.metrics import evaluate_folders
+
+    try:
+        csv_path, means = evaluate_folders(pred, truth, out)
+    except (FileNotFoundError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(f"per-case metrics: {csv_path}")
+    for key, value in means.items():
+        typer.echo(f"  {key:<16} {value:.4f}")
+
+
+@app.command("predict")
+def predict_command(
+    source: Annotated[Path, typer.Argument(help="DICOM tree, NIfTI files, MSD dataset or staging folder.")],
+    model: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., folder.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder (reruns skip done cases).")],
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    batch_size: Annotated[int | None, typer.Option(help="Slices per forward pass (default: config).")] = None,
+    postprocess: Annotated[
+        bool | None,
+        typer.Option("--postprocess/--no-postprocess", help="Largest component, fill holes."),
+    ] = None,
+    secret_file: Annotated[
+        Path | None, typer.Option(help="Site secret keying case IDs (default: <workdir>/site-secret).")
+    ] = None,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each case.")] = False,
+) -> None:
+    """Segment every case of SOURCE; masks, DICOM SEG, QC, results.csv and report.html in OUT.
+
+    Exit code 0 when every case is ok, 1 when some are quarantined or failed, 2 when none is ok.
+    """
+    import sys
+
+    from pipeline.inference import ModelLoadError, predict
+
+    _setup_logging(verbose)
+    try:
+        summary = predict(
+            source,
+            model,
+            out,
+            device=device,
+            batch_size=batch_size,
+            postprocess_masks=postprocess,
+            secret_file=secret_file,
+            progress=sys.stderr.isatty(),
+        )
+    except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(
+        f"predict: {summary.count('ok')} ok ({summary.processed} predicted, {summary.skipped} done earlier), "
+        f"{summary.count('quarantined')} quarantined, {summary.count('failed')} failed"
+    )
+    typer.echo(f"  results: {summary.out / 'results.csv'}")
+    typer.echo(f"  report:  {summary.out / 'report.html'}")
+    raise typer.Exit(code=summary.exit_code)
