@@ -1,0 +1,207 @@
+"""The deployment files parse and say what the runbook relies on (no servers, no Docker)."""
+
+from __future__ import annotations
+
+import ast
+import json
+import re
+from pathlib import Path
+
+import pytest
+import yaml
+from prefect.cli.deploy._models import PrefectYamlModel
+from prefect.client.schemas.schedules import CronSchedule
+from prefect.utilities.templating import apply_values
+
+ROOT = Path(__file__).resolve().parents[2]
+DEPLOY = ROOT / "deploy"
+
+EXPECTED_DEPLOYMENTS = {
+    "nightly-batch-inference": ("flows/inference.py:batch_inference_flow", "gpu-pool"),
+    "weekly-retraining": ("flows/train.py:train_flow", "gpu-pool"),
+    "ingest-on-demand": ("flows/ingest.py:ingest_flow", "cpu-pool"),
+}
+
+
+def _prefect_yaml() -> dict:
+    return yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
+
+
+def _deployments() -> dict[str, dict]:
+    return {d["name"]: d for d in _prefect_yaml()["deployments"]}
+
+
+def test_prefect_yaml_is_valid_for_prefect_deploy():
+    model = PrefectYamlModel.model_validate(_prefect_yaml())
+    assert {d.name for d in model.deployments} == set(EXPECTED_DEPLOYMENTS)
+    assert model.build is None and model.push is None
+    assert model.pull == [
+        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/unet-pipeline"}}
+    ]
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DEPLOYMENTS))
+def test_deployment_entrypoint_pool_and_job_variables(name):
+    deployment = _deployments()[name]
+    entrypoint, pool = EXPECTED_DEPLOYMENTS[name]
+    assert deployment["entrypoint"] == entrypoint
+    assert deployment["work_pool"]["name"] == pool
+    assert deployment["description"].strip()
+    assert deployment["tags"]
+    # Shared through the YAML anchor; no secrets in job variables.
+    assert deployment["work_pool"]["job_variables"]["env"] == {"UNET_PIPELINE_WORKDIR": "/data/work"}
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED_DEPLOYMENTS))
+def test_entrypoint_names_a_flow_function_with_those_parameters(name):
+    deployment = _deployments()[name]
+    path, func = deployment["entrypoint"].split(":")
+    assert re.fullmatch(r"flows/[a-z_]+\.py", path), path
+    module = ROOT / path
+    if not module.exists():
+        pytest.skip(f"{path} is not written yet; only the entrypoint's form is checked")
+    functions = {
+        node.name: node
+        for node in ast.walk(ast.parse(module.read_text()))
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+    }
+    assert func in functions, f"{path} defines no function {func}"
+    args = functions[func].args
+    accepted = {a.arg for a in args.posonlyargs + args.args + args.kwonlyargs}
+    unknown = set(deployment.get("parameters", {})) - accepted
+    assert not unknown, f"{name} passes parameters {sorted(unknown)} that {func} does not take"
+
+
+def test_schedules_are_valid_crons_with_a_timezone():
+    deployments = _deployments()
+    nightly = deployments["nightly-batch-inference"]["schedules"]
+    weekly = deployments["weekly-retraining"]["schedules"]
+    assert [s["cron"] for s in nightly] == ["0 2 * * *"]
+    assert [s["cron"] for s in weekly] == ["0 22 * * 0"]
+    for schedule in nightly + weekly:
+        # Prefect's own model rejects bad cron strings and unknown time zones.
+        CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    assert deployments["ingest-on-demand"]["schedules"] == []
+
+
+def test_nightly_inference_uses_the_champion_alias_and_documented_folders():
+    parameters = _deployments()["nightly-batch-inference"]["parameters"]
+    assert parameters["model_uri"] == "models:/unet-seg@champion"
+    assert parameters["source"] == "/data/incoming"
+    assert parameters["out"] == "/data/results"
+
+
+def _render(template: dict) -> dict:
+    """The job configuration as a worker renders it from the variables' defaults."""
+    values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
+    values |= {"env": {"X": "1"}, "command": "prefect flow-run execute", "name": "run", "labels": {}}
+    return apply_values(template["job_configuration"], values)
+
+
+def test_kubernetes_template_requests_and_limits_one_gpu_on_gpu_nodes():
+    template = json.loads((DEPLOY / "work-pools" / "kubernetes-gpu.json").read_text())
+    assert set(template) == {"job_configuration", "variables"}
+    pod = _render(template)["job_manifest"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert container["envFrom"] == [{"secretRef": {"name": "unet-pipeline-env"}}]
+    assert container["image"] == template["variables"]["properties"]["image"]["default"]
+    assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["securityContext"]["runAsNonRoot"] is True
+
+
+def test_docker_template_requests_one_gpu():
+    template = json.loads((DEPLOY / "work-pools" / "docker-gpu.json").read_text())
+    assert set(template) == {"job_configuration", "variables"}
+    kwargs = _render(template)["container_create_kwargs"]
+    assert kwargs["device_requests"] == [{"driver": "nvidia", "count": 1, "capabilities": [["gpu"]]}]
+
+
+def test_process_template_is_valid_json():
+    template = json.loads((DEPLOY / "work-pools" / "process.json").read_text())
+    assert set(template) == {"job_configuration", "variables"}
+
+
+SECRET_KEY = re.compile(r"PASSWORD|SECRET|AUTH_STRING|ACCESS_KEY", re.IGNORECASE)
+REFERENCE = re.compile(r"^\$\{[A-Z0-9_]+:\?[^}]*\}$")
+
+
+def _environment_items(compose: dict):
+    for name, service in compose["services"].items():
+        environment = service.get("environment") or {}
+        if isinstance(environment, list):
+            environment = dict(item.split("=", 1) for item in environment)
+        for key, value in environment.items():
+            yield name, key, value
+
+
+def test_compose_takes_every_secret_from_the_environment():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    secrets = [(s, k, v) for s, k, v in _environment_items(compose) if SECRET_KEY.search(k)]
+    assert len(secrets) >= 10
+    for service, key, value in secrets:
+        assert REFERENCE.match(str(value)), f"{service}: {key} must be a required ${{VAR:?}} reference"
+    assert "${POSTGRES_PASSWORD:?" in compose["services"]["postgres"]["environment"]["POSTGRES_PASSWORD"]
+
+
+def test_compose_gpu_worker_reserves_an_nvidia_gpu():
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    worker = compose["services"]["gpu-worker"]
+    devices = worker["deploy"]["resources"]["reservations"]["devices"]
+    assert devices == [{"driver": "nvidia", "count": 1, "capabilities": ["gpu"]}]
+    assert worker["command"][:5] == ["prefect", "worker", "start", "--pool", "gpu-pool"]
+    server = compose["services"]["prefect-server"]["environment"]
+    assert server["PREFECT_SERVER_DATABASE_DRIVER"] == "postgresql+asyncpg"
+    assert "PREFECT_SERVER_API_AUTH_STRING" in server
+
+
+def test_env_example_has_no_values_for_secrets():
+    for line in (DEPLOY / ".env.example").read_text().splitlines():
+        if line.startswith("#") or "=" not in line:
+            continue
+        key, value = line.split("=", 1)
+        if SECRET_KEY.search(key):
+            assert value == "", f".env.example must leave {key} empty"
+
+
+def test_dockerfile_runs_as_non_root_and_pins_torch():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    users = re.findall(r"^USER\s+(\S+)", dockerfile, re.MULTILINE)
+    assert users and users[-1] not in {"root", "0"}
+    assert re.search(r"^ARG TORCH_VERSION=\d+\.\d+\.\d+$", dockerfile, re.MULTILINE)
+    assert '"torch==${TORCH_VERSION}"' in dockerfile
+    assert "grep -v '^torch==' requirements.lock" in dockerfile
+    assert re.search(r"^WORKDIR /opt/unet-pipeline$", dockerfile, re.MULTILINE)
+    lock_torch = re.search(r"^torch==([\d.]+)", (ROOT / "requirements.lock").read_text(), re.MULTILINE)
+    assert lock_torch and f"ARG TORCH_VERSION={lock_torch.group(1)}" in dockerfile
+
+
+def _flow_name(module: Path, func: str) -> str:
+    """The Prefect flow name of `func`: `@flow(name=...)`, else the function name with hyphens."""
+    for node in ast.walk(ast.parse(module.read_text())):
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.name == func:
+            for decorator in node.decorator_list:
+                if isinstance(decorator, ast.Call):
+                    for keyword in decorator.keywords:
+                        if keyword.arg == "name" and isinstance(keyword.value, ast.Constant):
+                            return keyword.value.value
+            return func.replace("_", "-")
+    raise AssertionError(f"{module} defines no function {func}")
+
+
+RUN_COMMAND = re.compile(r"prefect deployment run '([^'/]+)/([^']+)'")
+
+
+@pytest.mark.parametrize("document", ["README.md", "deploy/README.md", "deploy/prefect.yaml"])
+def test_documented_run_commands_name_the_real_flow(document):
+    commands = RUN_COMMAND.findall((ROOT / document).read_text())
+    deployments = _deployments()
+    for flow_name, deployment_name in commands:
+        assert deployment_name in deployments, f"{document}: no deployment {deployment_name}"
+        path, func = deployments[deployment_name]["entrypoint"].split(":")
+        if (ROOT / path).exists():
+            assert flow_name == _flow_name(ROOT / path, func), (
+                f"{document}: `prefect deployment run '{flow_name}/{deployment_name}'` but the flow in "
+                f"{path} is named {_flow_name(ROOT / path, func)!r}"
+            )
