@@ -1,0 +1,97 @@
+"""ingest_flow: a source folder into a staging dataset, one task per case."""
+
+from __future__ import annotations
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from flows.common import CaseTimeout, content_key, path_key, run_isolated
+from pipeline.ingest import CONVERTER_VERSION, IngestPlan, convert_case, finalize_ingest, plan_ingest
+
+
+@task(name="plan-ingest", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
+def plan_task(source: str, staging: str, secret_file: str | None) -> IngestPlan:
+    """Header pass and validation (I/O: retried when a share hiccups)."""
+    return plan_ingest(source, staging, secret_file=secret_file)
+
+
+def _convert_key(context, parameters) -> str:
+    """Content key: the case's input bytes, the converter version, the staging folder."""
+    plan: IngestPlan = parameters["plan"]
+    staging = parameters["staging"]
+    return content_key(
+        "ingest",
+        parameters["case_id"],
+        plan.input_hash(staging, parameters["case_id"]),
+        CONVERTER_VERSION,
+        path_key(staging),
+    )
+
+
+@task(
+    name="convert-case",
+    task_run_name="convert-{case_id}",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    tags=["io"],
+    cache_key_fn=_convert_key,
+    persist_result=True,
+    result_serializer="json",
+)
+def convert_task(
+    source: str, staging: str, case_id: str, plan: IngestPlan, secret_file: str | None, timeout_s: float
+) -> dict:
+    """Convert one case (a DICOM series or a NIfTI case); bad input is quarantined, not raised.
+
+    Runs in a child process that is killed at `timeout_s`, so a decoder hung on a hostile file
+    really stops; the case is then reported failed and the batch goes on.
+    """
+    try:
+        return run_isolated(
+            convert_case, source, staging, case_id, secret_file=secret_file, timeout_s=timeout_s
+        )
+    except CaseTimeout as exc:
+        return {"case_id": case_id, "status": "failed", "reason": f"TIMEOUT: {exc}"}
+
+
+@task(name="finalize-ingest", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
+def finalize_task(source: str, staging: str) -> dict:
+    report = finalize_ingest(source, staging)
+    return {**report.__dict__, "balanced": report.balanced}
+
+
+@flow(name="ingest", log_prints=False, validate_parameters=True)
+def ingest_flow(
+    source: str, staging: str, secret_file: str | None = None, case_timeout_s: float = 1800.0
+) -> dict:
+    """Validate and convert SOURCE into the STAGING dataset; quarantined inputs are listed, not fatal."""
+    logger = get_run_logger()
+    plan = plan_task(source, staging, secret_file)
+    todo = set(plan.todo)
+    futures = [
+        # Cases whose outputs are missing or stale always run; the others may come from cache.
+        convert_task.with_options(refresh_cache=case_id in todo).submit(
+            source, staging, case_id, plan, secret_file, case_timeout_s
+        )
+        for case_id in plan.cases
+    ]
+    results = [f.result() for f in futures]
+    report = finalize_task(source, staging)
+    create_table_artifact(
+        key="ingest-cases",
+        table=[{"case": r["case_id"], "status": r["status"], "reason": r["reason"] or ""} for r in results],
+        description="Cases of the last ingest (pseudonymous IDs).",
+    )
+    reasons = "\n".join(f"| {k} | {v} |" for k, v in report["by_reason"].items()) or "| none | 0 |"
+    create_markdown_artifact(
+        key="ingest-summary",
+        markdown=(
+            f"# Ingest\n\n{report['cases']} cases staged ({report['cases_converted']} converted, "
+            f"{report['cases_skipped']} unchanged).\n\nFiles: {report['discovered']} discovered = "
+            f"{report['accepted']} accepted + {report['quarantined']} quarantined + {report['ignored']} "
+            f"ignored.\n\n| reason | count |\n|---|---|\n{reasons}\n"
+        ),
+    )
+    logger.info("ingest: %d cases staged, %d files quarantined", report["cases"], report["quarantined"])
+    return report
