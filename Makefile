@@ -22,11 +22,7 @@ $(STAMP): requirements.lock pyproject.toml
 	@touch $@
 
 demo: $(STAMP)
-	@$(BIN)/unet-pipeline doctor --workdir $(DEMO_WORKDIR)
-	@echo
-	@echo "The end-to-end demo (ingest -> train -> register -> predict) arrives with the flows;"
-	@echo "for now the demo checks the install and runs one forward pass of the U-Net:"
-	@$(BIN)/unet-pipeline smoke
+	@$(BIN)/unet-pipeline demo --workdir $(DEMO_WORKDIR)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

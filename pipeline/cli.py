@@ -220,15 +220,16 @@ def train_command(
     ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log progress.")] = False,
 ) -> None:
-    """Train a U-Net on the staged cases, log it to MLflow and print one JSON line."""
+    """Train a U-Net on the staged cases, log it to MLflow, register and gate it; print one JSON line.
+
+    With --register NAME the new version becomes `champion` when its validation Dice is not worse
+    than the champion's (re-scored on the same cases) by more than tracking.champion_margin.
+    """
     import json
     import time
 
-    import numpy as np
-
-    from pipeline import tracking
     from pipeline.config import ConfigError, Workdir, load_config
-    from pipeline.training import train
+    from pipeline.registry import gate, register_model, train_and_log
 
     _setup_logging(verbose)
     try:
@@ -239,45 +240,16 @@ def train_command(
     wd = Workdir.resolve(workdir)
     out = out or wd.root / "runs" / time.strftime("%Y%m%d-%H%M%S")
     uri = wd.mlflow_tracking_uri()
-
-    class _Start:  # logs the resolved config and plan once training has them
-        def __init__(self, tracker):
-            self.tracker = tracker
-
-        def on_train_start(self, *, config, plan, split):
-            self.tracker.log_config(config.to_dict(), plan.to_dict())
-
     try:
-        with tracking.Tracker(
-            experiment=cfg.tracking.experiment_name,
-            tracking_uri=uri,
-            dataset_sha256=tracking.dataset_sha256(staging / "manifest.jsonl"),
-        ) as tracker:
-            result = train(staging, out, cfg, callbacks=[_Start(tracker), tracker])
-            tracker.log_artifact(out / "training_curves.png")
-            patch = int(json.loads((out / "plan.json").read_text())["patch_size"])
-            example = np.zeros((1, 1, patch, patch), np.float32)
-            model_uri = tracker.log_model(result.model_dir, input_example=example)
+        trained = train_and_log(staging, out, cfg, tracking_uri=uri)
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
     version, champion = None, False
-    name = register or None
-    if name and model_uri:
-        version = tracking.register(model_uri, name, tracking_uri=uri)
-        champion = tracking.promote(
-            name, version, result.best_dice_mean, margin=cfg.tracking.champion_margin, tracking_uri=uri
-        )
-    line = {
-        "run_id": tracker.run_id,
-        "model_uri": model_uri,
-        "model_version": version,
-        "model_dir": str(result.model_dir),
-        "val_dice": {**result.best_dice, "mean": result.best_dice_mean},
-        "champion": champion,
-        "stopped_reason": result.stopped_reason,
-    }
-    typer.echo(json.dumps(line))
+    if register and trained.model_uri:
+        version = register_model(trained.model_uri, register, tracking_uri=uri)
+        champion = gate(register, version, trained, staging, cfg, tracking_uri=uri)
+    typer.echo(json.dumps({**trained.summary(), "model_version": version, "champion": champion}))
 
 
 @app.command("evaluate")

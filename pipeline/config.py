@@ -174,7 +174,7 @@ class TrackingConfig(_Section):
     """MLflow run and registry names (pipeline.tracking reads these)."""
 
     experiment_name: str = Field("unet-pipeline", min_length=1)
-    registered_model_name: str = Field("unet-segmentation", min_length=1)
+    registered_model_name: str = Field("unet-seg", min_length=1)
     champion_margin: float = Field(0.005, ge=0.0, le=1.0)  # challenger may be this much worse in mean Dice
 
 

@@ -96,3 +96,45 @@ def infinite_batches(
             sampler.set_epoch(n)
         yield from loader
         n += 1
+
+
+def split_holdout(staging: str | Path, fraction: float, seed: int, out: str | Path) -> tuple[Path, Path]:
+    """Split a staging folder by case into (train, test) staging views under `out`.
+
+    Labelled cases are split (seeded); unlabelled cases go to neither. Each view is a staging
+    folder of its own (manifest subset, dataset.json, links to the images and labels), so the
+    test cases never reach training and can be predicted and evaluated as unseen data.
+    """
+    import json
+    import random
+
+    from pipeline.io.atomic import write_text
+
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in (0, 1), got {fraction!r}")
+    staging, out = Path(staging).resolve(), Path(out)
+    lines = [
+        json.loads(x) for x in (staging / "manifest.jsonl").read_text(encoding="utf-8").splitlines() if x
+    ]
+    labelled = sorted((r for r in lines if r.get("label")), key=lambda r: r["case_id"])
+    if len(labelled) < 3:
+        raise ValueError(f"{staging} has {len(labelled)} labelled cases; a holdout split needs at least 3")
+    order = labelled[:]
+    random.Random(seed).shuffle(order)
+    n_test = max(1, round(fraction * len(order)))
+    views = {"train": order[n_test:], "test": order[:n_test]}
+    paths = []
+    for name, rows in views.items():
+        view = out / name
+        for sub in ("images", "labels"):
+            (view / sub).mkdir(parents=True, exist_ok=True)
+        for row in rows:
+            for key in ("image", "label"):
+                link = view / row[key]
+                if not link.exists():
+                    link.symlink_to(staging / row[key])
+        manifest = "".join(json.dumps(r) + "\n" for r in sorted(rows, key=lambda r: r["case_id"]))
+        write_text(view / "manifest.jsonl", manifest)
+        write_text(view / "dataset.json", (staging / "dataset.json").read_text(encoding="utf-8"))
+        paths.append(view)
+    return paths[0], paths[1]

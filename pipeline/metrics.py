@@ -81,7 +81,9 @@ def mean_over_cases(per_case: Sequence[Mapping[str, float]]) -> dict[str, float]
 def evaluate_folders(
     pred_dir: str | Path, truth_dir: str | Path, out_csv: str | Path | None = None, label_names=None
 ) -> tuple[Path, dict[str, float]]:
-    """Dice and HD95 of every `<case>.nii.gz` in `truth_dir` against the same name in `pred_dir`.
+    """Dice and HD95 of every `<case>.nii.gz` in `truth_dir` against `pred_dir`'s prediction.
+
+    A prediction is `pred_dir/<case>.nii.gz` or, as `predict` writes them, `pred_dir/<case>/seg.nii.gz`.
 
     Writes one CSV row per case (to `out_csv`, default `pred_dir/metrics.csv`) and returns
     (csv path, means over cases). Label names default to `label_<value>` for values found.
@@ -99,6 +101,8 @@ def evaluate_folders(
     rows = []
     for t_path in truths:
         p_path = pred_dir / t_path.name
+        if not p_path.is_file():  # the layout `unet-pipeline predict` writes: <case>/seg.nii.gz
+            p_path = pred_dir / t_path.name.removesuffix(".nii.gz") / "seg.nii.gz"
         if not p_path.is_file():
             raise FileNotFoundError(f"{p_path} missing: every reference in {truth_dir} needs a prediction")
         t_img, p_img = nib.load(t_path), nib.load(p_path)

@@ -1,0 +1,198 @@
+"""Training benchmarks, as ratios measured in this one process.
+
+    python bench/train.py                 # all three on the generated demo data
+    python bench/train.py --only loader   # loader | logging | peer
+
+1. loader:  step time with the real loader (MONAI transforms, CacheDataset, ThreadDataLoader)
+            over the same step on batches already in memory (target <= 1.10).
+2. logging: epoch time with MLflow tracking (batched metrics) over without (target <= 1.01).
+3. peer:    our U-Net against MONAI's BasicUNet trained by the same loop on the same data and
+            the same wall-clock budget: mean validation Dice difference (target >= -0.01).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench.demo_dice import msd_to_staging
+from pipeline import training
+from pipeline.config import PipelineConfig
+from pipeline.data import infinite_batches, make_loader, make_train_dataset, split_cases
+from pipeline.plan import plan_dataset, read_manifest
+from pipeline.runtime import configure_threads, prepare_model, resolve_device, to_input
+from pipeline.synthetic.dataset import make_demo_dataset
+from pipeline.transforms import train_transforms
+from unet_model import UNet, UNetConfig
+
+
+def staging_from_demo(root: Path) -> Path:
+    demo = make_demo_dataset(root / "demo", n_cases=12, seed=0)
+    return msd_to_staging(demo.msd_root, root / "staging")
+
+
+def loader_ratio(staging: Path, config: PipelineConfig, steps: int = 30) -> dict[str, float]:
+    """Real loader vs in-memory batches for the same training steps."""
+    tc = config.train
+    plan = plan_dataset(staging, config.preprocess)
+    rows = [r for r in read_manifest(staging) if r.get("label")]
+    train_ids, _ = split_cases([r["case_id"] for r in rows], val_fraction=0.2, folds=1, fold=0, seed=0)
+    items = [
+        {"image": r["image"], "label": r["label"], "modality": r["modality"]}
+        for r in rows
+        if r["case_id"] in train_ids
+    ]
+    dataset = make_train_dataset(items, train_transforms(plan, config.preprocess, tc.slices_per_volume))
+    loader, sampler = make_loader(dataset, volumes_per_batch=tc.batch_size // tc.slices_per_volume, seed=0)
+    device = resolve_device("cpu")
+    model = prepare_model(
+        UNet(UNetConfig(num_classes=plan.num_classes, base_channels=config.model.base_channels)), device
+    )
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    loss_fn = torch.nn.CrossEntropyLoss()
+
+    def step(batch) -> None:
+        x = to_input(torch.as_tensor(batch["image"]).float(), device)
+        y = torch.as_tensor(batch["label"]).long()[:, 0]
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x), y).backward()
+        opt.step()
+
+    batches = infinite_batches(loader, sampler)
+    for _ in range(3):
+        step(next(batches))  # warm-up (and the loader's first fill)
+    in_memory = [next(batches) for _ in range(steps)]
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step(next(batches))
+    real = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for batch in in_memory:
+        step(batch)
+    memory = time.perf_counter() - t0
+    return {"loader_s_per_step": real / steps, "memory_s_per_step": memory / steps, "ratio": real / memory}
+
+
+class _Timed:
+    """Forwards training callbacks to the tracker, adding up the seconds spent inside it."""
+
+    def __init__(self, tracker) -> None:
+        self.tracker, self.seconds = tracker, 0.0
+
+    def __getattr__(self, name):
+        hook = getattr(self.tracker, name)
+
+        def timed(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return hook(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+
+        return timed
+
+
+def logging_ratio(staging: Path, config: PipelineConfig, root: Path) -> dict[str, float]:
+    """Epoch time with MLflow tracking over without: the tracker's own seconds, measured inside
+    the same training run (two separate runs would differ by more than 1 % from noise alone)."""
+    from pipeline import tracking
+
+    cfg = config.replace(train={"epochs": 8, "val_every": 100, "time_budget_minutes": None})
+    with tracking.Tracker(tracking_uri=f"sqlite:///{root / 'mlflow.db'}") as tracker:
+        timed = _Timed(tracker)
+        result = training.train(staging, root / "tracked", cfg, callbacks=[timed])
+        t0 = time.perf_counter()
+        tracker.flush()  # the batched metrics still buffered go out now: count them too
+        timed.seconds += time.perf_counter() - t0
+    epochs = sum(h["epoch_time_s"] for h in result.history)
+    return {
+        "epochs_s": epochs,
+        "tracking_s": timed.seconds,
+        "ratio": (epochs + timed.seconds) / epochs,
+        "tracking_error": tracker.tracking_error,
+    }
+
+
+@contextlib.contextmanager
+def _network(factory):
+    """Train the same loop with another network (the bench's peer), without saving a model folder."""
+    original_net, original_save = training.UNet, training._write_model_dir
+    training.UNet = factory
+    training._write_model_dir = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        training.UNet, training._write_model_dir = original_net, original_save
+
+
+def peer_comparison(staging: Path, config: PipelineConfig, root: Path, minutes: float) -> dict[str, float]:
+    from monai.networks.nets import BasicUNet
+
+    cfg = config.replace(train={"time_budget_minutes": minutes})
+    ours = training.train(staging, root / "ours", cfg)
+    base = config.model.base_channels
+
+    def basic_unet(unet_config: UNetConfig):
+        f = [base * 2**i for i in range(5)] + [base]
+        return BasicUNet(
+            spatial_dims=2,
+            in_channels=unet_config.in_channels,
+            out_channels=unet_config.num_classes,
+            features=f,
+        )
+
+    with _network(basic_unet):
+        peer = training.train(staging, root / "peer", cfg)
+    return {
+        "ours_dice": ours.best_dice_mean,
+        "basicunet_dice": peer.best_dice_mean,
+        "difference": ours.best_dice_mean - peer.best_dice_mean,
+        "ours_epochs": ours.epochs_run,
+        "basicunet_epochs": peer.epochs_run,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", choices=["loader", "logging", "peer"], default=None)
+    p.add_argument("--peer-minutes", type=float, default=2.0, help="training budget of each peer run")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    configure_threads()
+    config = PipelineConfig().replace(train={"device": "cpu"})
+    out: dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        staging = staging_from_demo(root)
+        if args.only in (None, "loader"):
+            out["loader"] = r = loader_ratio(staging, config)
+            real, mem = r["loader_s_per_step"], r["memory_s_per_step"]
+            print(f"loader   {real:.3f} s/step real vs {mem:.3f} in memory: ratio {r['ratio']:.3f} (<= 1.10)")
+        if args.only in (None, "logging"):
+            out["logging"] = r = logging_ratio(staging, config, root)
+            with_, without = r["tracked_epoch_s"], r["plain_epoch_s"]
+            print(
+                f"logging  epoch {with_:.2f} s tracked vs {without:.2f} s: ratio {r['ratio']:.3f} (<= 1.01)"
+            )
+        if args.only in (None, "peer"):
+            out["peer"] = r = peer_comparison(staging, config, root, args.peer_minutes)
+            print(
+                f"peer     mean val Dice ours {r['ours_dice']:.3f} vs BasicUNet {r['basicunet_dice']:.3f} "
+                f"({args.peer_minutes:g} min each): difference {r['difference']:+.3f} (target >= -0.01)"
+            )
+    print(json.dumps(out, default=str))
+    return out
+
+
+if __name__ == "__main__":
+    main()

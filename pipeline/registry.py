@@ -1,0 +1,176 @@
+"""From a staging folder to a registered, gated model: train, log, register, champion gate.
+
+The CLI's `train` command and the Prefect train flow both go through these steps, so a model
+trained either way is logged, registered and gated the same way:
+
+    trained = train_and_log(staging, out, config)              # local model first, then MLflow
+    version = register_model(trained.model_uri, name)
+    champion = gate(name, version, trained, staging, config)    # on the fixed validation cases
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline import tracking
+from pipeline.config import PipelineConfig, Workdir
+from pipeline.model_store import LoadedModel
+from pipeline.plan import Plan, read_manifest
+from pipeline.runtime import resolve_device, resolve_precision
+from pipeline.training import TrainResult, _load_val_cases, train, validate
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TrainedModel:
+    """A finished training run: the local model always, the MLflow run and model when tracking worked."""
+
+    result: TrainResult
+    model_dir: Path
+    run_id: str | None
+    model_uri: str | None  # None when tracking failed (the local model still stands)
+    tracking_error: str | None
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "run_id": self.run_id,
+            "model_uri": self.model_uri,
+            "model_dir": str(self.model_dir),
+            "val_dice": {**self.result.best_dice, "mean": self.result.best_dice_mean},
+            "stopped_reason": self.result.stopped_reason,
+            "tracking_error": self.tracking_error,
+        }
+
+
+class _LogConfig:
+    """Training callback: log the resolved config and plan once training has made them."""
+
+    def __init__(self, tracker: tracking.Tracker) -> None:
+        self.tracker = tracker
+
+    def on_train_start(self, *, config, plan, split) -> None:
+        self.tracker.log_config(config.to_dict(), plan.to_dict())
+
+
+def train_and_log(
+    staging: str | Path,
+    out: str | Path,
+    config: PipelineConfig,
+    *,
+    tracking_uri: str | None = None,
+) -> TrainedModel:
+    """Train on `staging` into `out` while logging to MLflow; the model is written locally first.
+
+    Tracking failures never lose the model: they are returned in `tracking_error`.
+    """
+    staging, out = Path(staging), Path(out)
+    uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
+    with tracking.Tracker(
+        experiment=config.tracking.experiment_name,
+        tracking_uri=uri,
+        dataset_sha256=tracking.dataset_sha256(staging / "manifest.jsonl"),
+    ) as tracker:
+        result = train(staging, out, config, callbacks=[_LogConfig(tracker), tracker])
+        if result.model_dir is None:
+            raise RuntimeError(f"training in {out} finished without a model folder")
+        curves = out / "training_curves.png"
+        if curves.is_file():
+            tracker.log_artifact(curves)
+        patch = int(json.loads((out / "plan.json").read_text(encoding="utf-8"))["patch_size"])
+        example = np.zeros((1, 1, patch, patch), np.float32)
+        model_uri = tracker.log_model(result.model_dir, input_example=example)
+    return TrainedModel(result, Path(result.model_dir), tracker.run_id, model_uri, tracker.tracking_error)
+
+
+def register_model(model_uri: str, name: str, *, tracking_uri: str | None = None) -> int:
+    """Register a logged model as a new version of `name`."""
+    uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
+    return tracking.register(model_uri, name, tracking_uri=uri)
+
+
+def validation_rows(staging: str | Path, case_ids: list[str]) -> list[dict[str, Any]]:
+    by_id = {row["case_id"]: row for row in read_manifest(staging)}
+    missing = sorted(set(case_ids) - set(by_id))
+    if missing:
+        raise ValueError(f"validation cases {missing[:3]} are not in {staging}/manifest.jsonl")
+    return [by_id[c] for c in case_ids]
+
+
+def validation_sha256(staging: str | Path, case_ids: list[str]) -> str:
+    """Identifies a validation set by its cases' label bytes (so scores are comparable)."""
+    digest = hashlib.sha256()
+    for row in sorted(validation_rows(staging, case_ids), key=lambda r: r["case_id"]):
+        digest.update(row["case_id"].encode() + b"\0" + Path(row["label"]).read_bytes())
+    return digest.hexdigest()
+
+
+def evaluate_on_cases(
+    loaded: LoadedModel, staging: str | Path, case_ids: list[str], config: PipelineConfig
+) -> float:
+    """Mean validation Dice of a loaded model on whole cases, with its own plan (the gate's metric)."""
+    plan = Plan.from_dict(loaded.plan)
+    cases = _load_val_cases(validation_rows(staging, case_ids), plan)
+    device = resolve_device(config.train.device)
+    metrics = validate(
+        loaded.model.to(device),
+        cases,
+        plan,
+        device=device,
+        batch_size=config.infer.batch_size,
+        channels_last=config.train.channels_last,
+        amp_dtype=resolve_precision(config.train.precision, device),
+        largest_component=config.infer.largest_component,
+        fill_holes=config.infer.fill_holes,
+    )
+    return float(metrics["val_dice_mean"])
+
+
+def gate(
+    name: str,
+    version: int,
+    trained: TrainedModel,
+    staging: str | Path,
+    config: PipelineConfig,
+    *,
+    tracking_uri: str | None = None,
+) -> bool:
+    """Champion/challenger gate on the run's fixed validation cases; True when it became champion."""
+    return gate_run(name, version, trained.result.out_dir, staging, config, tracking_uri=tracking_uri)
+
+
+def gate_run(
+    name: str,
+    version: int,
+    run_dir: str | Path,
+    staging: str | Path,
+    config: PipelineConfig,
+    *,
+    tracking_uri: str | None = None,
+) -> bool:
+    """The gate for a finished training folder (its result.json holds the split and the score).
+
+    The new version's score is its best validation Dice; the champion is re-scored on the same
+    validation cases when its own score came from other cases.
+    """
+    uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
+    result = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
+    val_ids = list(result.get("split", {}).get("val", []))
+    if not val_ids:
+        raise ValueError(f"the training run in {run_dir} has no validation cases: nothing to gate on")
+    return tracking.promote(
+        name,
+        version,
+        float(result["best_dice_mean"]),
+        margin=config.tracking.champion_margin,
+        val_cases_sha256=validation_sha256(staging, val_ids),
+        evaluate_fn=lambda champion: evaluate_on_cases(champion, staging, val_ids, config),
+        tracking_uri=uri,
+    )
