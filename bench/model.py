@@ -19,7 +19,14 @@ from torch.utils.flop_counter import FlopCounterMode
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import best_time, matmul_peak
-from pipeline.runtime import autocast, configure_threads, prepare_model, resolve_device, to_input
+from pipeline.runtime import (
+    autocast,
+    configure_threads,
+    prepare_model,
+    resolve_device,
+    to_input,
+    training_channels_last,
+)
 from unet_model import UNet, UNetConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -39,7 +46,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p.add_argument("--classes", type=int, default=3)
     p.add_argument("--dtype", choices=sorted(DTYPES), default="fp32", help="compute precision (autocast)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--no-channels-last", action="store_true", help="measure the NCHW layout instead")
+    p.add_argument(
+        "--layout",
+        choices=["auto", "channels_last", "nchw"],
+        default="auto",
+        help="auto: what the pipeline uses (channels_last inference; training NCHW on CPU, "
+        "channels_last on CUDA)",
+    )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
@@ -52,14 +65,16 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         torch.backends.cudnn.allow_tf32 = True
     dtype = DTYPES[args.dtype]
     amp = None if dtype is torch.float32 else dtype
-    channels_last = not args.no_channels_last
+    infer_cl = args.layout != "nchw"
+    train_cl = {"channels_last": True, "nchw": False}.get(args.layout, training_channels_last("auto", device))
     batch = args.batch or (32 if device.type == "cuda" else 4)
 
     torch.manual_seed(0)
     config = UNetConfig(in_channels=1, num_classes=args.classes, base_channels=args.base)
-    model = prepare_model(UNet(config), device, channels_last=channels_last)
+    model = prepare_model(UNet(config), device, channels_last=infer_cl)
     step_model = torch.compile(model) if args.compile else model
-    x = to_input(torch.randn(batch, 1, args.size, args.size), device, channels_last=channels_last)
+    image = torch.randn(batch, 1, args.size, args.size)
+    x = to_input(image, device, channels_last=infer_cl)
     y = torch.randint(0, args.classes, (batch, args.size, args.size), device=device)
     fused = device.type == "cuda" or hasattr(torch._C, "_fused_adamw_")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused)
@@ -89,13 +104,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     peak = matmul_peak(device, dtype, args.repeats)
     model.eval()
     fwd_s = best_time(forward, device, args.repeats, warmup=3 if args.compile else 2)
+    if train_cl != infer_cl:  # the training layout (the same weights, another memory format)
+        model.to(memory_format=torch.channels_last if train_cl else torch.contiguous_format)
+        x = to_input(image, device, channels_last=train_cl)
+        if args.compile:
+            step_model = torch.compile(model)
     model.train()
     train_s = best_time(train_step, device, args.repeats, warmup=3 if args.compile else 2)
     peak_after = matmul_peak(device, dtype, args.repeats)
     peak = max(peak, peak_after)  # the better of two peak readings bracketing the model runs
 
     fwd_rate, train_rate = fwd_flops / fwd_s, train_flops / train_s
-    layout = "channels_last" if channels_last else "NCHW"
+    names = {True: "channels_last", False: "NCHW"}
+    layout = f"inference {names[infer_cl]}, training {names[train_cl]}"
     name = torch.cuda.get_device_name() if device.type == "cuda" else f"CPU x{torch.get_num_threads()}"
     print(
         f"U-Net base {args.base}, {args.size}x{args.size}, batch {batch}, {args.dtype}, {layout}"

@@ -125,7 +125,7 @@ def evaluate_on_cases(
         plan,
         device=device,
         batch_size=config.infer.batch_size,
-        channels_last=config.train.channels_last,
+        channels_last=True,  # inference layout: evaluation is a forward pass
         amp_dtype=resolve_precision(config.train.precision, device),
         largest_component=config.infer.largest_component,
         fill_holes=config.infer.fill_holes,

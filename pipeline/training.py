@@ -51,6 +51,7 @@ from pipeline.runtime import (
     resolve_device,
     resolve_precision,
     to_input,
+    training_channels_last,
 )
 from pipeline.transforms import postprocess_labels, preprocess_volume, restore_labels, train_transforms
 from unet_model import UNet, UNetConfig
@@ -392,7 +393,8 @@ def train(
             dropout=mc.dropout,
         )
     )
-    net = prepare_model(net, device, tc.channels_last)
+    channels_last = training_channels_last(tc.channels_last, device)
+    net = prepare_model(net, device, channels_last)
     weight = (
         torch.tensor(plan.class_weights, dtype=torch.float32, device=device) if tc.class_weighted_ce else None
     )
@@ -473,7 +475,7 @@ def train(
         over_budget = False
         for _ in range(tc.steps_per_epoch):
             batch = next(batches)
-            x = to_input(torch.as_tensor(batch["image"]).float(), device, tc.channels_last)
+            x = to_input(torch.as_tensor(batch["image"]).float(), device, channels_last)
             y = torch.as_tensor(batch["label"]).to(device, non_blocking=True)
             with autocast(device, amp_dtype):
                 logits = model(x)
@@ -513,7 +515,7 @@ def train(
                 plan,
                 device=device,
                 batch_size=config.infer.batch_size,
-                channels_last=tc.channels_last,
+                channels_last=channels_last,
                 amp_dtype=amp_dtype,
                 largest_component=config.infer.largest_component,
                 fill_holes=config.infer.fill_holes,

@@ -39,3 +39,12 @@ def test_prepare_model_uses_channels_last():
     x = to_input(torch.randn(2, 1, 32, 32), cpu)
     with torch.no_grad(), autocast(cpu, None):
         assert model.eval()(x).shape == (2, 2, 32, 32)
+
+
+def test_training_layout_auto_is_nchw_on_cpu_and_channels_last_on_cuda():
+    from pipeline.runtime import training_channels_last
+
+    assert training_channels_last("auto", torch.device("cpu")) is False
+    assert training_channels_last("auto", torch.device("cuda")) is True
+    assert training_channels_last(True, torch.device("cpu")) is True
+    assert training_channels_last(False, torch.device("cuda")) is False
