@@ -9,6 +9,7 @@ validation Dice, per-label Dice and HD95, epochs, wall time.
 
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
@@ -60,12 +61,16 @@ def msd_to_staging(msd_root: Path, staging: Path) -> Path:
     return staging
 
 
-def main(work: Path) -> dict:
+def main(work: Path, budget_minutes: float | None = None) -> dict:
     demo = make_demo_dataset(work / "demo")
     staging = msd_to_staging(demo.msd_root, work / "staging")
+    config = PipelineConfig()
+    if budget_minutes is not None:
+        config = config.replace(train={"time_budget_minutes": budget_minutes})
     start = time.perf_counter()
-    result = train(staging, work / "run", PipelineConfig(), resume=False)
+    result = train(staging, work / "run", config, resume=False)
     seconds = time.perf_counter() - start
+    speeds = sorted(h["slices_per_s"] for h in result.history if "slices_per_s" in h)
     return {
         "val_dice_mean": round(result.best_dice_mean, 4),
         "val_dice": {k: round(v, 4) for k, v in result.best_dice.items()},
@@ -74,6 +79,7 @@ def main(work: Path) -> dict:
         "epochs_run": result.epochs_run,
         "stopped_reason": result.stopped_reason,
         "train_seconds": round(seconds, 1),
+        "median_train_slices_per_s": round(speeds[len(speeds) // 2], 1) if speeds else None,
         "gate_passed": result.best_dice_mean >= GATE_DICE and seconds <= GATE_SECONDS,
     }
 
@@ -81,5 +87,9 @@ def main(work: Path) -> dict:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("pipeline").setLevel(logging.INFO)
-    work = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="demo-dice-"))
-    print(json.dumps(main(work)))
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("work", nargs="?", type=Path, default=None, help="work folder (default: a temp one)")
+    parser.add_argument("--budget-minutes", type=float, default=None, help="override the time budget")
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="demo-dice-"))
+    print(json.dumps(main(work, args.budget_minutes)))
