@@ -18,7 +18,12 @@ def task_runner(kind: str = "threads", *, dask_address: str | None = None, worke
 
         return ThreadPoolTaskRunner(max_workers=workers or max(1, len(os.sched_getaffinity(0))))
     if kind == "dask":
+        import dask
         from prefect_dask import DaskTaskRunner
+
+        # Tasks run each case in a child process (run_isolated); daemonic Dask workers may not
+        # have children. Workers of a remote cluster need the same setting in their config.
+        dask.config.set({"distributed.worker.daemon": False})
 
         if dask_address:
             return DaskTaskRunner(address=dask_address)
@@ -58,7 +63,18 @@ def _context():
         import multiprocessing
 
         ctx = multiprocessing.get_context("forkserver")
-        ctx.set_forkserver_preload(["pipeline.ingest", "pipeline.inference"])
+        # Everything a case imports lazily, too: MONAI alone takes seconds to import per child.
+        ctx.set_forkserver_preload(
+            [
+                "pipeline.ingest",
+                "pipeline.inference",
+                "pipeline.transforms",
+                "pipeline.plan",
+                "pipeline.export",
+                "highdicom",
+                "matplotlib.figure",
+            ]
+        )
         _FORKSERVER = ctx
     return _FORKSERVER
 

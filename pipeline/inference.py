@@ -24,11 +24,18 @@ post-processing changed is redone; one bad case is quarantined (bad input) or fa
 from __future__ import annotations
 
 import dataclasses
+import fcntl
+import hashlib
 import json
 import logging
+import os
+import shutil
+import tempfile
+import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -42,7 +49,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
 from pipeline.ingest import CaseJob, CasePlanner, IngestLimits, discover, load_case, load_or_create_secret
-from pipeline.io.atomic import atomic_open
+from pipeline.io.atomic import atomic_open, write_text
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
 from pipeline.model_store import LoadedModel, code_version
@@ -76,8 +83,9 @@ class ModelHandle:
     loaded: LoadedModel
     uri: str
     name: str
-    version: str  # registry version, alias, or "local" for a folder
+    version: str  # registry version number, "run"/"logged", or "local" for a folder
     sha256: str  # of the weights, checked on load
+    run_id: str | None = None  # the MLflow run that produced a registered version, when known
 
     @property
     def label_names(self) -> dict[int, str]:
@@ -87,8 +95,7 @@ class ModelHandle:
 def _name_and_version(uri: str, loaded: LoadedModel) -> tuple[str, str]:
     """models:/NAME/VERSION -> (NAME, VERSION); models:/NAME@ALIAS -> (NAME, "@ALIAS"); folders by name.
 
-    An alias is not resolved to its version number here (that needs an MLflow client call in
-    pipeline.tracking); the weights sha256 identifies the model exactly in every output.
+    Without the registry: `load_model` resolves aliases to version numbers with pipeline.tracking.
     """
     parsed = urlparse(uri)
     if parsed.scheme == "models":
@@ -105,22 +112,43 @@ def _name_and_version(uri: str, loaded: LoadedModel) -> tuple[str, str]:
     return Path(uri).resolve().name, "local"
 
 
-def load_model(uri: str | Path, device: str = "auto") -> ModelHandle:
+def load_model(uri: str | Path, device: str = "auto", *, dst: str | Path | None = None) -> ModelHandle:
     """Load and verify the model at `uri` (models:/..., runs:/..., or a folder) on `device`.
 
+    `models:/NAME@ALIAS` is resolved to its version number first and that version is loaded, so
+    the alias cannot move between the lookup and the download. Registry models are downloaded
+    to `dst` when given (kept there), else to a temporary folder.
     Raises ModelLoadError naming the model when it is missing, tampered with or partial.
     """
     from pipeline import tracking  # imports MLflow: only when a model is actually loaded
     from pipeline.runtime import resolve_device
 
     uri = str(uri)
+    run_id = None
     try:
         dev = resolve_device(device)
-        loaded = tracking.load_registered(uri, device=str(dev.type))
+        load_uri = uri
+        if _is_registered(uri):
+            name, version = tracking.resolve_model_version(uri)
+            load_uri = f"models:/{name}/{version}"
+            run_id = tracking.model_version_run_id(name, version)
+        loaded = tracking.load_registered(load_uri, device=str(dev.type), dst=dst)
     except (ValueError, RuntimeError, OSError) as exc:
         raise ModelLoadError(f"refusing to predict with the model {uri}: {exc}") from exc
-    name, version = _name_and_version(uri, loaded)
-    return ModelHandle(loaded=loaded, uri=uri, name=name, version=version, sha256=loaded.sha256)
+    if _is_registered(uri):
+        name, version = load_uri.removeprefix("models:/").split("/")
+    else:
+        name, version = _name_and_version(uri, loaded)
+    return ModelHandle(
+        loaded=loaded, uri=uri, name=name, version=version, sha256=loaded.sha256, run_id=run_id
+    )
+
+
+def _is_registered(uri: str) -> bool:
+    """models:/NAME@ALIAS or models:/NAME/VERSION (not a logged model's models:/m-ID)."""
+    parsed = urlparse(uri)
+    ref = (parsed.netloc + parsed.path).strip("/")
+    return parsed.scheme == "models" and ("@" in ref or ref.count("/") == 1)
 
 
 # ------------------------------------------------------------------------------------------
@@ -359,14 +387,14 @@ class PredictSummary:
         return EXIT_OK if self.count("ok") == len(self.results) else EXIT_PARTIAL
 
 
-def _done_marker(out: Path, case: PredictCase, handle: ModelHandle, options: PredictOptions) -> dict | None:
+def _done_marker(out: Path, case: PredictCase, key: dict[str, Any]) -> dict | None:
     """The earlier run's result for this case if its input, model and options are unchanged."""
     path = out / case.case_id / DONE_FILE
     try:
         marker = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return None
-    expected = _marker_key(case, handle, options)
+    expected = _marker_key(case, key)
     if any(marker.get(k) != v for k, v in expected.items()):
         return None
     if not all((out / case.case_id / name).is_file() for name in marker.get("outputs", [])):
@@ -374,14 +402,13 @@ def _done_marker(out: Path, case: PredictCase, handle: ModelHandle, options: Pre
     return marker
 
 
-def _marker_key(case: PredictCase, handle: ModelHandle, options: PredictOptions) -> dict[str, Any]:
-    return {
-        "output_version": OUTPUT_VERSION,
-        "inputs_sha256": case.inputs_sha256,
-        "model_sha256": handle.sha256,
-        "model_version": handle.version,
-        "postprocess": options.key(),
-    }
+def _marker_key(case: PredictCase, key: dict[str, Any]) -> dict[str, Any]:
+    """What a done-marker must match: `key` is the batch's model and options (`_batch_key`)."""
+    return {"output_version": OUTPUT_VERSION, "inputs_sha256": case.inputs_sha256, **key}
+
+
+def _batch_key(model_sha256: str, model_version: str, options: PredictOptions) -> dict[str, Any]:
+    return {"model_sha256": model_sha256, "model_version": model_version, "postprocess": options.key()}
 
 
 def _clear_case(case_dir: Path) -> None:
@@ -398,14 +425,6 @@ def _volumes(mask: np.ndarray, spacing: tuple[float, ...], names: dict[int, str]
     return {k: round(n * voxel_ml, 4) for k, n in voxels.items()}, voxels
 
 
-@dataclass
-class _Loaded:
-    volume: Volume
-    slices: torch.Tensor
-    info: Any
-    seconds: float
-
-
 def _resolve_paths(source: str | Path, out: str | Path) -> tuple[Path, Path]:
     source, out = Path(source).resolve(), Path(out).resolve()
     if not source.exists():
@@ -413,6 +432,445 @@ def _resolve_paths(source: str | Path, out: str | Path) -> tuple[Path, Path]:
     if out == source or (source.is_dir() and source in out.parents):
         raise ValueError(f"the output folder {out} must not be inside the source {source}")
     return source, out
+
+
+# ------------------------------------------------------------------------------------------
+# The batch, in three steps that orchestrators may run as separate tasks:
+#   prepare_batch (model check, case plan; one call) -> predict_case (one per case, in any
+#   process or machine that sees OUT) -> finalize_batch (tables, manifest, report).
+#   `predict` runs all three in one process.
+#
+# The plan lives in OUT/.plan/: batch.json (model identity, options, rejected inputs, case IDs),
+# cases/<case_id>.json (each case's input files), model/ (the verified model folder, so workers
+# never need the registry), failed/<case_id>.json (a quarantined or failed case's record) and
+# locks/<case_id>.lock. Like results.csv it links case IDs to source paths, so it stays inside
+# OUT and never travels as task parameters. One batch per OUT folder at a time.
+
+PLAN_DIR = ".plan"
+PLAN_FILE = "batch.json"
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What `prepare_batch` decided; case IDs and hashes only (nothing identifying)."""
+
+    case_ids: list[str]
+    todo: list[str]  # cases without a valid done-marker
+    inputs_sha256: dict[str, str]  # case ID -> sha256 over its input files' bytes
+    model_sha256: str
+    model_name: str
+    model_version: str
+    options_sha256: str  # over everything that changes a case's outputs besides input and model
+    model_run_id: str | None = None
+    rejected: int = 0  # inputs quarantined while planning (no case ID)
+
+    def case_key(self, case_id: str) -> tuple[str, str, str]:
+        """(input sha256, model sha256, options sha256): what a case's outputs depend on."""
+        return self.inputs_sha256[case_id], self.model_sha256, self.options_sha256
+
+
+def _plan_dir(out: Path) -> Path:
+    return out / PLAN_DIR
+
+
+def _case_to_json(case: PredictCase) -> dict[str, Any]:
+    from pipeline.ingest import _job_to_json
+
+    return {
+        "case_id": case.case_id,
+        "source": case.source,
+        "kind": case.kind,
+        "inputs_sha256": case.inputs_sha256,
+        "job": _job_to_json(case.job) if case.job is not None else None,
+        "image_path": str(case.image_path) if case.image_path is not None else None,
+        "modality": case.modality,
+    }
+
+
+def _case_from_json(data: dict[str, Any]) -> PredictCase:
+    """The case without its job (rebuilding a DICOM job re-reads headers: see `_job_for`)."""
+    return PredictCase(
+        case_id=data["case_id"],
+        source=data["source"],
+        kind=data["kind"],
+        inputs_sha256=data["inputs_sha256"],
+        image_path=Path(data["image_path"]) if data["image_path"] else None,
+        modality=data["modality"],
+    )
+
+
+def _stage_model(handle: ModelHandle, dst: Path) -> None:
+    """Copy the verified model folder to `dst` (workers reload it from there, never the registry)."""
+    from pipeline.model_store import MODEL_FILE, save_model_dir
+
+    try:
+        if json.loads((dst / MODEL_FILE).read_text(encoding="utf-8"))["weights_sha256"] == handle.sha256:
+            return  # an earlier prepare of this batch staged these weights; loading re-verifies them
+    except (OSError, ValueError, KeyError):
+        pass
+    src = handle.loaded.path
+    if (src / MODEL_FILE).is_file():
+        tmp = dst.parent / f".{dst.name}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp)
+        shutil.rmtree(dst, ignore_errors=True)
+        os.replace(tmp, dst)
+    else:  # a handle whose download is gone: write the same weights again (same sha256)
+        save_model_dir(
+            handle.loaded.model,
+            dst,
+            plan=handle.loaded.plan,
+            config=handle.loaded.config,
+            label_names=handle.loaded.label_names,
+        )
+
+
+def prepare_batch(
+    source: str | Path,
+    model: str | Path | ModelHandle,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    postprocess_masks: bool | None = None,
+    secret_file: str | Path | None = None,
+    limits: IngestLimits | None = None,
+    write_seg: bool = True,
+    write_qc: bool = True,
+    progress: bool = False,
+) -> BatchPlan:
+    """Step 1: verify the model (ModelLoadError before anything is written), plan the cases and
+    record the plan in OUT/.plan/; see `predict` for the arguments.
+
+    Cases with a valid done-marker from an earlier run (same input, model and options) are not
+    in `todo`.
+    """
+    from pipeline.config import PipelineConfig, Workdir
+    from pipeline.model_store import MODEL_FILE
+
+    started = datetime.now(UTC)
+    source, out = _resolve_paths(source, out)
+    with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
+        handle = model if isinstance(model, ModelHandle) else load_model(model, device, dst=tmp)
+        if isinstance(model, ModelHandle):  # already on its device: workers use the same kind
+            device = next(model.loaded.model.parameters()).device.type
+        plan_dir = _plan_dir(out)
+        plan_dir.mkdir(parents=True, exist_ok=True)
+        _stage_model(handle, plan_dir / "model")
+    model_dir = plan_dir / "model"
+    staged_sha = json.loads((model_dir / MODEL_FILE).read_text(encoding="utf-8"))["weights_sha256"]
+    if staged_sha != handle.sha256:
+        raise ModelLoadError(f"the model staged at {model_dir} has sha256 {staged_sha}, not {handle.sha256}")
+    _remember_model(handle, device)
+    try:
+        infer = PipelineConfig.from_dict(handle.loaded.config or {}).infer
+    except ValueError:  # a config from another code version: its infer section is advisory only
+        log.warning("the model's training config does not validate here; using default infer options")
+        infer = PipelineConfig().infer
+    options = PredictOptions(
+        batch_size=batch_size or infer.batch_size,
+        largest_component=infer.largest_component if postprocess_masks is None else postprocess_masks,
+        fill_holes=infer.fill_holes if postprocess_masks is None else postprocess_masks,
+    )
+    limits = limits or IngestLimits()
+    secret_path = Path(secret_file) if secret_file else Workdir.resolve().secret_file
+    secret = load_or_create_secret(secret_path)
+    if source.is_file():  # one NIfTI file: plan its folder, keep that file
+        root = source.parent
+        cases, rejected = plan_cases(root, secret, limits, progress)
+        cases = [c for c in cases if c.source == source.name]
+        rejected = [e for e in rejected if e.path == source.name]
+        source = root
+    else:
+        cases, rejected = plan_cases(source, secret, limits, progress)
+
+    quarantine: list[dict[str, Any]] = []
+    rejected_results: list[dict[str, Any]] = []
+    ignored = 0
+    for err in rejected:
+        files = err.details.get("files") or [err.path]
+        if err.reason in IGNORED_REASONS:
+            ignored += 1
+            quarantine.append({"status": "ignored", **err.to_record()})
+            continue
+        quarantine.append({"status": "quarantined", **err.to_record()})
+        where = _common_folder(files) if len(files) > 1 else err.path
+        rejected_results.append(CaseResult("", where, "quarantined", err.reason.value).to_json())
+
+    key = _batch_key(handle.sha256, handle.version, options)
+    shutil.rmtree(plan_dir / "failed", ignore_errors=True)
+    todo = []
+    for case in cases:
+        with atomic_open(plan_dir / "cases" / f"{case.case_id}.json") as fh:
+            json.dump(_case_to_json(case), fh)
+        if _done_marker(out, case, key) is None:
+            todo.append(case.case_id)
+    settings = {
+        "options": dataclasses.asdict(options),
+        "write_seg": write_seg,
+        "write_qc": write_qc,
+        "limits": dataclasses.asdict(limits),
+        "output_version": OUTPUT_VERSION,
+    }
+    batch = {
+        "source": str(source),
+        "secret_file": str(secret_path.resolve()),
+        "device": device,
+        "model": {
+            "uri": handle.uri,
+            "name": handle.name,
+            "version": handle.version,
+            "sha256": handle.sha256,
+            "run_id": handle.run_id,
+            "code_version": handle.loaded.metadata.get("code_version"),
+            "label_names": {str(k): v for k, v in handle.label_names.items()},
+        },
+        "model_dir": str(model_dir),
+        **settings,
+        "options_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "cases": [c.case_id for c in cases],
+        "todo": todo,
+        "quarantine": quarantine,
+        "rejected_results": rejected_results,
+        "ignored": ignored,
+        "started": started.isoformat(timespec="seconds"),
+    }
+    write_text(plan_dir / PLAN_FILE, json.dumps(batch, indent=1, default=str))
+    log.info("predict: %d cases, %d already done, %d to run", len(cases), len(cases) - len(todo), len(todo))
+    return BatchPlan(
+        case_ids=batch["cases"],
+        todo=todo,
+        inputs_sha256={c.case_id: c.inputs_sha256 for c in cases},
+        model_sha256=handle.sha256,
+        model_name=handle.name,
+        model_version=handle.version,
+        options_sha256=batch["options_sha256"],
+        model_run_id=handle.run_id,
+        rejected=len(rejected_results),
+    )
+
+
+# Models loaded in this process, by (weights sha256, device): a long-lived worker loads once.
+_MODELS: dict[tuple[str, str], LoadedModel] = {}
+_MODELS_LOCK = threading.Lock()
+
+
+def _model_key(sha256: str, device: str) -> tuple[str, str]:
+    from pipeline.runtime import resolve_device
+
+    return sha256, str(resolve_device(device))
+
+
+def _remember_model(handle: ModelHandle, device: str) -> None:
+    dev = next(handle.loaded.model.parameters()).device
+    configure_threads()
+    net = prepare_model(handle.loaded.model, dev, channels_last=True).eval()
+    with _MODELS_LOCK:
+        _MODELS[_model_key(handle.sha256, device)] = dataclasses.replace(handle.loaded, model=net)
+
+
+def _cached_model(model_dir: Path, sha256: str, device: str) -> LoadedModel:
+    """The verified model of a batch, loaded at most once per process and device."""
+    from pipeline.model_store import load_model_dir
+    from pipeline.runtime import resolve_device
+
+    key = _model_key(sha256, device)
+    with _MODELS_LOCK:
+        if key not in _MODELS:
+            try:
+                loaded = load_model_dir(model_dir, device=resolve_device(device))
+            except (ValueError, RuntimeError, OSError) as exc:
+                raise ModelLoadError(f"refusing to predict with the model {model_dir}: {exc}") from exc
+            if loaded.sha256 != sha256:
+                raise ModelLoadError(
+                    f"the model at {model_dir} has weights sha256 {loaded.sha256}, but the batch "
+                    f"was planned with {sha256}; run prepare_batch again"
+                )
+            configure_threads()
+            dev = next(loaded.model.parameters()).device
+            net = prepare_model(loaded.model, dev, channels_last=True).eval()
+            _MODELS[key] = dataclasses.replace(loaded, model=net)
+        return _MODELS[key]
+
+
+@dataclass
+class _Batch:
+    """A planned batch as a worker sees it: the plan, the model, the options."""
+
+    out: Path
+    source: Path
+    meta: dict[str, Any]
+    handle: ModelHandle
+    options: PredictOptions
+    device: torch.device
+    limits: IngestLimits
+    key: dict[str, Any]
+
+    def case(self, case_id: str) -> PredictCase:
+        path = _plan_dir(self.out) / "cases" / f"{case_id}.json"
+        return _case_from_json(json.loads(path.read_text(encoding="utf-8")))
+
+    def job_for(self, case: PredictCase) -> PredictCase:
+        """The case with its ingest job rebuilt (DICOM: headers re-read; raises InputRejected)."""
+        from pipeline.ingest import _job_from_json
+
+        data = json.loads((_plan_dir(self.out) / "cases" / f"{case.case_id}.json").read_text("utf-8"))
+        if data["job"] is None:
+            return case
+        secret = load_or_create_secret(Path(self.meta["secret_file"]))
+        job = _job_from_json(data["job"], self.source, secret, self.limits)
+        return dataclasses.replace(case, job=job)
+
+
+def _read_batch(out: Path) -> dict[str, Any]:
+    path = _plan_dir(out) / PLAN_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} does not exist: run prepare_batch for {out} first") from None
+
+
+def _open_batch(out: Path) -> _Batch:
+    meta = _read_batch(out)
+    m = meta["model"]
+    loaded = _cached_model(Path(meta["model_dir"]), m["sha256"], meta["device"])
+    handle = ModelHandle(loaded, m["uri"], m["name"], m["version"], m["sha256"], m.get("run_id"))
+    options = PredictOptions(**meta["options"])
+    return _Batch(
+        out=out,
+        source=Path(meta["source"]),
+        meta=meta,
+        handle=handle,
+        options=options,
+        device=next(loaded.model.parameters()).device,
+        limits=IngestLimits(**meta["limits"]),
+        key=_batch_key(m["sha256"], m["version"], options),
+    )
+
+
+@contextmanager
+def _case_lock(out: Path, case_id: str) -> Iterator[None]:
+    """An exclusive lock on one case across threads and processes (flock: released on death)."""
+    path = _plan_dir(out) / "locks" / f"{case_id}.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _case_summary(result: CaseResult, status: str | None = None) -> dict[str, Any]:
+    return {
+        "case_id": result.case_id,
+        "status": status or result.status,
+        "reason": result.reason,
+        "seconds": result.seconds,
+        "volumes": dict(result.volumes_ml),
+    }
+
+
+def predict_case(out: str | Path, case_id: str) -> dict[str, Any]:
+    """Step 2: run one planned case to its done-marker; returns its summary (nothing identifying).
+
+    {"case_id", "status": ok | quarantined | failed | skipped, "reason", "seconds", "volumes"}.
+    "skipped": a valid done-marker already stood (an earlier run, or the same case submitted
+    twice: the per-case lock makes the second call wait and then find the first one's marker).
+    Never raises for a bad case; raises ModelLoadError or FileNotFoundError when the batch
+    itself cannot run (no plan, a changed model).
+    """
+    out = Path(out).resolve()
+    batch = _open_batch(out)
+    case = batch.case(case_id)
+    with _case_lock(out, case_id):
+        marker = _done_marker(out, case, batch.key)
+        if marker is not None:
+            return _case_summary(CaseResult(**marker["result"]), "skipped")
+        future: Future = Future()
+        try:
+            future.set_result(_load(batch, case))
+        except Exception as exc:  # noqa: BLE001  (classified by _run_case like a prefetch failure)
+            future.set_exception(exc)
+        return _case_summary(_run_case(case, future, batch))
+
+
+def finalize_batch(out: str | Path) -> PredictSummary:
+    """Step 3: results.csv, quarantine.jsonl, run_manifest.json and report.html from the plan and
+    the cases' done-markers. A planned case with neither a marker nor a failure record (its
+    worker was killed or timed out, or it never ran) is listed as failed."""
+    from pipeline import export
+
+    out = Path(out).resolve()
+    meta = _read_batch(out)
+    m = meta["model"]
+    options = PredictOptions(**meta["options"])
+    key = _batch_key(m["sha256"], m["version"], options)
+    names = {int(k): v for k, v in m["label_names"].items()}
+    todo = set(meta["todo"])
+    quarantine: list[dict[str, Any]] = list(meta["quarantine"])
+    results: list[CaseResult] = []
+    cases: list[PredictCase] = []
+    for case_id in meta["cases"]:
+        case = _case_from_json(
+            json.loads((_plan_dir(out) / "cases" / f"{case_id}.json").read_text(encoding="utf-8"))
+        )
+        cases.append(case)
+        marker = _done_marker(out, case, key)
+        failed_path = _plan_dir(out) / "failed" / f"{case_id}.json"
+        if marker is not None:
+            results.append(CaseResult(**{**marker["result"], "skipped": case_id not in todo}))
+            continue
+        if failed_path.is_file():
+            record = json.loads(failed_path.read_text(encoding="utf-8"))
+        else:
+            record = {
+                "status": "failed",
+                "case_id": case_id,
+                "path": case.source,
+                "reason": Reason.PREDICTION_FAILED.value,
+                "message": "no result: the case timed out, its worker died, or it was not run",
+            }
+        quarantine.append(record)
+        results.append(CaseResult(case_id, case.source, record["status"], record["reason"]))
+    results += [CaseResult(**r) for r in meta["rejected_results"]]
+
+    summary = PredictSummary(out=out, results=results, ignored=meta["ignored"])
+    label_list = [names[v] for v in sorted(names) if v != 0]
+    export.write_results_csv(out / "results.csv", results, label_list, m["name"], m["version"])
+    export.write_jsonl(out / "quarantine.jsonl", quarantine)
+    model_dir = Path(meta["model_dir"])
+    read = {n: json.loads((model_dir / f"{n}.json").read_text(encoding="utf-8")) for n in ("plan", "config")}
+    manifest = {
+        "model": dict(m),
+        "code_version": code_version(),
+        "plan": read["plan"],
+        "config": read["config"],
+        "options": meta["options"] | {"device": meta["device"]},
+        "inputs": {c.case_id: {"source": c.source, "inputs_sha256": c.inputs_sha256} for c in cases},
+        "counts": {
+            "cases": len(results),
+            "ok": summary.count("ok"),
+            "processed": summary.processed,
+            "skipped": summary.skipped,
+            "quarantined": summary.count("quarantined"),
+            "failed": summary.count("failed"),
+            "ignored_files": meta["ignored"],
+        },
+        "exit_code": summary.exit_code,
+        "started": meta["started"],
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    export.write_json(out / "run_manifest.json", manifest)
+    export.write_report_html(out / "report.html", results, label_list, manifest, out)
+    log.info(
+        "predict: %d ok (%d skipped), %d quarantined, %d failed",
+        summary.count("ok"),
+        summary.skipped,
+        summary.count("quarantined"),
+        summary.count("failed"),
+    )
+    return summary
 
 
 def predict(
@@ -435,131 +893,53 @@ def predict(
     `batch_size` and `postprocess_masks` default to the model's training config (infer section);
     `postprocess_masks=True` turns on both largest-component and hole filling, False turns both off.
     Raises ModelLoadError (before any case runs), FileNotFoundError or ValueError for bad arguments;
-    never for a bad case.
+    never for a bad case. The three steps in one process, the next case loading in the background.
     """
-    from pipeline import export
-    from pipeline.config import PipelineConfig
-    from pipeline.ingest import _secret  # the same site secret, and so the same case IDs, as ingest
-
-    started = datetime.now(UTC)
-    source, out = _resolve_paths(source, out)
-    handle = model if isinstance(model, ModelHandle) else load_model(model, device)
-    dev = next(handle.loaded.model.parameters()).device
-    configure_threads()
-    net = prepare_model(handle.loaded.model, dev, channels_last=True).eval()
-    handle = dataclasses.replace(handle, loaded=dataclasses.replace(handle.loaded, model=net))
-    try:
-        infer = PipelineConfig.from_dict(handle.loaded.config or {}).infer
-    except ValueError:  # a config from another code version: its infer section is advisory only
-        log.warning("the model's training config does not validate here; using default infer options")
-        infer = PipelineConfig().infer
-    options = PredictOptions(
-        batch_size=batch_size or infer.batch_size,
-        largest_component=infer.largest_component if postprocess_masks is None else postprocess_masks,
-        fill_holes=infer.fill_holes if postprocess_masks is None else postprocess_masks,
+    plan = prepare_batch(
+        source,
+        model,
+        out,
+        device=device,
+        batch_size=batch_size,
+        postprocess_masks=postprocess_masks,
+        secret_file=secret_file,
+        limits=limits,
+        write_seg=write_seg,
+        write_qc=write_qc,
+        progress=progress,
     )
-    limits = limits or IngestLimits()
-    plan = _plan(handle)
+    out = Path(out).resolve()
+    if plan.todo:
+        batch = _open_batch(out)
+        todo = [batch.case(case_id) for case_id in plan.todo]
+        bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
+        for case, future in _prefetch(todo, lambda c: _load(batch, c)):
+            with _case_lock(out, case.case_id):
+                result = _run_case(case, future, batch)
+            if on_case_done is not None:
+                on_case_done(result)
+            bar.update(1)
+        bar.close()
+    return finalize_batch(out)
 
-    secret = load_or_create_secret(Path(secret_file)) if secret_file else _secret(None)
-    if source.is_file():  # one NIfTI file: plan its folder, keep that file
-        root = source.parent
-        cases, rejected = plan_cases(root, secret, limits, progress)
-        rel = source.name
-        cases = [c for c in cases if c.source == rel]
-        rejected = [e for e in rejected if e.path == rel]
-        source = root
-    else:
-        cases, rejected = plan_cases(source, secret, limits, progress)
-    out.mkdir(parents=True, exist_ok=True)
 
-    names = handle.label_names
-    results: list[CaseResult] = []
-    quarantine: list[dict[str, Any]] = []
-    ignored = 0
-    for err in rejected:
-        files = err.details.get("files") or [err.path]
-        if err.reason in IGNORED_REASONS:
-            ignored += 1
-            quarantine.append({"status": "ignored", **err.to_record()})
-            continue
-        quarantine.append({"status": "quarantined", **err.to_record()})
-        results.append(
-            CaseResult(
-                "", _common_folder(files) if len(files) > 1 else err.path, "quarantined", err.reason.value
-            )
-        )
+@dataclass
+class _Loaded:
+    case: PredictCase  # with its job rebuilt
+    volume: Volume
+    slices: torch.Tensor
+    info: Any
+    seconds: float
 
-    todo: list[PredictCase] = []
-    by_id: dict[str, CaseResult] = {}
-    for case in cases:
-        marker = _done_marker(out, case, handle, options)
-        if marker is not None:
-            result = CaseResult(**{**marker["result"], "skipped": True})
-            by_id[case.case_id] = result
-        else:
-            todo.append(case)
-    log.info("predict: %d cases, %d already done, %d to run", len(cases), len(by_id), len(todo))
 
-    def load(case: PredictCase) -> _Loaded:
-        from pipeline.transforms import preprocess_volume
+def _load(batch: _Batch, case: PredictCase) -> _Loaded:
+    from pipeline.transforms import preprocess_volume
 
-        t0 = time.perf_counter()
-        volume = load_image(case, source, limits)
-        slices, info = preprocess_volume(volume, plan)
-        return _Loaded(volume, slices, info, time.perf_counter() - t0)
-
-    bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress or not todo)
-    for case, future in _prefetch(todo, load):
-        result = _run_case(case, future, handle, options, out, dev, names, write_seg, write_qc, quarantine)
-        by_id[case.case_id] = result
-        if on_case_done is not None:
-            on_case_done(result)
-        bar.update(1)
-    bar.close()
-    results = [by_id[c.case_id] for c in cases] + results
-
-    summary = PredictSummary(out=out, results=results, ignored=ignored)
-    label_list = [names[v] for v in sorted(names) if v != 0]
-    export.write_results_csv(out / "results.csv", results, label_list, handle.name, handle.version)
-    export.write_jsonl(out / "quarantine.jsonl", quarantine)
-    manifest = {
-        "model": {
-            "uri": handle.uri,
-            "name": handle.name,
-            "version": handle.version,
-            "sha256": handle.sha256,
-            "code_version": handle.loaded.metadata.get("code_version"),
-            "label_names": {str(k): v for k, v in names.items()},
-        },
-        "code_version": code_version(),
-        "plan": handle.loaded.plan,
-        "config": handle.loaded.config,
-        "options": dataclasses.asdict(options) | {"device": str(dev)},
-        "inputs": {c.case_id: {"source": c.source, "inputs_sha256": c.inputs_sha256} for c in cases},
-        "counts": {
-            "cases": len(results),
-            "ok": summary.count("ok"),
-            "processed": summary.processed,
-            "skipped": summary.skipped,
-            "quarantined": summary.count("quarantined"),
-            "failed": summary.count("failed"),
-            "ignored_files": ignored,
-        },
-        "exit_code": summary.exit_code,
-        "started": started.isoformat(timespec="seconds"),
-        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    export.write_json(out / "run_manifest.json", manifest)
-    export.write_report_html(out / "report.html", results, label_list, manifest, out)
-    log.info(
-        "predict: %d ok (%d skipped), %d quarantined, %d failed",
-        summary.count("ok"),
-        summary.skipped,
-        summary.count("quarantined"),
-        summary.count("failed"),
-    )
-    return summary
+    t0 = time.perf_counter()
+    case = batch.job_for(case)
+    volume = load_image(case, batch.source, batch.limits)
+    slices, info = preprocess_volume(volume, _plan(batch.handle))
+    return _Loaded(case, volume, slices, info, time.perf_counter() - t0)
 
 
 def _prefetch(
@@ -578,43 +958,45 @@ def _prefetch(
             yield case, current
 
 
-def _run_case(
-    case: PredictCase,
-    future: Future,
-    handle: ModelHandle,
-    options: PredictOptions,
-    out: Path,
-    device: torch.device,
-    names: dict[int, str],
-    write_seg: bool,
-    write_qc: bool,
-    quarantine: list[dict[str, Any]],
-) -> CaseResult:
-    """Run one case to its done-marker; a bad case becomes a quarantined or failed result."""
+def _record_failure(out: Path, case_id: str, record: dict[str, Any] | None) -> None:
+    path = _plan_dir(out) / "failed" / f"{case_id}.json"
+    if record is None:
+        path.unlink(missing_ok=True)
+        return
+    with atomic_open(path) as fh:
+        json.dump(record, fh, default=str)
+
+
+def _run_case(case: PredictCase, future: Future, batch: _Batch) -> CaseResult:
+    """Run one case to its done-marker; a bad case becomes a quarantined or failed result,
+    recorded in OUT/.plan/failed/ for `finalize_batch`."""
     from pipeline import export
 
-    case_dir = out / case.case_id
-    _clear_case(case_dir)
+    handle, options, names = batch.handle, batch.options, batch.handle.label_names
+    case_dir = batch.out / case.case_id
     t0 = time.perf_counter()
     try:
+        _clear_case(case_dir)
         loaded: _Loaded = future.result()
+        case = loaded.case
         mask = predict_volume(
-            handle, loaded.volume, options, device=device, prepared=(loaded.slices, loaded.info)
+            handle, loaded.volume, options, device=batch.device, prepared=(loaded.slices, loaded.info)
         )
         outputs = [MASK_FILE]
         export.write_mask_nifti(case_dir / MASK_FILE, mask, loaded.volume.affine)
-        if write_seg and case.kind == "dicom" and case.job is not None and case.job.group is not None:
+        job = case.job
+        if batch.meta["write_seg"] and case.kind == "dicom" and job is not None and job.group is not None:
             export.write_dicom_seg(
                 case_dir / SEG_FILE,
                 mask,
-                case.job.group,
+                job.group,
                 names,
                 algorithm_name=handle.name,
                 algorithm_version=handle.version,
                 software_version=code_version(),
             )
             outputs.append(SEG_FILE)
-        if write_qc:
+        if batch.meta["write_qc"]:
             export.write_qc_png(case_dir / QC_FILE, loaded.volume.data, mask, names, title=case.case_id)
             outputs.append(QC_FILE)
         volumes_ml, voxels = _volumes(mask, loaded.volume.spacing, names)
@@ -626,27 +1008,28 @@ def _run_case(
             voxels=voxels,
             seconds=round(loaded.seconds + time.perf_counter() - t0, 3),
         )
-        marker = {**_marker_key(case, handle, options), "outputs": outputs, "result": result.to_json()}
+        marker = {**_marker_key(case, batch.key), "outputs": outputs, "result": result.to_json()}
         marker["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+        _record_failure(batch.out, case.case_id, None)
         with atomic_open(case_dir / DONE_FILE) as fh:  # last: the case is done only now
             json.dump(marker, fh, indent=2)
         log.info("case %s: ok in %.2f s", case.case_id, result.seconds)
         return result
     except InputRejected as err:
         err.details.setdefault("files", [case.source])
-        quarantine.append({"status": "quarantined", "case_id": case.case_id, **err.to_record()})
+        record = {"status": "quarantined", "case_id": case.case_id, **err.to_record()}
+        _record_failure(batch.out, case.case_id, record)
         log.warning("case %s quarantined: %s", case.case_id, err.reason.value)
         return CaseResult(case.case_id, case.source, "quarantined", err.reason.value)
     except (OSError, ValueError, RuntimeError, MemoryError, KeyError, IndexError, TypeError) as exc:
         # Not the input's fault as far as we know: keep the batch going, say what happened.
-        quarantine.append(
-            {
-                "status": "failed",
-                "case_id": case.case_id,
-                "path": case.source,
-                "reason": Reason.PREDICTION_FAILED.value,
-                "message": f"prediction failed with {type(exc).__name__}: {exc}",
-            }
-        )
+        record = {
+            "status": "failed",
+            "case_id": case.case_id,
+            "path": case.source,
+            "reason": Reason.PREDICTION_FAILED.value,
+            "message": f"prediction failed with {type(exc).__name__}: {exc}",
+        }
+        _record_failure(batch.out, case.case_id, record)
         log.error("case %s failed: %s", case.case_id, type(exc).__name__)
         return CaseResult(case.case_id, case.source, "failed", Reason.PREDICTION_FAILED.value)

@@ -450,6 +450,37 @@ def register(
     return int(version.version)
 
 
+def resolve_model_version(uri: str, *, tracking_uri: str | None = None) -> tuple[str, str]:
+    """`models:/NAME@ALIAS` or `models:/NAME/VERSION` -> (NAME, VERSION number as a string).
+
+    Outputs record the number, never the alias: an alias moves, a version does not.
+    Raises TrackingError when the alias or version is not registered.
+    """
+    parsed = urlparse(str(uri))
+    ref = (parsed.netloc + parsed.path).strip("/")
+    if parsed.scheme != "models" or not ref or ("@" not in ref and ref.count("/") != 1):
+        raise ValueError(f"expected models:/NAME@ALIAS or models:/NAME/VERSION, got {uri!r}")
+    _use_store(tracking_uri)
+    client = mlflow.MlflowClient()
+    try:
+        if "@" in ref:
+            name, alias = ref.split("@", 1)
+            return name, str(client.get_model_version_by_alias(name, alias).version)
+        name, version = ref.split("/")
+        return name, str(client.get_model_version(name, version).version)
+    except mlflow.MlflowException as exc:
+        raise TrackingError(f"cannot resolve the model {uri}: {exc.message}") from exc
+
+
+def model_version_run_id(name: str, version: str, *, tracking_uri: str | None = None) -> str | None:
+    """The MLflow run that produced a registered version, when the registry knows it."""
+    _use_store(tracking_uri)
+    try:
+        return mlflow.MlflowClient().get_model_version(name, version).run_id or None
+    except mlflow.MlflowException:
+        return None
+
+
 def _find_model_dir(root: Path) -> Path:
     """The model folder inside a downloaded MLflow model (or `root` itself)."""
     if not root.is_dir():

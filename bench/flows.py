@@ -1,0 +1,105 @@
+"""Orchestration overhead: `batch_inference_flow` over the same pipeline calls without Prefect.
+
+    python bench/flows.py                      # 50 cases of 48 x 48 x 24, thread task runner
+    python bench/flows.py --cases 20 --repeats 2
+
+Without Prefect: `prepare_batch`, then `predict_case` for each case in this process, then
+`finalize_batch`. With Prefect: `batch_inference_flow` (thread task runner, each case in an
+isolated child process with its timeout, per-case caching, artifacts) on Prefect's ephemeral API,
+started and warmed up before timing. Each run writes into a fresh OUT folder, so every case runs.
+Ratio = flow seconds / plain seconds (target <= 1.10). The model is an untrained tiny U-Net with a
+plan from a small demo dataset (speed does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+
+def _make_cases(src: Path, n: int, shape: tuple[int, int, int], seed: int = 0) -> None:
+    """`n` synthetic NIfTI volumes: a bright ellipsoid on noise, 1 x 1 x 2.5 mm voxels."""
+    rng = np.random.default_rng(seed)
+    src.mkdir(parents=True)
+    grid = np.stack(np.meshgrid(*[np.linspace(-1, 1, s) for s in shape], indexing="ij"))
+    affine = np.diag([1.0, 1.0, 2.5, 1.0])
+    for i in range(n):
+        radii = rng.uniform(0.3, 0.7, size=3)[:, None, None, None]
+        blob = ((grid / radii) ** 2).sum(axis=0) < 1
+        data = (rng.normal(0, 20, shape) + 100 + 300 * blob).astype(np.int16)
+        nib.save(nib.Nifti1Image(data, affine), src / f"bench_{i:03d}.nii.gz")
+
+
+def main(argv: list[str] | None = None) -> dict[str, float]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--cases", type=int, default=50)
+    p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 24))
+    p.add_argument("--repeats", type=int, default=1, help="timed runs of each (the best counts)")
+    args = p.parse_args(argv)
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-flows-"))
+    os.environ.setdefault("PREFECT_HOME", str(tmp / "prefect"))
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("UNET_PIPELINE_WORKDIR", str(tmp / "workdir"))
+    try:
+        from flows.common import task_runner
+        from flows.inference import batch_inference_flow
+        from pipeline.inference import finalize_batch, predict_case, prepare_batch
+        from pipeline.ingest import ingest
+        from pipeline.plan import plan_dataset
+        from pipeline.synthetic.dataset import make_demo_dataset
+        from tests.pipeline.predict_fixture import save_untrained_model
+
+        demo = make_demo_dataset(tmp / "demo", n_cases=3, size=48)
+        secret = tmp / "secret"
+        ingest(demo.msd_root, tmp / "staging", secret_file=secret, workers=1)
+        model = save_untrained_model(plan_dataset(tmp / "staging"), tmp / "model")
+        src = tmp / "cases"
+        _make_cases(src, args.cases, tuple(args.shape))
+        warm = tmp / "warm"
+        _make_cases(warm, 2, tuple(args.shape), seed=1)
+        flow = batch_inference_flow.with_options(task_runner=task_runner("threads"))
+        common = {"model_uri": str(model), "device": "cpu", "secret_file": str(secret)}
+        flow(str(warm), str(tmp / "out-warm"), **common)  # starts the API server and the forkserver
+
+        def plain(out: Path) -> int:
+            plan = prepare_batch(src, model, out, device="cpu", secret_file=secret)
+            for case_id in plan.todo:
+                predict_case(out, case_id)
+            return finalize_batch(out).count("ok")
+
+        def orchestrated(out: Path) -> int:
+            return flow(str(src), str(out), **common)["ok"]
+
+        best = {"plain": float("inf"), "flow": float("inf")}
+        for r in range(args.repeats):
+            for name, fn in (("plain", plain), ("flow", orchestrated)):
+                out = tmp / f"out-{name}-{r}"
+                start = time.perf_counter()
+                ok = fn(out)
+                best[name] = min(best[name], time.perf_counter() - start)
+                if ok != args.cases:
+                    raise RuntimeError(f"{name}: {ok} of {args.cases} cases ok")
+                shutil.rmtree(out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    ratio = best["flow"] / best["plain"]
+    print(f"batch inference, {args.cases} cases of {'x'.join(map(str, args.shape))}, CPU")
+    print(f"  without Prefect {best['plain']:.2f} s; batch_inference_flow {best['flow']:.2f} s")
+    print(f"  ratio flow / plain = {ratio:.3f} (target <= 1.10)")
+    return {"plain_s": best["plain"], "flow_s": best["flow"], "ratio": ratio}
+
+
+if __name__ == "__main__":
+    main()

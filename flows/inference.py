@@ -1,0 +1,171 @@
+"""batch_inference_flow: a registered model over a source folder, one task per case.
+
+prepare (model check, case plan; retried: registry and share I/O) -> predict-case per case (GPU,
+no retries: deterministic compute; a killed child process at the per-case timeout; cached on
+input bytes, model weights, options and output folder) -> finalize (tables, report; retried).
+The flow's final state is Failed when any case failed, with the summary as its data.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import (
+    create_link_artifact,
+    create_markdown_artifact,
+    create_progress_artifact,
+    create_table_artifact,
+    update_progress_artifact,
+)
+from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
+from prefect.states import Completed, Failed
+
+from flows.common import CaseTimeout, content_key, path_key, run_isolated
+from pipeline.inference import BatchPlan, finalize_batch, predict_case, prepare_batch
+
+
+@task(
+    name="prepare-batch",
+    retries=2,
+    retry_delay_seconds=[5, 30],
+    tags=["io", "tracking"],
+    cache_policy=NO_CACHE,
+)
+def prepare_task(
+    source: str, out: str, model_uri: str, device: str, batch_size: int | None, secret_file: str | None
+) -> BatchPlan:
+    """Verify the model once, stage it under OUT/.plan/ and plan the cases (registry and share I/O)."""
+    return prepare_batch(
+        source, model_uri, out, device=device, batch_size=batch_size, secret_file=secret_file
+    )
+
+
+def _case_key(context, parameters) -> str:
+    """Content key: the case's input bytes, the model weights, the options, the output folder."""
+    plan: BatchPlan = parameters["plan"]
+    case_id = parameters["case_id"]
+    return content_key("predict", case_id, *plan.case_key(case_id), path_key(parameters["out"]))
+
+
+@task(
+    name="predict-case",
+    task_run_name="predict-{case_id}",
+    tags=["gpu"],
+    cache_key_fn=_case_key,
+    persist_result=True,
+    result_serializer="json",
+)
+def predict_case_task(out: str, case_id: str, plan: BatchPlan, timeout_s: float) -> dict:
+    """One case to its done-marker in a child process killed at `timeout_s` (hung work stops).
+
+    No retries: the same input and model fail the same way again.
+    """
+    try:
+        return run_isolated(predict_case, out, case_id, timeout_s=timeout_s)
+    except CaseTimeout:
+        # finalize_batch lists the case as failed (no done-marker, no record); a rerun redoes it.
+        return {
+            "case_id": case_id,
+            "status": "failed",
+            "reason": "TIMEOUT",
+            "seconds": timeout_s,
+            "volumes": {},
+        }
+
+
+@task(name="finalize-batch", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
+def finalize_task(out: str) -> dict:
+    """results.csv, quarantine.jsonl, run_manifest.json and report.html; a summary without sources."""
+    summary = finalize_batch(out)
+    return {
+        "cases": len(summary.results),
+        "ok": summary.count("ok"),
+        "processed": summary.processed,
+        "skipped": summary.skipped,
+        "quarantined": summary.count("quarantined"),
+        "failed": summary.count("failed"),
+        "exit_code": summary.exit_code,
+        "results": str(summary.out / "results.csv"),
+        "report": str(summary.out / "report.html"),
+        "rows": [
+            {
+                "case": r.case_id or "(rejected input)",
+                "status": r.status,
+                "reason": r.reason,
+                "skipped": r.skipped,
+                "volumes": "; ".join(f"{k} {v} mL" for k, v in r.volumes_ml.items()),
+            }
+            for r in summary.results
+        ],
+    }
+
+
+_PREDICT_REFRESH = predict_case_task.with_options(refresh_cache=True)
+
+
+@flow(name="batch-inference", log_prints=False, validate_parameters=True)
+def batch_inference_flow(
+    source: str,
+    out: str,
+    model_uri: str = "models:/unet-seg@champion",
+    device: str = "auto",
+    batch_size: int | None = None,
+    case_timeout_s: float = 1800.0,
+    secret_file: str | None = None,
+) -> dict:
+    """Predict every case under SOURCE into OUT; the final state is Failed when any case failed."""
+    logger = get_run_logger()
+    plan = prepare_task(source, out, model_uri, device, batch_size, secret_file)
+    todo = set(plan.todo)
+    total = max(1, len(plan.case_ids))
+    progress = create_progress_artifact(
+        0.0, key="batch-inference-progress", description="Cases finished in the running batch."
+    )
+    futures = [
+        # A case without a valid done-marker always runs; the others may come from the cache.
+        (_PREDICT_REFRESH if case_id in todo else predict_case_task).submit(
+            out, case_id, plan, case_timeout_s
+        )
+        for case_id in plan.case_ids
+    ]
+    for finished, _ in enumerate(as_completed(futures), start=1):
+        update_progress_artifact(progress, 100.0 * finished / total)
+    for future in futures:
+        state = future.state
+        if not state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
+            logger.error("predict-case %s ended %s", future.task_run_id, state.name)
+    summary = finalize_task(out)
+
+    create_table_artifact(
+        key="batch-inference-cases",
+        table=summary["rows"],
+        description="Cases of the last batch inference (pseudonymous IDs; volumes in mL).",
+    )
+    run = f", MLflow run `{plan.model_run_id}`" if plan.model_run_id else ""
+    create_markdown_artifact(
+        key="batch-inference-summary",
+        markdown=(
+            f"# Batch inference\n\nModel **{plan.model_name}** version **{plan.model_version}** "
+            f"(weights sha256 `{plan.model_sha256[:12]}`{run}).\n\n"
+            f"| cases | ok | run now | unchanged | quarantined | failed |\n|---|---|---|---|---|---|\n"
+            f"| {summary['cases']} | {summary['ok']} | {summary['processed']} | {summary['skipped']} "
+            f"| {summary['quarantined']} | {summary['failed']} |\n\n"
+            f"Results: `{summary['results']}`\n\nQC report: `{summary['report']}`\n"
+        ),
+    )
+    create_link_artifact(
+        key="batch-inference-report",
+        link=Path(summary["report"]).as_uri(),
+        link_text="QC report",
+        description="Self-contained HTML report: every case with status, volumes and QC picture.",
+    )
+    message = (
+        f"{summary['ok']} ok ({summary['skipped']} unchanged), {summary['quarantined']} quarantined, "
+        f"{summary['failed']} failed; model {plan.model_name} v{plan.model_version}"
+    )
+    logger.info("batch inference: %s", message)
+    if summary["failed"]:
+        return Failed(message=message, data=summary)
+    return Completed(message=message, data=summary)

@@ -1,0 +1,203 @@
+"""batch_inference_flow on Prefect's ephemeral API with a tiny untrained model and demo NIfTI cases.
+
+One module-scoped API server (its start costs about 10 s); PREFECT_HOME and result storage live in
+a temporary folder. Most tests run the real flow; the lock and timeout tests call the pipeline
+steps and `run_isolated` directly.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.inference import finalize_batch, predict_case, prepare_batch
+from tests.pipeline.predict_fixture import PredictSetup, make_predict_setup
+
+CASE_ID = re.compile(r"^case_[0-9a-f]{16}$")
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    """A temporary Prefect home and one ephemeral API server for the module; yields the flows module."""
+    home = tmp_path_factory.mktemp("prefect-home")
+    env = {
+        "PREFECT_HOME": str(home),
+        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "PREFECT_LOGGING_LEVEL": "WARNING",
+    }
+    with pytest.MonkeyPatch.context() as mp:
+        for key, value in env.items():
+            mp.setenv(key, value)
+        import prefect.settings
+        from prefect.testing.utilities import prefect_test_harness
+
+        import flows.inference
+
+        updates = {
+            prefect.settings.PREFECT_HOME: str(home),
+            prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
+            prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        }
+        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness():
+            yield flows.inference
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory) -> PredictSetup:
+    return make_predict_setup(tmp_path_factory.mktemp("flow"), n_cases=6, size=32)
+
+
+def _source(setup: PredictSetup, root: Path, n: int, broken: bool = False) -> Path:
+    src = root / f"src{n}"
+    src.mkdir()
+    for case in setup.demo.cases[:n]:
+        shutil.copy(setup.demo.msd_root / case.msd_image, src / Path(case.msd_image).name)
+    if broken:  # a NIfTI file cut short: a case of its own, quarantined when it is loaded
+        (src / "broken.nii").write_bytes((src / Path(setup.demo.cases[0].msd_image).name).read_bytes()[:100])
+    return src
+
+
+def _run(flows_mod, setup, src, out, **kw):
+    return flows_mod.batch_inference_flow(
+        str(src),
+        str(out),
+        model_uri=str(setup.model_dir),
+        device="cpu",
+        secret_file=str(setup.secret),
+        return_state=True,
+        **kw,
+    )
+
+
+def _client():
+    from prefect.client.orchestration import get_client
+
+    return get_client(sync_client=True)
+
+
+def _task_runs(flow_run_id) -> list:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client() as client:
+        return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+
+
+def test_flow_writes_outputs_and_artifacts_and_a_rerun_comes_from_the_cache(prefect_api, setup, tmp_path):
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    src, out = _source(setup, tmp_path, 6, broken=True), tmp_path / "out"
+    state = _run(prefect_api, setup, src, out)
+    assert state.is_completed(), state.message
+    summary = state.result()
+    assert (summary["ok"], summary["quarantined"], summary["failed"], summary["processed"]) == (6, 1, 0, 6)
+    ok = [r["case"] for r in summary["rows"] if r["status"] == "ok"]
+    assert len(ok) == 6 and all(CASE_ID.match(c) for c in ok)
+    for case_id in ok:
+        assert {p.name for p in (out / case_id).iterdir()} == {"seg.nii.gz", "qc.png", "done.json"}
+    for name in ("results.csv", "quarantine.jsonl", "run_manifest.json", "report.html"):
+        assert (out / name).is_file()
+    assert (out / ".plan" / "model" / "weights.safetensors").is_file()
+
+    flow_run_id = state.state_details.flow_run_id
+    with _client() as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    by_key = {a.key: a for a in artifacts}
+    assert set(by_key) >= {
+        "batch-inference-progress",
+        "batch-inference-cases",
+        "batch-inference-summary",
+        "batch-inference-report",
+    }
+    assert float(by_key["batch-inference-progress"].data) == pytest.approx(100.0)
+    table = by_key["batch-inference-cases"].data
+    assert "quarantined" in table and all(c in table for c in ok)
+    markdown = by_key["batch-inference-summary"].data
+    assert "**model** version **local**" in markdown and str(out / "report.html") in markdown
+    assert (out / "report.html").as_uri() in by_key["batch-inference-report"].data
+    # No source names or paths of the cases in names or artifacts: case IDs only.
+    names = [t.name for t in _task_runs(flow_run_id) if t.name.startswith("predict-")]
+    assert len(names) == 7 and all(re.fullmatch(r"predict-case_[0-9a-f]{16}", n) for n in names)
+    for text in (table, markdown):
+        assert "broken.nii" not in text and not any(Path(c.msd_image).name in text for c in setup.demo.cases)
+
+    rerun = _run(prefect_api, setup, src, out)
+    assert rerun.is_completed(), rerun.message
+    again = rerun.result()
+    assert (again["ok"], again["skipped"], again["processed"], again["quarantined"]) == (6, 6, 0, 1)
+    runs = _task_runs(rerun.state_details.flow_run_id)
+    states = sorted(t.state.name for t in runs if t.name.startswith("predict-"))
+    assert states == ["Cached"] * 6 + ["Completed"]  # the quarantined case has no done-marker: it reruns
+
+
+def test_a_failing_case_fails_the_flow_and_the_others_finish(prefect_api, setup, tmp_path):
+    src, out = _source(setup, tmp_path, 3), tmp_path / "out"
+    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    victim = plan.case_ids[0]
+    (out / victim).write_text("a file where the case folder goes")  # writing its outputs fails
+    state = _run(prefect_api, setup, src, out)
+    assert state.is_failed()
+    assert "1 failed" in state.message
+    summary = state.result(raise_on_failure=False)
+    statuses = {r["case"]: r["status"] for r in summary["rows"]}
+    assert statuses == {**dict.fromkeys(plan.case_ids, "ok"), victim: "failed"}
+    assert all((out / c / "done.json").is_file() for c in plan.case_ids if c != victim)
+
+
+def test_the_same_case_submitted_twice_at_once_is_processed_once(setup, tmp_path):
+    src, out = _source(setup, tmp_path, 1), tmp_path / "out"
+    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    (case_id,) = plan.todo
+    results: list[dict] = []
+    threads = [threading.Thread(target=lambda: results.append(predict_case(out, case_id))) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert sorted(r["status"] for r in results) == ["ok", "skipped"]
+    assert {r["case_id"] for r in results} == {case_id}
+    assert finalize_batch(out).processed == 1
+
+
+def test_a_case_past_its_timeout_is_killed_and_the_batch_goes_on(prefect_api, setup, tmp_path):
+    from flows.common import CaseTimeout, run_isolated
+
+    t0 = time.perf_counter()
+    with pytest.raises(CaseTimeout):
+        run_isolated(time.sleep, 60, timeout_s=1.0)
+    assert time.perf_counter() - t0 < 15
+
+    src, out = _source(setup, tmp_path, 2), tmp_path / "out"
+    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    hung, fine = plan.case_ids
+    task = prefect_api.predict_case_task.fn
+    assert task(str(out), hung, plan, 0.001)["reason"] == "TIMEOUT"
+    assert task(str(out), fine, plan, 120.0)["status"] == "ok"
+    summary = finalize_batch(out)
+    assert {r.case_id: r.status for r in summary.results} == {hung: "failed", fine: "ok"}
+    assert not (out / hung / "done.json").exists()
+
+
+def test_dask_task_runner_with_two_local_workers(prefect_api, setup, tmp_path):
+    from flows.common import task_runner
+
+    src, out = _source(setup, tmp_path, 3), tmp_path / "out"
+    flow = prefect_api.batch_inference_flow.with_options(task_runner=task_runner("dask", workers=2))
+    state = flow(
+        str(src),
+        str(out),
+        model_uri=str(setup.model_dir),
+        device="cpu",
+        secret_file=str(setup.secret),
+        return_state=True,
+    )
+    assert state.is_completed(), state.message
+    assert state.result()["ok"] == 3
+    assert len(list(out.glob("case_*/done.json"))) == 3
