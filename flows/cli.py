@@ -25,6 +25,7 @@ def _embedded_environment(workdir: Path) -> None:
     os.environ.setdefault("PREFECT_SERVER_LOGGING_LEVEL", "WARNING")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
 
 
 @app.command("demo")
@@ -42,7 +43,13 @@ def demo(
 
     workdir = workdir.resolve()
     _embedded_environment(workdir)
+    import warnings
+
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    # MONAI announces on import that an optional GPU JPEG decoder is absent: not a problem here.
+    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
     from pipeline.config import Workdir
     from pipeline.synthetic.dataset import make_demo_dataset
     from pipeline.tracking import mlflow_ui_command
@@ -82,7 +89,7 @@ def demo(
     typer.echo(f"validation   mean Dice {dice['mean']:.3f} ({per_label})")
     typer.echo(f"registered   {trained['model_name']} version {trained['model_version']} -> alias '{alias}'")
     typer.echo(
-        f"held-out     {len(batch.get('cases', [])) or batch.get('ok', '')} cases predicted, "
+        f"held-out     {batch.get('ok', 0)} of {batch.get('cases', 0)} cases predicted, "
         f"mean Dice {holdout.get('dice_mean', float('nan')):.3f}"
     )
     typer.echo(f"masks        {out}/<case_id>/seg.nii.gz and seg.dcm")
