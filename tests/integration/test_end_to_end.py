@@ -12,25 +12,14 @@ import pytest
 import torch
 
 from pipeline import tracking
-from pipeline.config import PipelineConfig
 from pipeline.inference import predict
 from pipeline.ingest import ingest, read_manifest
 from pipeline.model_store import load_model_dir
 from pipeline.registry import gate, register_model, train_and_log
 from pipeline.synthetic.dataset import make_demo_dataset
+from tests.pipeline.staging_fixture import tiny_config
 
-TINY = PipelineConfig().replace(
-    model={"base_channels": 4, "depth": 3},
-    train={
-        "epochs": 2,
-        "steps_per_epoch": 2,
-        "batch_size": 4,
-        "slices_per_volume": 2,
-        "val_every": 1,
-        "time_budget_minutes": None,
-        "device": "cpu",
-    },
-)
+TINY = tiny_config()
 
 
 @pytest.fixture(scope="module")

@@ -28,11 +28,11 @@ import httpx
 import psutil
 import pytest
 
-from pipeline.config import PipelineConfig
 from pipeline.ingest import ingest, read_manifest
 from pipeline.model_store import load_model_dir
 from pipeline.registry import gate_run, register_model, train_and_log
 from pipeline.synthetic.dataset import make_demo_dataset
+from tests.pipeline.staging_fixture import tiny_config
 
 psycopg2 = pytest.importorskip("psycopg2")
 
@@ -46,18 +46,7 @@ N_CASES = 5
 # default is 7 retries with exponential backoff, minutes per request).
 MLFLOW_FAST_FAIL = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
 
-TINY = PipelineConfig().replace(
-    model={"base_channels": 4, "depth": 3},
-    train={
-        "epochs": 2,
-        "steps_per_epoch": 2,
-        "batch_size": 4,
-        "slices_per_volume": 2,
-        "val_every": 1,
-        "time_budget_minutes": None,
-        "device": "cpu",
-    },
-)
+TINY = tiny_config()
 
 
 # ---------------------------------------------------------------------------------------------

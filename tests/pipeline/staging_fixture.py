@@ -91,3 +91,25 @@ def make_staging(tmp: Path, n_cases: int = 4, size: int = 32, seed: int = 0) -> 
         rows.append(write_staging_case(root, f"case_{i:03d}", img, lab, source=f"phantom:{orientation}"))
     write_staging_meta(root, rows)
     return root
+
+
+# The smallest training that still exercises every step (seconds on 2 CPU cores).
+TINY = {
+    "model": {"base_channels": 4, "depth": 3},
+    "train": {
+        "epochs": 2,
+        "steps_per_epoch": 2,
+        "batch_size": 4,
+        "slices_per_volume": 2,
+        "val_every": 1,
+        "time_budget_minutes": None,
+        "device": "cpu",
+    },
+}
+
+
+def tiny_config(**train):
+    """The default config with a tiny model and a two-epoch CPU run; `train` overrides fields."""
+    from pipeline.config import PipelineConfig
+
+    return PipelineConfig().replace(model=TINY["model"], train={**TINY["train"], **train})

@@ -12,28 +12,11 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.config import PipelineConfig
 from pipeline.plan import load_plan
 from pipeline.training import TrainCallback, plot_training_curves, train
-from tests.pipeline.staging_fixture import make_staging
+from tests.pipeline.staging_fixture import make_staging, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-TINY = {
-    "model": {"base_channels": 4, "depth": 3},
-    "train": {
-        "epochs": 2,
-        "steps_per_epoch": 2,
-        "batch_size": 4,
-        "slices_per_volume": 2,
-        "val_every": 1,
-        "time_budget_minutes": None,
-        "device": "cpu",
-    },
-}
-
-
-def tiny_config(**train) -> PipelineConfig:
-    return PipelineConfig().replace(model=TINY["model"], train={**TINY["train"], **train})
 
 
 @pytest.fixture(scope="module")
