@@ -50,8 +50,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         "--layout",
         choices=["auto", "channels_last", "nchw"],
         default="auto",
-        help="auto: what the pipeline uses (channels_last inference; training NCHW on CPU, "
-        "channels_last on CUDA)",
+        help="auto: what the pipeline uses (channels_last inference; training channels_last on "
+        "CUDA and AVX-512 CPUs, NCHW on AVX2 CPUs)",
     )
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--repeats", type=int, default=5)

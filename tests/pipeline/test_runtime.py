@@ -41,10 +41,12 @@ def test_prepare_model_uses_channels_last():
         assert model.eval()(x).shape == (2, 2, 32, 32)
 
 
-def test_training_layout_auto_is_nchw_on_cpu_and_channels_last_on_cuda():
+@pytest.mark.parametrize(("capability", "cpu_layout"), [("AVX512", True), ("AVX2", False), ("NONE", False)])
+def test_training_layout_auto_follows_cpu_and_is_channels_last_on_cuda(monkeypatch, capability, cpu_layout):
     from pipeline.runtime import training_channels_last
 
-    assert training_channels_last("auto", torch.device("cpu")) is False
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
+    assert training_channels_last("auto", torch.device("cpu")) is cpu_layout
     assert training_channels_last("auto", torch.device("cuda")) is True
     assert training_channels_last(True, torch.device("cpu")) is True
     assert training_channels_last(False, torch.device("cuda")) is False
