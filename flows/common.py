@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import contextlib
 import hashlib
 import os
+import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,7 +61,7 @@ _FORKSERVER = None
 
 
 def _context():
-    """A forkserver with the pipeline preloaded: each isolated call forks from it in milliseconds."""
+    """A forkserver with the pipeline preloaded: each worker forks from it in milliseconds."""
     global _FORKSERVER
     if _FORKSERVER is None:
         import multiprocessing
@@ -79,42 +83,150 @@ def _context():
     return _FORKSERVER
 
 
-def _child(conn, fn, args, kwargs) -> None:
-    try:
-        conn.send(("ok", fn(*args, **kwargs)))
-    except BaseException as exc:  # noqa: BLE001  (sent to the parent, which re-raises it)
-        conn.send(("error", exc))
-    finally:
-        conn.close()
+def _serve(conn) -> None:
+    """A worker's loop: run each call it is sent and send back its result or its exception."""
+    while True:
+        try:
+            call = conn.recv()
+        except (EOFError, OSError):
+            return
+        if call is None:
+            return
+        fn, args, kwargs, threads = call
+        _set_threads(threads)
+        try:
+            reply = ("ok", fn(*args, **kwargs))
+        except BaseException as exc:  # noqa: BLE001  (sent to the parent, which re-raises it)
+            reply = ("error", exc)
+        try:
+            conn.send(reply)
+        except Exception as exc:  # noqa: BLE001  (an unpicklable result or exception)
+            conn.send(("error", RuntimeError(f"{type(exc).__name__}: {exc} (sending {reply[0]} back)")))
+
+
+def _set_threads(threads: int) -> None:
+    """Compute threads for this call: the cores shared among the calls running now.
+
+    Two cases at once, each with all cores' threads, oversubscribe the CPU and oneDNN's spinning
+    OpenMP threads then slow both far more than twice.
+    """
+    import torch
+
+    if torch.get_num_threads() != threads:
+        torch.set_num_threads(threads)
+
+
+class _Worker:
+    """One long-lived child process; it keeps what a call caches (the loaded model) for the next."""
+
+    def __init__(self) -> None:
+        ctx = _context()
+        self.conn, child = ctx.Pipe(duplex=True)
+        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        self.proc.start()
+        child.close()
+        self.calls = 0
+        self.idle_since = time.monotonic()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.conn.send(None)
+        self.conn.close()
+        self.proc.join(timeout=5)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join()
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            self.proc.kill()
+        self.proc.join()
+        self.conn.close()
+
+
+class WorkerPool:
+    """Long-lived, killable worker processes for per-case calls.
+
+    A call takes an idle worker (or starts one), so a task runner with N slots keeps about N warm
+    workers: the model stays loaded between cases, as in one plain process. A call past its
+    timeout kills its worker (C code blocked in a decoder or a convolution stops for certain) and
+    the next call starts a fresh one. Workers are recycled after `max_calls` calls (bounded
+    memory growth) and closed after `idle_s` seconds unused (a served deployment does not hold a
+    GPU's memory between nightly runs).
+    """
+
+    def __init__(self, max_calls: int = 500, idle_s: float = 300.0) -> None:
+        self.max_calls, self.idle_s = max_calls, idle_s
+        self._idle: list[_Worker] = []
+        self._busy = 0
+        self._lock = threading.Lock()
+        self._cores = max(1, len(os.sched_getaffinity(0)))
+
+    def _acquire(self) -> _Worker:
+        now = time.monotonic()
+        with self._lock:
+            stale = [w for w in self._idle if now - w.idle_since > self.idle_s]
+            self._idle = [w for w in self._idle if w not in stale]
+            worker = self._idle.pop() if self._idle else None  # the most recently used: warmest
+            self._busy += 1
+            threads = max(1, self._cores // self._busy)
+        for w in stale:
+            w.close()
+        return worker or _Worker(), threads
+
+    def _release(self, worker: _Worker, healthy: bool) -> None:
+        with self._lock:
+            self._busy -= 1
+            worker.calls += 1
+            keep = healthy and worker.calls < self.max_calls
+            if keep:
+                worker.idle_since = time.monotonic()
+                self._idle.append(worker)
+        if not keep:
+            if healthy:
+                worker.close()
+            else:
+                worker.kill()
+
+    def run(self, fn, *args, timeout_s: float | None, **kwargs):
+        worker, threads = self._acquire()
+        name = getattr(fn, "__name__", fn)
+        healthy = False
+        try:
+            worker.conn.send((fn, args, kwargs, threads))
+            if not worker.conn.poll(timeout_s):
+                raise CaseTimeout(f"{name} ran past {timeout_s:.0f} s and was stopped")
+            status, value = worker.conn.recv()
+            healthy = True
+        except CaseTimeout:  # (a TimeoutError, so an OSError: not a dead worker)
+            raise
+        except (EOFError, OSError):
+            worker.proc.join(timeout=1)
+            raise RuntimeError(
+                f"{name}: its worker died with exit code {worker.proc.exitcode} (out of memory?)"
+            ) from None
+        finally:
+            self._release(worker, healthy)  # a worker that timed out or failed is killed
+        if status == "error":
+            raise value
+        return value
+
+    def close(self) -> None:
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for w in idle:
+            w.close()
+
+
+_POOL = WorkerPool()
+atexit.register(_POOL.close)
 
 
 def run_isolated(fn, *args, timeout_s: float | None, **kwargs):
-    """Run `fn(*args, **kwargs)` in a child process; kill it after `timeout_s` seconds.
+    """Run `fn(*args, **kwargs)` in a worker process; kill it after `timeout_s` seconds.
 
     Prefect's own task timeouts cannot interrupt a thread blocked in C code (a decoder, a
     convolution); a killed process always stops. `fn`, its arguments and result must pickle.
+    Workers are reused between calls (see WorkerPool), so the model loads once per worker.
     """
-    ctx = _context()
-    parent, child = ctx.Pipe(duplex=False)
-    proc = ctx.Process(target=_child, args=(child, fn, args, kwargs), daemon=True)
-    proc.start()
-    child.close()
-    try:
-        if not parent.poll(timeout_s):
-            proc.kill()
-            raise CaseTimeout(f"{getattr(fn, '__name__', fn)} ran past {timeout_s:.0f} s and was stopped")
-        try:
-            status, value = parent.recv()
-        except EOFError:
-            proc.join()
-            raise RuntimeError(
-                f"{getattr(fn, '__name__', fn)} died with exit code {proc.exitcode} (out of memory?)"
-            ) from None
-    finally:
-        parent.close()
-        proc.join(timeout=5)
-        if proc.is_alive():
-            proc.kill()
-    if status == "error":
-        raise value
-    return value
+    return _POOL.run(fn, *args, timeout_s=timeout_s, **kwargs)
