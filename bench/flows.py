@@ -4,8 +4,9 @@
     python bench/flows.py --cases 20 --repeats 2
 
 Without Prefect: `prepare_batch`, then `predict_case` for each case in this process, then
-`finalize_batch`. With Prefect: `batch_inference_flow` (thread task runner, each case in an
-isolated child process with its timeout, per-case caching, artifacts) on Prefect's ephemeral API,
+`finalize_batch` and `track_batch` (the batch's MLflow run, in a local store). With Prefect:
+`batch_inference_flow` (thread task runner, each case in a long-lived worker process killed at
+its timeout, per-case caching, artifacts, the MLflow run) on Prefect's ephemeral API,
 started and warmed up before timing. Each run writes into a fresh OUT folder, so every case runs.
 Ratio = flow seconds / plain seconds (target <= 1.10). The model is an untrained tiny U-Net with a
 plan from a small demo dataset (speed does not depend on the weights).
@@ -55,7 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     try:
         from flows.common import task_runner
         from flows.inference import batch_inference_flow
-        from pipeline.inference import finalize_batch, predict_case, prepare_batch
+        from pipeline.inference import finalize_batch, predict_case, prepare_batch, track_batch
         from pipeline.ingest import ingest
         from pipeline.plan import plan_dataset
         from pipeline.synthetic.dataset import make_demo_dataset
@@ -77,7 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             plan = prepare_batch(src, model, out, device="cpu", secret_file=secret)
             for case_id in plan.todo:
                 predict_case(out, case_id)
-            return finalize_batch(out).count("ok")
+            ok = finalize_batch(out).count("ok")
+            track_batch(out)  # the flow records the batch in MLflow too
+            return ok
 
         def orchestrated(out: Path) -> int:
             return flow(str(src), str(out), **common)["ok"]

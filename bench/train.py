@@ -41,7 +41,7 @@ def staging_from_demo(root: Path) -> Path:
     return msd_to_staging(demo.msd_root, root / "staging")
 
 
-def loader_ratio(staging: Path, config: PipelineConfig, steps: int = 30) -> dict[str, float]:
+def loader_ratio(staging: Path, config: PipelineConfig, block: int = 15, blocks: int = 4) -> dict[str, float]:
     """Real loader vs in-memory batches for the same training steps."""
     tc = config.train
     plan = plan_dataset(staging, config.preprocess)
@@ -53,7 +53,13 @@ def loader_ratio(staging: Path, config: PipelineConfig, steps: int = 30) -> dict
         if r["case_id"] in train_ids
     ]
     dataset = make_train_dataset(items, train_transforms(plan, config.preprocess, tc.slices_per_volume))
-    loader, sampler = make_loader(dataset, volumes_per_batch=tc.batch_size // tc.slices_per_volume, seed=0)
+    loader, sampler = make_loader(
+        dataset,
+        volumes_per_batch=tc.batch_size // tc.slices_per_volume,
+        seed=0,
+        buffer_size=config.data.loader_buffer,
+        workers=config.data.loader_workers,
+    )
     device = resolve_device("cpu")
     model = prepare_model(
         UNet(UNetConfig(num_classes=plan.num_classes, base_channels=config.model.base_channels)), device
@@ -71,15 +77,20 @@ def loader_ratio(staging: Path, config: PipelineConfig, steps: int = 30) -> dict
     batches = infinite_batches(loader, sampler)
     for _ in range(3):
         step(next(batches))  # warm-up (and the loader's first fill)
-    in_memory = [next(batches) for _ in range(steps)]
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        step(next(batches))
-    real = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    for batch in in_memory:
-        step(batch)
-    memory = time.perf_counter() - t0
+    in_memory = [next(batches) for _ in range(block)]
+    # Alternate blocks of real-loader and in-memory steps so drifts of a shared machine's load
+    # fall on both sides alike; the totals over all blocks give the ratio.
+    real = memory = 0.0
+    for _ in range(blocks):
+        t0 = time.perf_counter()
+        for _ in range(block):
+            step(next(batches))
+        real += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for batch in in_memory:
+            step(batch)
+        memory += time.perf_counter() - t0
+    steps = blocks * block
     return {"loader_s_per_step": real / steps, "memory_s_per_step": memory / steps, "ratio": real / memory}
 
 

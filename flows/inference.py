@@ -2,7 +2,9 @@
 
 prepare (model check, case plan; retried: registry and share I/O) -> predict-case per case (GPU,
 no retries: deterministic compute; a killed child process at the per-case timeout; cached on
-input bytes, model weights, options and output folder) -> finalize (tables, report; retried).
+input bytes, model weights, options and output folder) -> finalize (tables, report; retried)
+-> track (one MLflow run for the batch; not retried: an outage leaves a note in
+run_manifest.json and in the summary, never a failed flow).
 The flow's final state is Failed when any case failed, with the summary as its data.
 """
 
@@ -23,7 +25,14 @@ from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 
 from flows.common import CaseTimeout, content_key, path_key, run_isolated
-from pipeline.inference import BatchPlan, finalize_batch, predict_case, prepare_batch
+from pipeline.inference import (
+    TRACKING_EXPERIMENT,
+    BatchPlan,
+    finalize_batch,
+    predict_case,
+    prepare_batch,
+    track_batch,
+)
 
 
 @task(
@@ -102,6 +111,27 @@ def finalize_task(out: str) -> dict:
     }
 
 
+@task(name="track-batch", retries=0, tags=["tracking"], cache_policy=NO_CACHE)
+def track_task(out: str, experiment: str) -> dict:
+    """One MLflow run for the finalized batch. Never retried and never raises for an outage:
+    MLflow's HTTP client already retries each request; after that the failure is a note."""
+    return track_batch(out, experiment=experiment).to_json()
+
+
+def _tracking_markdown(tracked: dict | None) -> str:
+    if tracked is None:
+        return "MLflow: not recorded (no experiment given).\n"
+    if tracked["status"] == "logged":
+        link = f" ([open in MLflow]({tracked['run_url']}))" if tracked.get("run_url") else ""
+        run, experiment = tracked["run_id"], tracked["experiment"]
+        return f"Recorded in MLflow: run `{run}` of experiment **{experiment}**{link}.\n"
+    return (
+        f"**MLflow tracking failed**: this batch is not recorded in experiment "
+        f"**{tracked['experiment']}** ({tracked['error']}). The masks, results.csv and the report are "
+        f"complete; rerun the batch when the server is back (finished cases come from the cache).\n"
+    )
+
+
 _PREDICT_REFRESH = predict_case_task.with_options(refresh_cache=True)
 
 
@@ -114,8 +144,13 @@ def batch_inference_flow(
     batch_size: int | None = None,
     case_timeout_s: float = 1800.0,
     secret_file: str | None = None,
+    mlflow_experiment: str | None = TRACKING_EXPERIMENT,
 ) -> dict:
-    """Predict every case under SOURCE into OUT; the final state is Failed when any case failed."""
+    """Predict every case under SOURCE into OUT; the final state is Failed when any case failed.
+
+    The batch is recorded as one run of the MLflow experiment `mlflow_experiment` (None: not
+    recorded) on $MLFLOW_TRACKING_URI (default: the work directory's store).
+    """
     logger = get_run_logger()
     plan = prepare_task(source, out, model_uri, device, batch_size, secret_file)
     todo = set(plan.todo)
@@ -137,6 +172,16 @@ def batch_inference_flow(
         if not state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
             logger.error("predict-case %s ended %s", future.task_run_id, state.name)
     summary = finalize_task(out)
+    tracked = None
+    if mlflow_experiment:
+        tracking = track_task(out, mlflow_experiment, return_state=True)
+        if tracking.is_completed():
+            tracked = tracking.result()
+        else:  # not an outage (those are returned): the task itself broke; the batch stands
+            tracked = {"status": "failed", "experiment": mlflow_experiment, "error": tracking.message}
+        if tracked["status"] != "logged":
+            logger.warning("batch not recorded in MLflow: %s", tracked["error"])
+    summary["tracking"] = tracked
 
     create_table_artifact(
         key="batch-inference-cases",
@@ -152,7 +197,8 @@ def batch_inference_flow(
             f"| cases | ok | run now | unchanged | quarantined | failed |\n|---|---|---|---|---|---|\n"
             f"| {summary['cases']} | {summary['ok']} | {summary['processed']} | {summary['skipped']} "
             f"| {summary['quarantined']} | {summary['failed']} |\n\n"
-            f"Results: `{summary['results']}`\n\nQC report: `{summary['report']}`\n"
+            f"Results: `{summary['results']}`\n\nQC report: `{summary['report']}`\n\n"
+            + _tracking_markdown(tracked)
         ),
     )
     create_link_artifact(

@@ -81,6 +81,7 @@ class DataConfig(_Section):
     cache: Literal["memory", "disk", "none"] = "memory"  # CacheDataset, PersistentDataset, or none
     cache_dir: str | None = None  # PersistentDataset folder (default <out_dir>/cache) when cache: disk
     loader_buffer: int = Field(2, ge=1)  # ThreadDataLoader prefetch depth (batches)
+    loader_workers: int = Field(1, ge=0)  # processes for sampling/augmentation; 0: in the loader thread
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> DataConfig:

@@ -3,18 +3,28 @@
 Splits are by case, never by slice, so no slice of a validation case is trained on. Volumes
 are preprocessed once by the deterministic part of the chain and cached (in memory by
 CacheDataset, or on disk by PersistentDataset for data larger than memory); random slice
-sampling and augmentation run per step in a ThreadDataLoader thread so the model never waits.
+sampling and augmentation run per step in persistent loader worker processes behind a
+ThreadDataLoader, so the model never waits and never competes with them for the GIL.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from monai.data import CacheDataset, Dataset, PersistentDataset, ThreadDataLoader, list_data_collate
+from monai.data import (
+    CacheDataset,
+    Dataset,
+    PersistentDataset,
+    ThreadDataLoader,
+    list_data_collate,
+    set_track_meta,
+)
+from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from torch.utils.data import DistributedSampler
 
 log = logging.getLogger(__name__)
@@ -52,7 +62,11 @@ def make_train_dataset(
 ) -> Dataset:
     """CacheDataset (memory), PersistentDataset (disk, `cache_dir`) or a plain Dataset ('none')."""
     if cache == "memory":
-        return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False)
+        # copy_cache=False: the random part crops views of the cached volume and every later
+        # step (flips, affine, intensity, padding) returns new tensors, never writing into the
+        # cache; deep-copying whole volumes and their sample indices on every access would
+        # take more time than all the augmentation (test_transforms pins that it stays intact).
+        return CacheDataset(items, transform, cache_rate=1.0, num_workers=0, progress=False, copy_cache=False)
     if cache == "disk":
         if cache_dir is None:
             raise ValueError("cache 'disk' needs a cache_dir (data.cache_dir)")
@@ -70,15 +84,29 @@ def make_loader(
     seed: int,
     buffer_size: int = 2,
     distributed: bool = False,
+    workers: int = 1,
 ) -> tuple[ThreadDataLoader, DistributedSampler | None]:
-    """A shuffling threaded loader; each item is a list of slices, flattened into one batch."""
+    """A shuffling threaded loader; each item is a list of slices, flattened into one batch.
+
+    With `workers` > 0 the random sampling and augmentation run in that many persistent worker
+    processes (forked: the cache is shared, not copied), and the thread only moves finished
+    batches. In the trainer's own process they would hold the GIL against every operator the
+    training step dispatches. MONAI's metadata tracking, which the random transforms do not need,
+    triples their cost: workers over an in-memory CacheDataset (only the random part runs there)
+    turn it off (`set_track_meta(False)` is per process); disk or no caching keeps it, since the
+    loading chain runs in the worker too.
+    """
     sampler = DistributedSampler(dataset, shuffle=True, seed=seed, drop_last=False) if distributed else None
     loader = ThreadDataLoader(
         dataset,
         batch_size=volumes_per_batch,
         shuffle=sampler is None,
         sampler=sampler,
-        num_workers=0,
+        num_workers=workers,
+        persistent_workers=workers > 0,
+        worker_init_fn=(
+            functools.partial(_init_worker, untracked=isinstance(dataset, CacheDataset)) if workers else None
+        ),
         buffer_size=buffer_size,
         collate_fn=list_data_collate,
         drop_last=False,
@@ -86,15 +114,34 @@ def make_loader(
     return loader, sampler
 
 
+def _init_worker(worker_id: int, untracked: bool) -> None:
+    if untracked:
+        set_track_meta(False)
+    monai_worker_init_fn(worker_id)  # seeds the random transforms of this worker
+
+
 def infinite_batches(
     loader: ThreadDataLoader, sampler: DistributedSampler | None, start: int = 0
 ) -> Iterator:
-    """Batches forever: passes over the volumes back to back (epochs are counted in steps)."""
+    """Batches forever: passes over the volumes back to back (epochs are counted in steps).
+
+    MONAI's ThreadDataLoader ends a pass early and silently when its thread dies (a transform
+    raised): a short pass is an error here, not a new epoch.
+    """
     n = start
+    expected = len(loader)
     while True:
         if sampler is not None:
             sampler.set_epoch(n)
-        yield from loader
+        got = 0
+        for batch in loader:
+            got += 1
+            yield batch
+        if got < expected:
+            raise RuntimeError(
+                f"the training loader stopped after {got} of {expected} batches: a transform "
+                "failed on a training case (its traceback is printed above)"
+            )
         n += 1
 
 

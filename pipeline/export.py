@@ -219,22 +219,39 @@ def write_qc_png(
 # Batch tables
 
 
-def result_columns(label_list: Sequence[str]) -> list[str]:
-    """results.csv's columns: case, source, status, reason, model, then mL and voxels per label, seconds."""
-    cols = ["case_id", "source", "status", "reason", "model_name", "model_version"]
+def result_columns(label_list: Sequence[str], with_sources: bool = True) -> list[str]:
+    """results.csv's columns: case, source, status, reason, model, then mL and voxels per label, seconds.
+
+    Without sources (the copy that leaves the site, e.g. to MLflow) there is no `source` column.
+    """
+    cols = [
+        "case_id",
+        *(["source"] if with_sources else []),
+        "status",
+        "reason",
+        "model_name",
+        "model_version",
+    ]
     for name in label_list:
         cols += [f"{name}_ml", f"{name}_voxels"]
     return [*cols, "seconds"]
 
 
 def write_results_csv(
-    path: Path, results: Sequence[CaseResult], label_list: Sequence[str], model_name: str, model_version: str
+    path: Path,
+    results: Sequence[CaseResult],
+    label_list: Sequence[str],
+    model_name: str,
+    model_version: str,
+    *,
+    with_sources: bool = True,
 ) -> Path:
     with atomic_open(path) as fh:
         writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(result_columns(label_list))
+        writer.writerow(result_columns(label_list, with_sources))
         for r in results:
-            row: list[Any] = [r.case_id, r.source, r.status, r.reason, model_name, model_version]
+            source = [r.source] if with_sources else []
+            row: list[Any] = [r.case_id, *source, r.status, r.reason, model_name, model_version]
             for name in label_list:
                 ok = r.status == "ok"
                 row += [r.volumes_ml.get(name, "") if ok else "", r.voxels.get(name, "") if ok else ""]
@@ -310,8 +327,13 @@ def write_report_html(
     label_list: Sequence[str],
     manifest: Mapping[str, Any],
     out: Path,
+    *,
+    with_sources: bool = True,
 ) -> Path:
-    """One self-contained page: every case with status, volumes and QC picture (inline), outliers flagged."""
+    """One self-contained page: every case with status, volumes and QC picture (inline), outliers flagged.
+
+    Without sources (the copy that leaves the site) cases are named by their case IDs only.
+    """
     esc = html.escape
     outliers = volume_outliers(results, label_list)
     model = manifest.get("model", {})
@@ -328,7 +350,9 @@ def write_report_html(
         f"<p>Volume outliers (highlighted) have a modified z-score |0.6745 (x - median) / MAD| &gt; "
         f"{OUTLIER_Z} among the batch's ok cases, per label; checked with at least "
         f"{OUTLIER_MIN_CASES} ok cases.</p>",
-        "<table><tr><th>case</th><th>source</th><th>status</th><th>reason</th>",
+        "<table><tr><th>case</th>"
+        + ("<th>source</th>" if with_sources else "")
+        + "<th>status</th><th>reason</th>",
     ]
     parts += [f"<th>{esc(n)} mL (voxels)</th>" for n in label_list]
     parts.append("<th>seconds</th><th>QC</th></tr>")
@@ -336,7 +360,7 @@ def write_report_html(
         flags = outliers.get(r.case_id, [])
         cells = [
             f"<td>{esc(r.case_id)}</td>",
-            f"<td>{esc(r.source)}</td>",
+            *([f"<td>{esc(r.source)}</td>"] if with_sources else []),
             f"<td class='{esc(r.status)}'>{esc(r.status)}{' (earlier run)' if r.skipped else ''}</td>",
             f"<td>{esc(r.reason)}</td>",
         ]

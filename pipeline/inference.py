@@ -29,13 +29,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -437,8 +438,9 @@ def _resolve_paths(source: str | Path, out: str | Path) -> tuple[Path, Path]:
 # ------------------------------------------------------------------------------------------
 # The batch, in three steps that orchestrators may run as separate tasks:
 #   prepare_batch (model check, case plan; one call) -> predict_case (one per case, in any
-#   process or machine that sees OUT) -> finalize_batch (tables, manifest, report).
-#   `predict` runs all three in one process.
+#   process or machine that sees OUT) -> finalize_batch (tables, manifest, report), and
+#   optionally track_batch (the batch as one MLflow run). `predict` runs the first three in one
+#   process.
 #
 # The plan lives in OUT/.plan/: batch.json (model identity, options, rejected inputs, case IDs),
 # cases/<case_id>.json (each case's input files), model/ (the verified model folder, so workers
@@ -448,6 +450,7 @@ def _resolve_paths(source: str | Path, out: str | Path) -> tuple[Path, Path]:
 
 PLAN_DIR = ".plan"
 PLAN_FILE = "batch.json"
+PREPARE_LOCK = "prepare.lock"  # beside the case locks; case IDs are case_<hex>, never this name
 
 
 @dataclass(frozen=True)
@@ -508,21 +511,28 @@ def _stage_model(handle: ModelHandle, dst: Path) -> None:
             return  # an earlier prepare of this batch staged these weights; loading re-verifies them
     except (OSError, ValueError, KeyError):
         pass
-    src = handle.loaded.path
-    if (src / MODEL_FILE).is_file():
-        tmp = dst.parent / f".{dst.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp)
-        shutil.rmtree(dst, ignore_errors=True)
+    # Unique names beside `dst` (never a fixed .tmp a second writer could clobber); the caller
+    # holds the plan lock, so only the swap below is seen by workers, never a half-copied folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
+    try:
+        src = handle.loaded.path
+        if (src / MODEL_FILE).is_file():
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:  # a handle whose download is gone: write the same weights again (same sha256)
+            save_model_dir(
+                handle.loaded.model,
+                tmp,
+                plan=handle.loaded.plan,
+                config=handle.loaded.config,
+                label_names=handle.loaded.label_names,
+            )
+        if dst.exists():
+            os.replace(dst, old)  # a folder cannot replace a non-empty folder: move it aside first
         os.replace(tmp, dst)
-    else:  # a handle whose download is gone: write the same weights again (same sha256)
-        save_model_dir(
-            handle.loaded.model,
-            dst,
-            plan=handle.loaded.plan,
-            config=handle.loaded.config,
-            label_names=handle.loaded.label_names,
-        )
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def prepare_batch(
@@ -545,18 +555,55 @@ def prepare_batch(
     Cases with a valid done-marker from an earlier run (same input, model and options) are not
     in `todo`.
     """
+    started = datetime.now(UTC)
+    source, out = _resolve_paths(source, out)
+    plan_dir = _plan_dir(out)
+    with ExitStack() as held:
+        with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
+            handle = model if isinstance(model, ModelHandle) else load_model(model, device, dst=tmp)
+            if isinstance(model, ModelHandle):  # already on its device: workers use the same kind
+                device = next(model.loaded.model.parameters()).device.type
+            plan_dir.mkdir(parents=True, exist_ok=True)
+            # Held until batch.json is written: a second prepare of this OUT waits, then finds
+            # the model staged and writes the same plan again.
+            held.enter_context(_plan_lock(out))
+            _stage_model(handle, plan_dir / "model")
+        return _write_plan(
+            handle,
+            source,
+            out,
+            started=started,
+            device=device,
+            batch_size=batch_size,
+            postprocess_masks=postprocess_masks,
+            secret_file=secret_file,
+            limits=limits,
+            write_seg=write_seg,
+            write_qc=write_qc,
+            progress=progress,
+        )
+
+
+def _write_plan(
+    handle: ModelHandle,
+    source: Path,
+    out: Path,
+    *,
+    started: datetime,
+    device: str,
+    batch_size: int | None,
+    postprocess_masks: bool | None,
+    secret_file: str | Path | None,
+    limits: IngestLimits | None,
+    write_seg: bool,
+    write_qc: bool,
+    progress: bool,
+) -> BatchPlan:
+    """prepare_batch once the model is staged (under the plan lock): plan the cases, write the plan."""
     from pipeline.config import PipelineConfig, Workdir
     from pipeline.model_store import MODEL_FILE
 
-    started = datetime.now(UTC)
-    source, out = _resolve_paths(source, out)
-    with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
-        handle = model if isinstance(model, ModelHandle) else load_model(model, device, dst=tmp)
-        if isinstance(model, ModelHandle):  # already on its device: workers use the same kind
-            device = next(model.loaded.model.parameters()).device.type
-        plan_dir = _plan_dir(out)
-        plan_dir.mkdir(parents=True, exist_ok=True)
-        _stage_model(handle, plan_dir / "model")
+    plan_dir = _plan_dir(out)
     model_dir = plan_dir / "model"
     staged_sha = json.loads((model_dir / MODEL_FILE).read_text(encoding="utf-8"))["weights_sha256"]
     if staged_sha != handle.sha256:
@@ -749,9 +796,11 @@ def _open_batch(out: Path) -> _Batch:
 
 
 @contextmanager
-def _case_lock(out: Path, case_id: str) -> Iterator[None]:
-    """An exclusive lock on one case across threads and processes (flock: released on death)."""
-    path = _plan_dir(out) / "locks" / f"{case_id}.lock"
+def _exclusive(path: Path) -> Iterator[None]:
+    """An exclusive lock on `path` across threads and processes (flock: released on death).
+
+    Each call opens the file itself, so two threads of one process exclude each other too.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a+b") as fh:
         fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
@@ -759,6 +808,17 @@ def _case_lock(out: Path, case_id: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def _case_lock(out: Path, case_id: str):
+    """An exclusive lock on one case (OUT/.plan/locks/<case_id>.lock)."""
+    return _exclusive(_plan_dir(out) / "locks" / f"{case_id}.lock")
+
+
+def _plan_lock(out: Path):
+    """An exclusive lock on staging the model and writing the plan (OUT/.plan/locks/prepare.lock):
+    two prepare_batch calls on one OUT run one after the other, the second finding the model staged."""
+    return _exclusive(_plan_dir(out) / "locks" / PREPARE_LOCK)
 
 
 def _case_summary(result: CaseResult, status: str | None = None) -> dict[str, Any]:
@@ -795,18 +855,19 @@ def predict_case(out: str | Path, case_id: str) -> dict[str, Any]:
         return _case_summary(_run_case(case, future, batch))
 
 
-def finalize_batch(out: str | Path) -> PredictSummary:
-    """Step 3: results.csv, quarantine.jsonl, run_manifest.json and report.html from the plan and
-    the cases' done-markers. A planned case with neither a marker nor a failure record (its
-    worker was killed or timed out, or it never ran) is listed as failed."""
-    from pipeline import export
+def _label_list(meta: dict[str, Any]) -> list[str]:
+    """The model's label names without background, in label order (the tables' columns)."""
+    names = {int(k): v for k, v in meta["model"]["label_names"].items()}
+    return [names[v] for v in sorted(names) if v != 0]
 
-    out = Path(out).resolve()
-    meta = _read_batch(out)
+
+def _collect_results(
+    out: Path, meta: dict[str, Any]
+) -> tuple[list[PredictCase], list[CaseResult], list[dict[str, Any]]]:
+    """(planned cases, every result row, quarantine records) from the plan and the done-markers."""
     m = meta["model"]
     options = PredictOptions(**meta["options"])
     key = _batch_key(m["sha256"], m["version"], options)
-    names = {int(k): v for k, v in m["label_names"].items()}
     todo = set(meta["todo"])
     quarantine: list[dict[str, Any]] = list(meta["quarantine"])
     results: list[CaseResult] = []
@@ -834,9 +895,21 @@ def finalize_batch(out: str | Path) -> PredictSummary:
         quarantine.append(record)
         results.append(CaseResult(case_id, case.source, record["status"], record["reason"]))
     results += [CaseResult(**r) for r in meta["rejected_results"]]
+    return cases, results, quarantine
 
+
+def finalize_batch(out: str | Path) -> PredictSummary:
+    """Step 3: results.csv, quarantine.jsonl, run_manifest.json and report.html from the plan and
+    the cases' done-markers. A planned case with neither a marker nor a failure record (its
+    worker was killed or timed out, or it never ran) is listed as failed."""
+    from pipeline import export
+
+    out = Path(out).resolve()
+    meta = _read_batch(out)
+    m = meta["model"]
+    cases, results, quarantine = _collect_results(out, meta)
     summary = PredictSummary(out=out, results=results, ignored=meta["ignored"])
-    label_list = [names[v] for v in sorted(names) if v != 0]
+    label_list = _label_list(meta)
     export.write_results_csv(out / "results.csv", results, label_list, m["name"], m["version"])
     export.write_jsonl(out / "quarantine.jsonl", quarantine)
     model_dir = Path(meta["model_dir"])
@@ -871,6 +944,123 @@ def finalize_batch(out: str | Path) -> PredictSummary:
         summary.count("failed"),
     )
     return summary
+
+
+# ------------------------------------------------------------------------------------------
+# The batch's record in MLflow (optional step 4, after finalize_batch)
+
+TRACKING_EXPERIMENT = "batch-inference"
+_METRIC_UNSAFE = re.compile(r"[^A-Za-z0-9_\-. /]")  # what MLflow accepts in a metric name
+
+
+@dataclass(frozen=True)
+class BatchTracking:
+    """Where `track_batch` recorded a batch in MLflow, or why it could not (no credentials in it)."""
+
+    experiment: str
+    tracking_uri: str  # credentials removed
+    run_id: str | None = None
+    run_url: str | None = None  # the run's page, for an http(s) tracking server
+    error: str | None = None  # set when tracking failed; the batch's outputs stand regardless
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.run_id is not None
+
+    def to_json(self) -> dict[str, Any]:
+        """The "tracking" entry of run_manifest.json: status "logged" or "failed", and the fields."""
+        return {"status": "logged" if self.ok else "failed", **dataclasses.asdict(self)}
+
+
+def track_batch(
+    out: str | Path, *, experiment: str = TRACKING_EXPERIMENT, tracking_uri: str | None = None
+) -> BatchTracking:
+    """Record a finalized batch as one MLflow run; the outcome becomes run_manifest.json's "tracking".
+
+    Params: the model (name, version, weights sha256, its training run, code version) and the
+    options. Tags: model_name, model_version and weights_sha256, so a model version's batches are
+    found with `tags.model_name = 'NAME' and tags.model_version = 'N'`. Metrics: the counts and
+    each label's mean volume (mL) over the ok cases. Artifacts: results.csv and report.html
+    without their source column (pseudonymous case IDs only; no source path leaves OUT).
+    `tracking_uri` defaults to the work directory's store ($MLFLOW_TRACKING_URI or SQLite).
+
+    Never raises for a tracking failure (server down, refused credentials): the error is
+    returned, noted in the manifest and logged as a warning, and a run that was opened is ended,
+    not left RUNNING. Raises FileNotFoundError when the batch was not finalized.
+    """
+    from pipeline import export, tracking
+    from pipeline.config import Workdir
+
+    out = Path(out).resolve()
+    meta = _read_batch(out)
+    manifest_path = out / "run_manifest.json"
+    try:
+        manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(
+            f"{manifest_path} does not exist: run finalize_batch for {out} first"
+        ) from None
+    _, results, _ = _collect_results(out, meta)
+    label_list = _label_list(meta)
+    m = manifest["model"]
+    params = {
+        "model": {
+            "name": m["name"],
+            "version": m["version"],
+            "weights_sha256": m["sha256"],
+            "run_id": m.get("run_id") or "",
+            "code_version": m.get("code_version") or "",
+        },
+        "options": manifest["options"],
+        "write_seg": meta["write_seg"],
+        "write_qc": meta["write_qc"],
+        "output_version": meta["output_version"],
+        "options_sha256": meta["options_sha256"],
+    }
+    metrics = {k: float(v) for k, v in manifest["counts"].items()}
+    ok = [r for r in results if r.status == "ok"]
+    for name in label_list:
+        volumes = [r.volumes_ml[name] for r in ok if name in r.volumes_ml]
+        if volumes:
+            metrics[f"mean_volume_ml.{_METRIC_UNSAFE.sub('_', name)}"] = float(np.mean(volumes))
+    tags = {
+        tracking.TAG_MODEL_NAME: m["name"],
+        tracking.TAG_MODEL_VERSION: m["version"],
+        tracking.TAG_WEIGHTS_SHA: m["sha256"],
+    }
+    uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
+    with tracking.Tracker(
+        experiment=experiment, run_name=f"{m['name']} v{m['version']}", tracking_uri=uri, tags=tags
+    ) as tracker:
+        tracker.log_params(params)
+        tracker.log_metrics(metrics)
+        if tracker.active:
+            with tempfile.TemporaryDirectory(prefix="unet-batch-") as tmp:
+                table = export.write_results_csv(
+                    Path(tmp, "results.csv"), results, label_list, m["name"], m["version"], with_sources=False
+                )
+                page = export.write_report_html(
+                    Path(tmp, "report.html"), results, label_list, manifest, out, with_sources=False
+                )
+                tracker.log_artifacts([table, page])
+    record = BatchTracking(
+        experiment=experiment,
+        tracking_uri=tracking.redact(uri),
+        run_id=tracker.run_id,
+        run_url=tracker.run_url(),
+        error=tracker.tracking_error,
+    )
+    manifest["tracking"] = record.to_json()
+    export.write_json(manifest_path, manifest)
+    if record.ok:
+        log.info("batch recorded in MLflow: experiment %s, run %s", experiment, record.run_id)
+    else:
+        log.warning(
+            "the batch is NOT recorded in MLflow (its outputs are complete; rerun the batch when "
+            "the server is back: finished cases are not redone): %s",
+            record.error,
+        )
+    return record
 
 
 def predict(

@@ -17,10 +17,15 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
+import re
 import shlex
+import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError
 from importlib.metadata import version as package_version
 from pathlib import Path
@@ -52,6 +57,8 @@ TAG_WEIGHTS_SHA = "weights_sha256"
 TAG_SCORE = "val_mean_dice"  # the gate's score, recorded on every registered version
 TAG_VAL_CASES_SHA = "val_cases_sha256"  # which validation cases that score was computed on
 TAG_END_REASON = "end_reason"
+TAG_MODEL_NAME = "model_name"  # on batch-inference runs: the registered model that predicted
+TAG_MODEL_VERSION = "model_version"
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
@@ -138,6 +145,22 @@ def flatten(mapping: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+_USERINFO = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/\s@]+@")
+# Environment variables whose values must never appear in a message we keep.
+_SECRET_ENV = ("MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "AWS_SECRET_ACCESS_KEY")
+
+
+def redact(text: str) -> str:
+    """`text` without credentials: user:password@ in URLs and the values of MLflow's secret
+    environment variables are replaced by ***."""
+    text = _USERINFO.sub(r"\g<scheme>***@", text)
+    for name in _SECRET_ENV:
+        value = os.environ.get(name)
+        if value and len(value) >= 4:
+            text = text.replace(value, "***")
+    return text
+
+
 def _refuse_identifiers(keys: Iterable[str]) -> None:
     for key in keys:
         squashed = "".join(ch for ch in key.lower() if ch.isalnum())
@@ -205,7 +228,8 @@ class Tracker:
         return self._client is not None and self.run_id is not None and self.tracking_error is None
 
     def _fail(self, what: str, exc: BaseException) -> None:
-        message = f"{what} failed on {self.tracking_uri}: {type(exc).__name__}: {exc}"
+        # Kept in summaries, manifests and Prefect artifacts: no credentials in it.
+        message = redact(f"{what} failed on {self.tracking_uri}: {type(exc).__name__}: {exc}")
         if self.tracking_error is None:
             self.tracking_error = message
             log.warning("MLflow tracking disabled for the rest of this run: %s", message)
@@ -286,6 +310,23 @@ class Tracker:
             entries.append(Param(key, value))
         for chunk in _chunks(entries, _MAX_PARAMS_TAGS_PER_BATCH):
             self._send("logging params", params=chunk)
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log a few metrics now (one request per MLflow batch limit), e.g. a batch's counts."""
+        now_ms = int(time.time() * 1000)
+        entries = [Metric(k, float(v), now_ms, int(step)) for k, v in metrics.items()]
+        for chunk in _chunks(entries, _MAX_METRICS_PER_BATCH):
+            self._send("logging metrics", metrics=chunk)
+
+    def run_url(self) -> str | None:
+        """The run's page on an http(s) tracking server (credentials removed); None for a local store."""
+        if self.run_id is None or self.tracking_uri is None:
+            return None
+        parsed = urlparse(self.tracking_uri)
+        if parsed.scheme not in ("http", "https"):
+            return None
+        base = parsed._replace(netloc=parsed.netloc.rpartition("@")[2], query="", fragment="").geturl()
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         _refuse_identifiers(tags)
@@ -427,6 +468,56 @@ def set_pyfunc_model() -> None:
 # Registry
 
 
+# MLflow's registry announces each registration with print() to stderr (eprint in
+# mlflow.tracking._model_registry.fluent), not through a logger, so no logger level silences them.
+# While we register, stderr passes through a filter that turns exactly these lines into DEBUG
+# records and forwards everything else (warnings, other threads' output) unchanged.
+_REGISTRY_NOTICES = re.compile(
+    r"^(Successfully registered model '.*'\.|Registered model .* already exists\. Creating a new "
+    r"version of this model\.\.\.|Created version '.*' of model '.*'\.)$"
+)
+_STDERR_SWAP = threading.Lock()
+
+
+class _NoticeFilter:
+    """A stderr stand-in: complete lines matching `_REGISTRY_NOTICES` go to the log at DEBUG."""
+
+    def __init__(self, target: Any) -> None:
+        self._target = target
+        self._partial = ""
+
+    def write(self, text: str) -> int:
+        *lines, self._partial = (self._partial + text).split("\n")
+        for line in lines:
+            if _REGISTRY_NOTICES.match(line):
+                log.debug("MLflow: %s", line)
+            else:
+                self._target.write(line + "\n")
+        return len(text)
+
+    def flush(self) -> None:
+        # print() flushes only when asked: a notice and its newline never part here.
+        if self._partial:
+            self._target.write(self._partial)
+            self._partial = ""
+        self._target.flush()
+
+    def __getattr__(self, name: str) -> Any:  # encoding, isatty, fileno...: the real stream's
+        return getattr(self._target, name)
+
+
+@contextmanager
+def _registry_notices_to_debug() -> Iterator[None]:
+    with _STDERR_SWAP:
+        target = sys.stderr
+        sys.stderr = notices = _NoticeFilter(target)
+        try:
+            yield
+        finally:
+            sys.stderr = target
+            notices.flush()
+
+
 def register(
     model_uri: str,
     name: str,
@@ -445,7 +536,8 @@ def register(
         if TAG_WEIGHTS_SHA in logged.tags:
             all_tags.setdefault(TAG_WEIGHTS_SHA, logged.tags[TAG_WEIGHTS_SHA])
     _refuse_identifiers(all_tags)
-    version = mlflow.register_model(model_uri, name, tags=all_tags or None)
+    with _registry_notices_to_debug():
+        version = mlflow.register_model(model_uri, name, tags=all_tags or None)
     log.info("registered %s as %s version %s", model_uri, name, version.version)
     return int(version.version)
 

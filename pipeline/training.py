@@ -459,6 +459,7 @@ def train(
             seed=tc.seed,
             buffer_size=config.data.loader_buffer,
             distributed=dctx.enabled,
+            workers=config.data.loader_workers,
         )
         batches = infinite_batches(loader, sampler, start=start_epoch)
         val_cases = _load_val_cases([by_id[c] for c in split["val"]], plan)

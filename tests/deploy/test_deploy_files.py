@@ -23,6 +23,9 @@ EXPECTED_DEPLOYMENTS = {
 }
 
 
+HEARTBEAT_S = "60"  # flow-run heartbeat period; the zombie automation allows five missed beats
+
+
 def _prefect_yaml() -> dict:
     return yaml.safe_load((DEPLOY / "prefect.yaml").read_text())
 
@@ -49,7 +52,10 @@ def test_deployment_entrypoint_pool_and_job_variables(name):
     assert deployment["description"].strip()
     assert deployment["tags"]
     # Shared through the YAML anchor; no secrets in job variables.
-    assert deployment["work_pool"]["job_variables"]["env"] == {"UNET_PIPELINE_WORKDIR": "/data/work"}
+    assert deployment["work_pool"]["job_variables"]["env"] == {
+        "UNET_PIPELINE_WORKDIR": "/data/work",
+        "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT_S,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED_DEPLOYMENTS))
@@ -205,3 +211,39 @@ def test_documented_run_commands_name_the_real_flow(document):
                 f"{document}: `prefect deployment run '{flow_name}/{deployment_name}'` but the flow in "
                 f"{path} is named {_flow_name(ROOT / path, func)!r}"
             )
+
+
+def test_zombie_automation_is_a_valid_prefect_automation_on_flow_run_heartbeats():
+    from prefect.client.schemas.objects import StateType
+    from prefect.events.actions import ChangeFlowRunState
+    from prefect.events.schemas.automations import AutomationCore, EventTrigger, Posture
+
+    automation = AutomationCore.model_validate(
+        yaml.safe_load((DEPLOY / "automations" / "zombie-flow-runs.yaml").read_text())
+    )
+    trigger = automation.trigger
+    assert isinstance(trigger, EventTrigger) and automation.enabled
+    assert trigger.posture == Posture.Proactive and trigger.threshold == 1
+    assert trigger.after == {"prefect.flow-run.heartbeat"}
+    final = {f"prefect.flow-run.{s}" for s in ("Completed", "Failed", "Cancelled", "Crashed")}
+    assert trigger.expect == {"prefect.flow-run.heartbeat", *final}
+    assert trigger.for_each == {"prefect.resource.id"}
+    assert trigger.match.root == {"prefect.resource.id": "prefect.flow-run.*"}
+    # A few beats may be late on a busy server before a run counts as dead.
+    assert trigger.within.total_seconds() >= 3 * int(HEARTBEAT_S)
+    (action,) = automation.actions
+    assert isinstance(action, ChangeFlowRunState) and action.state == StateType.CRASHED
+
+
+def test_workers_send_flow_run_heartbeats_that_prefect_accepts(monkeypatch):
+    from prefect.settings import Settings
+
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    for worker in ("gpu-worker", "cpu-worker"):
+        env = compose["services"][worker]["environment"]
+        assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == HEARTBEAT_S, worker
+    # The variable Prefect reads, and a value it accepts (fewer than 30 s is refused).
+    monkeypatch.setenv("PREFECT_FLOWS_HEARTBEAT_FREQUENCY", HEARTBEAT_S)
+    assert Settings().flows.heartbeat_frequency == int(HEARTBEAT_S)
+    readme = (ROOT / "README.md").read_text()
+    assert "prefect automation create --from-file deploy/automations/zombie-flow-runs.yaml" in readme

@@ -7,6 +7,7 @@ steps and `run_isolated` directly.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import threading
@@ -135,6 +136,81 @@ def test_flow_writes_outputs_and_artifacts_and_a_rerun_comes_from_the_cache(pref
     runs = _task_runs(rerun.state_details.flow_run_id)
     states = sorted(t.state.name for t in runs if t.name.startswith("predict-"))
     assert states == ["Cached"] * 6 + ["Completed"]  # the quarantined case has no done-marker: it reruns
+
+
+def _markdown(flow_run_id) -> str:
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    with _client() as client:
+        artifacts = client.read_artifacts(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+        )
+    return next(a.data for a in artifacts if a.key == "batch-inference-summary")
+
+
+def test_the_batch_is_one_finished_mlflow_run_without_source_paths(prefect_api, setup, tmp_path):
+    import mlflow
+
+    from pipeline.config import Workdir
+
+    src, out = _source(setup, tmp_path, 3), tmp_path / "out"
+    state = _run(prefect_api, setup, src, out, mlflow_experiment="batch-test")
+    assert state.is_completed(), state.message
+    manifest = json.loads((out / "run_manifest.json").read_text())
+    tracked = manifest["tracking"]
+    assert tracked["status"] == "logged" and tracked["error"] is None, tracked
+    assert state.result()["tracking"] == tracked
+
+    uri = Workdir.resolve().mlflow_tracking_uri()  # the test's own work directory (conftest)
+    client = mlflow.MlflowClient(uri)
+    run = client.get_run(tracked["run_id"])
+    assert run.info.status == "FINISHED"
+    assert client.get_experiment(run.info.experiment_id).name == "batch-test"
+    assert run.data.tags["model_name"] == "model" and run.data.tags["model_version"] == "local"
+    assert run.data.tags["weights_sha256"] == manifest["model"]["sha256"]
+    counts = {
+        k: run.data.metrics[k] for k in ("cases", "ok", "processed", "skipped", "quarantined", "failed")
+    }
+    assert counts == {"cases": 3, "ok": 3, "processed": 3, "skipped": 0, "quarantined": 0, "failed": 0}
+    labels = [n for v, n in sorted(setup.plan.label_names.items()) if v != 0]
+    for label in labels:
+        assert run.data.metrics[f"mean_volume_ml.{label}"] >= 0
+    params = run.data.params
+    assert params["model.weights_sha256"] == manifest["model"]["sha256"] and params["options.device"] == "cpu"
+    sources = [str(src), str(setup.demo.root), *(Path(c.msd_image).name for c in setup.demo.cases)]
+    for text in [*params.values(), *run.data.tags.values()]:
+        assert not any(s in text for s in sources), text
+    assert {a.path for a in client.list_artifacts(run.info.run_id)} == {"results.csv", "report.html"}
+    local = Path(client.download_artifacts(run.info.run_id, "", str(tmp_path / "artifacts")))
+    table = (local / "results.csv").read_text()
+    assert table.splitlines()[0].startswith("case_id,status,") and "source" not in table.splitlines()[0]
+    for text in (table, (local / "report.html").read_text()):
+        assert not any(s in text for s in sources)
+        assert all(c in text for c in manifest["inputs"])  # every case, by its pseudonymous ID
+    assert f"run `{run.info.run_id}`" in _markdown(state.state_details.flow_run_id)
+
+
+def test_an_unreachable_tracking_server_leaves_a_note_and_a_completed_flow(
+    prefect_api, setup, tmp_path, monkeypatch
+):
+    # Fail at once (MLflow's default is 7 retries with backoff), as tests/integration does.
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://pipeline:s3cret-pw@127.0.0.1:9")
+    src, out = _source(setup, tmp_path, 2), tmp_path / "out"
+    t0 = time.perf_counter()
+    state = _run(prefect_api, setup, src, out)
+    assert state.is_completed(), state.message
+    assert time.perf_counter() - t0 < 120
+    assert len(list(out.glob("case_*/seg.nii.gz"))) == 2
+    tracked = json.loads((out / "run_manifest.json").read_text())["tracking"]
+    assert tracked["status"] == "failed" and tracked["run_id"] is None
+    assert tracked["experiment"] == "batch-inference"
+    assert "127.0.0.1:9" in tracked["error"]
+    markdown = _markdown(state.state_details.flow_run_id)
+    assert "MLflow tracking failed" in markdown and "127.0.0.1:9" in markdown
+    for text in (json.dumps(tracked), markdown):
+        assert "s3cret-pw" not in text
 
 
 def test_a_failing_case_fails_the_flow_and_the_others_finish(prefect_api, setup, tmp_path):

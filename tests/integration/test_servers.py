@@ -404,6 +404,10 @@ def test_served_deployment_run_through_the_api_completes_with_outputs_and_mlflow
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert champion.version == str(world["version"]) and champion.run_id == trained.run_id
     assert champion.tags["weights_sha256"] == manifest["model"]["sha256"]
+    batch_run = client.get_run(manifest["tracking"]["run_id"])  # the batch itself, one run
+    assert batch_run.info.status == "FINISHED"
+    assert batch_run.data.tags["model_version"] == str(world["version"])
+    assert batch_run.data.metrics["ok"] == N_CASES
 
 
 def test_worker_killed_mid_batch_and_restarted_finishes_only_what_is_left(world, worker, tmp_path):
@@ -476,6 +480,10 @@ def test_mlflow_down_during_inference_and_training(servers, world, worker, tmp_p
         assert finished.state.is_completed(), f"{finished.state}\n{worker.service.tail()}"
         manifest = _assert_outputs(out, world["cases"])
         assert manifest["counts"]["ok"] == N_CASES
+        # The batch's own MLflow record failed: a note says so, without the server's credentials.
+        tracking = manifest["tracking"]
+        assert tracking["status"] == "failed" and tracking["run_id"] is None, tracking
+        assert servers.mlflow_uri in tracking["error"]
     finally:
         servers.mlflow.start()
     tracker.end()  # the server is back: the run is ended, not left RUNNING

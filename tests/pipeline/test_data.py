@@ -1,4 +1,5 @@
 import pytest
+import torch
 
 from pipeline.data import split_cases
 
@@ -38,3 +39,40 @@ def test_bad_splits_are_rejected(ids, kwargs, match):
 def test_tiny_sets_keep_a_training_case():
     train, val = split_cases(["a", "b"], val_fraction=0.9)
     assert len(train) == 1 and len(val) == 1
+
+
+class _Volumes(torch.utils.data.Dataset):
+    """Four items of one slice each; item `bad` raises like a failing transform."""
+
+    def __init__(self, bad: int | None = None) -> None:
+        self.bad = bad
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, i: int):
+        if i == self.bad:
+            raise ValueError(f"transform failed on item {i}")
+        return [{"image": torch.full((1, 16, 16), float(i))}]
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_loader_gives_every_volume_each_pass(workers):
+    from pipeline.data import infinite_batches, make_loader
+
+    loader, sampler = make_loader(_Volumes(), volumes_per_batch=2, seed=0, workers=workers)
+    batches = infinite_batches(loader, sampler)
+    seen = sorted(int(v) for _ in range(2) for v in next(batches)["image"][:, 0, 0, 0])
+    assert seen == [0, 1, 2, 3]
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's
+@pytest.mark.parametrize("workers", [0, 1])
+def test_a_failing_transform_stops_training_instead_of_ending_the_pass_silently(workers):
+    from pipeline.data import infinite_batches, make_loader
+
+    loader, sampler = make_loader(_Volumes(bad=2), volumes_per_batch=1, seed=0, workers=workers)
+    batches = infinite_batches(loader, sampler)
+    with pytest.raises(RuntimeError, match=r"stopped after [0-3] of 4 batches: a transform failed"):
+        for _ in range(12):  # MONAI's thread would otherwise end each pass early, forever
+            next(batches)

@@ -7,6 +7,7 @@ small NIfTI folder to stay fast.
 
 from __future__ import annotations
 
+import concurrent.futures
 import csv
 import json
 import logging
@@ -17,6 +18,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 from pathlib import Path
 
 import highdicom as hd
@@ -27,7 +29,14 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.inference import ModelLoadError, postprocess, predict
+from pipeline.inference import (
+    ModelLoadError,
+    finalize_batch,
+    postprocess,
+    predict,
+    predict_case,
+    prepare_batch,
+)
 from tests.pipeline.predict_fixture import PredictSetup, make_predict_setup, save_untrained_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -282,6 +291,31 @@ def test_tampered_model_is_refused_before_any_case(setup, nifti_source, tmp_path
     assert result.exit_code == 2
     assert "plan.json" in result.output and "partial" in result.output.replace("\n", "")
     assert not out.exists()
+
+
+def test_two_prepares_of_one_out_at_once_both_succeed_with_one_plan(setup, nifti_source, tmp_path):
+    """Two orchestrators planning the same OUT at the same moment (fresh folders: the model is
+    staged by both); a few rounds, since a collision depends on timing."""
+    from pipeline.model_store import load_model_dir
+
+    for round_ in range(3):
+        out = tmp_path / f"out{round_}"
+        start = threading.Barrier(2)
+
+        def plan(_, out=out, start=start):
+            start.wait()
+            return prepare_batch(nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            first, second = pool.map(plan, range(2))
+        assert first.case_ids == second.case_ids and len(first.case_ids) == 4
+        assert first.model_sha256 == second.model_sha256 == load_model_dir(out / ".plan" / "model").sha256
+        batch = json.loads((out / ".plan" / "batch.json").read_text())
+        assert batch["cases"] == first.case_ids
+        # No temporary model copies left behind beside the staged one.
+        assert sorted(p.name for p in (out / ".plan").iterdir()) == ["batch.json", "cases", "locks", "model"]
+    assert predict_case(out, first.case_ids[0])["status"] == "ok"
+    assert finalize_batch(out).count("ok") == 1
 
 
 def test_rerun_skips_done_cases_and_a_changed_model_redoes_them(setup, nifti_source, tmp_path):

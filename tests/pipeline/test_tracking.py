@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -144,6 +146,27 @@ def test_registered_model_loads_back_with_the_same_outputs(trained, store, uri_k
     x = torch.randn(2, 1, 33, 37)
     with torch.inference_mode():
         assert torch.equal(loaded.model(x), trained["model"](x))
+
+
+def test_registering_prints_no_mlflow_notices_and_keeps_other_output(trained, store, capfd, caplog):
+    name = "unet-quiet"
+    with caplog.at_level(logging.DEBUG, logger="pipeline.tracking"):
+        first = register(trained["model_uri"], name, tracking_uri=store["uri"])  # a new name
+        second = register(trained["model_uri"], name, tracking_uri=store["uri"])  # it exists now
+    assert (first, second) == (1, 2)
+    captured = capfd.readouterr()
+    for text in (captured.out, captured.err):
+        assert "Successfully registered model" not in text
+        assert "Created version" not in text
+        assert "already exists" not in text
+    # Kept at DEBUG in our own log.
+    assert any("Created version '2'" in r.getMessage() for r in caplog.records)
+    # Anything else written to stderr meanwhile (a warning, another thread) still comes through.
+    with tracking._registry_notices_to_debug():
+        print("Created version '9' of model 'x'.", file=sys.stderr)
+        print("WARNING mlflow: a real problem", file=sys.stderr)
+        sys.stderr.write("partial line")
+    assert capfd.readouterr().err == "WARNING mlflow: a real problem\npartial line"
 
 
 def test_pyfunc_predicts_what_the_in_memory_model_predicted(trained, store):
