@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"loader   {real:.3f} s/step real vs {mem:.3f} in memory: ratio {r['ratio']:.3f} (<= 1.10)")
         if args.only in (None, "logging"):
             out["logging"] = r = logging_ratio(staging, config, root)
-            with_, without = r["tracked_epoch_s"], r["plain_epoch_s"]
             print(
-                f"logging  epoch {with_:.2f} s tracked vs {without:.2f} s: ratio {r['ratio']:.3f} (<= 1.01)"
+                f"logging  {r['tracking_s']:.3f} s in the tracker over {r['epochs_s']:.2f} s of epochs: "
+                f"ratio {r['ratio']:.4f} (<= 1.01)"
+                + (f"; TRACKING FAILED: {r['tracking_error']}" if r["tracking_error"] else "")
             )
         if args.only in (None, "peer"):
             out["peer"] = r = peer_comparison(staging, config, root, args.peer_minutes)

@@ -26,8 +26,8 @@ import os
 import secrets
 import shutil
 from collections import Counter, defaultdict
-from collections.abc import Iterable
-from concurrent.futures import ProcessPoolExecutor
+from collections.abc import Iterable, Mapping
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
@@ -132,11 +132,16 @@ def _sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _inputs_hash(root: Path, rels: Iterable[str], extra: str = "") -> str:
-    """One hash over the relative paths and bytes of a case's inputs (order-independent)."""
+def _inputs_hash(
+    root: Path, rels: Iterable[str], extra: str = "", known: Mapping[str, Future] | None = None
+) -> str:
+    """One hash over the relative paths and bytes of a case's inputs (order-independent).
+
+    `known`: file digests already being computed (rel -> future of `_sha256_file`)."""
     digest = hashlib.sha256(f"converter={CONVERTER_VERSION};{extra}".encode())
     for rel in sorted(rels):
-        digest.update(rel.encode("utf-8") + b"\0" + _sha256_file(root / rel).encode("ascii"))
+        file_digest = known[rel].result() if known and rel in known else _sha256_file(root / rel)
+        digest.update(rel.encode("utf-8") + b"\0" + file_digest.encode("ascii"))
     return digest.hexdigest()
 
 
@@ -262,12 +267,22 @@ class CasePlanner:
     # -- DICOM -----------------------------------------------------------------------------
 
     def _plan_dicom(self, files: list[Path], progress: bool) -> None:
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher:
+            self._plan_dicom_files(files, progress, hasher)
+
+    def _plan_dicom_files(self, files: list[Path], progress: bool, hasher: ThreadPoolExecutor) -> None:
         headers: list[DicomHeader] = []
+        # Each accepted file's bytes are hashed in a thread while the next headers are parsed
+        # (hashlib releases the GIL): the input hashes cost no extra time on two cores.
+        digests: dict[str, Future] = {}
         for path in tqdm(files, desc="reading headers", unit="file", disable=not progress, leave=False):
             try:
-                headers.append(read_header(path, self.source, self.limits.max_pixels_per_file))
+                header = read_header(path, self.source, self.limits.max_pixels_per_file)
             except InputRejected as err:
                 self.reject(err)
+                continue
+            headers.append(header)
+            digests[header.rel] = hasher.submit(_sha256_file, header.path)
         images = [h for h in headers if not h.is_segmentation]
         segs_by_series: dict[str, list[DicomHeader]] = defaultdict(list)
         for h in headers:
@@ -289,7 +304,7 @@ class CasePlanner:
                     case_id=case_id_for(f"dicom:{group.key}", self.secret),
                     kind="dicom",
                     sources=sources,
-                    inputs_sha256=_inputs_hash(self.source, sources),
+                    inputs_sha256=_inputs_hash(self.source, sources, known=digests),
                     group=group,
                     segs=segs,
                     modality=group.modality,
@@ -524,6 +539,33 @@ class IngestPlan:
         return json.loads(path.read_text(encoding="utf-8"))["inputs_sha256"]
 
 
+# Jobs planned in this process, so a conversion in the same process (or handed to a pool by
+# `ingest`) skips the second header pass; a conversion elsewhere (a flow's task) re-reads the
+# headers from the files named in jobs/<case_id>.json. Each entry carries the size and mtime of
+# every file it read: a file changed since planning sends the case down the re-reading path,
+# which notices what changed.
+_PLANNED: dict[tuple[str, str], tuple[CaseJob, tuple]] = {}
+
+
+def _file_stamps(job: CaseJob) -> tuple:
+    if job.group is None:
+        return ()
+    stats = (h.path.stat() for h in job.group.headers)
+    return tuple((st.st_size, st.st_mtime_ns) for st in stats)
+
+
+def _planned_job(staging: Path, case_id: str, inputs_sha256: str) -> CaseJob | None:
+    entry = _PLANNED.pop((str(staging), case_id), None)
+    if entry is None:
+        return None
+    job, stamps = entry
+    try:
+        fresh = job.inputs_sha256 == inputs_sha256 and _file_stamps(job) == stamps
+    except OSError:
+        fresh = False
+    return job if fresh else None
+
+
 def plan_ingest(
     source: str | Path,
     staging: str | Path,
@@ -551,11 +593,15 @@ def plan_ingest(
     for leftover in staging.rglob(".*.tmp*"):
         leftover.unlink(missing_ok=True)
     todo = []
+    for key in [k for k in _PLANNED if k[0] == str(staging)]:
+        del _PLANNED[key]
     for job in planner.jobs:
         with atomic_open(plan_dir / "jobs" / f"{job.case_id}.json") as fh:
             json.dump(_job_to_json(job), fh)
         if _previous_record(staging, job) is None:
             todo.append(job.case_id)
+            if job.kind == "dicom":
+                _PLANNED[(str(staging), job.case_id)] = (job, _file_stamps(job))
     plan = {
         "files": [_rel(p, source) for p in files],
         "rejected": [{"reason": e.reason.value, **e.to_record()} for e in planner.rejected],
@@ -570,12 +616,18 @@ def plan_ingest(
 
 
 def convert_case(
-    source: str | Path, staging: str | Path, case_id: str, *, secret_file: str | Path | None = None
+    source: str | Path,
+    staging: str | Path,
+    case_id: str,
+    *,
+    secret_file: str | Path | None = None,
+    _job: CaseJob | None = None,
 ) -> dict[str, Any]:
     """Step 2: convert one planned case; returns {"case_id", "status", "reason"}.
 
     status is "converted", "quarantined" or "unchanged" (its outputs from an earlier run stand).
     Never raises for bad input: a rejection is recorded for `finalize_ingest` and returned.
+    (`_job`: the planned job itself, handed over by `ingest` to its worker processes.)
     """
     source, staging = _resolve(source, staging)
     plan_dir = staging / PLAN_DIR
@@ -585,7 +637,9 @@ def convert_case(
     if case_id not in plan["todo"]:
         return {"case_id": case_id, "status": "unchanged", "reason": None}
     try:
-        job = _job_from_json(data, source, _secret(secret_file), limits)
+        job = _job if _job is not None else _planned_job(staging, case_id, data["inputs_sha256"])
+        if job is None or job.inputs_sha256 != data["inputs_sha256"]:
+            job = _job_from_json(data, source, _secret(secret_file), limits)
     except InputRejected as err:
         err.details.setdefault("files", data["sources"])
         result: tuple[str, dict | None, InputRejected | None] = (case_id, None, err)
@@ -656,7 +710,8 @@ def ingest(
     Bad inputs are quarantined with a reason and the batch goes on. Input files are only read.
     `workers` processes convert cases in parallel (default: the CPUs available, at most 8).
     """
-    todo = plan_ingest(source, staging, secret_file=secret_file, limits=limits, progress=progress).todo
+    plan = plan_ingest(source, staging, secret_file=secret_file, limits=limits, progress=progress)
+    todo = plan.todo
     workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     bar = tqdm(total=len(todo), desc="converting", unit="case", disable=not progress or not todo)
     if workers <= 1 or len(todo) <= 1:
@@ -666,7 +721,18 @@ def ingest(
     else:
         # forkserver: safe when the caller has threads (Prefect, MLflow), cheaper than spawn.
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
-            futures = [pool.submit(convert_case, source, staging, c, secret_file=secret_file) for c in todo]
+            staged = str(Path(staging).resolve())
+            futures = [
+                pool.submit(
+                    convert_case,
+                    source,
+                    staging,
+                    c,
+                    secret_file=secret_file,
+                    _job=_planned_job(Path(staged), c, plan.input_hash(staged, c)),
+                )
+                for c in todo
+            ]
             for future in futures:
                 future.result()
                 bar.update(1)

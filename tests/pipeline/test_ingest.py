@@ -168,12 +168,16 @@ def test_killed_midway_rerun_finishes_only_the_rest(demo, tmp_path):
     )
     proc = subprocess.Popen([sys.executable, "-c", script, str(demo.dicom_root), str(staging), str(secret)])
     records = staging / ".records"
+
+    def finished() -> int:  # records in place (a temporary ".<name>.<random>.tmp.json" is not one)
+        return sum(1 for p in records.glob("*.json") if not p.name.startswith("."))
+
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(list(records.glob("*.json"))) < 2:
+    while time.monotonic() < deadline and finished() < 2:
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    done_before = len(list(records.glob("*.json")))
+    done_before = finished()
     assert 2 <= done_before < len(demo.cases) + 1, "the kill should land mid-batch"
     assert not list(staging.rglob("*.tmp*")) or all(p.name.startswith(".") for p in staging.rglob("*.tmp*"))
     report = ingest(demo.dicom_root, staging, secret_file=secret, workers=1)
