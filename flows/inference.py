@@ -10,6 +10,7 @@ The flow's final state is Failed when any case failed, with the summary as its d
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from prefect import flow, get_run_logger, task
@@ -132,6 +133,8 @@ def _tracking_markdown(tracked: dict | None) -> str:
     )
 
 
+PROGRESS_EVERY_S = 5.0
+
 _PREDICT_REFRESH = predict_case_task.with_options(refresh_cache=True)
 
 
@@ -165,8 +168,13 @@ def batch_inference_flow(
         )
         for case_id in plan.case_ids
     ]
+    last = time.monotonic()
     for finished, _ in enumerate(as_completed(futures), start=1):
-        update_progress_artifact(progress, 100.0 * finished / total)
+        # At most one API call per PROGRESS_EVERY_S (and the last): a batch of thousands of
+        # small cases must not spend its time updating a progress bar.
+        if finished == len(futures) or time.monotonic() - last >= PROGRESS_EVERY_S:
+            update_progress_artifact(progress, 100.0 * finished / total)
+            last = time.monotonic()
     for future in futures:
         state = future.state
         if not state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
