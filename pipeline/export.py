@@ -179,6 +179,35 @@ def qc_slices(mask: np.ndarray, n: int = 9) -> list[int]:
     return sorted(set(np.linspace(lo, hi, min(n, hi - lo + 1)).round().astype(int).tolist()))
 
 
+QC_TILE_PX = 160  # slices are enlarged (nearest neighbour) to at least this many pixels across
+
+
+def qc_montage(image: np.ndarray, mask: np.ndarray, picks: Sequence[int]) -> tuple[np.ndarray, int, int]:
+    """(rows*h, cols*w, 3) RGB in [0, 1]: the picked slices windowed, the mask blended at 50 %.
+
+    Composed as one array (no plotting axes): the montage of a case costs milliseconds. Slices
+    are shown as radiologists read them with origin at the bottom row (RAS: anterior up).
+    """
+    cols = min(3, len(picks))
+    rows = -(-len(picks) // cols)
+    lo, hi = _window(image)
+    scale = max(1, -(-QC_TILE_PX // max(image.shape[0], image.shape[1])))
+    h, w = image.shape[1] * scale, image.shape[0] * scale
+    canvas = np.ones((rows * h, cols * w, 3), np.float32)
+    palette = np.vstack([np.zeros(3), np.asarray(_COLOURS, np.float32)])
+    for n, k in enumerate(picks):
+        grey = np.clip((image[:, :, k].T.astype(np.float32) - lo) / (hi - lo), 0, 1)
+        lab = mask[:, :, k].T.astype(np.int64)
+        rgb = np.repeat(grey[..., None], 3, axis=2)
+        labelled = lab > 0
+        colours = palette[1 + (lab[labelled] - 1) % len(_COLOURS)]
+        rgb[labelled] = 0.5 * rgb[labelled] + 0.5 * colours
+        tile = np.flipud(rgb).repeat(scale, axis=0).repeat(scale, axis=1)
+        r, c = divmod(n, cols)
+        canvas[r * h : (r + 1) * h, c * w : (c + 1) * w] = tile
+    return canvas, h, w
+
+
 def write_qc_png(
     path: Path, image: np.ndarray, mask: np.ndarray, label_names: Mapping[int, str], title: str = ""
 ) -> Path:
@@ -187,29 +216,30 @@ def write_qc_png(
 
     matplotlib.use("Agg")
     from matplotlib.figure import Figure
-    from matplotlib.patches import Patch
+    from matplotlib.patches import Rectangle
 
     picks = qc_slices(mask)
-    cols = min(3, len(picks))
-    rows = -(-len(picks) // cols)
-    lo, hi = _window(image)
-    fig = Figure(figsize=(2.4 * cols, 2.4 * rows + 0.5), dpi=72)
+    canvas, h, w = qc_montage(image, mask, picks)
+    cols = canvas.shape[1] // w
+    gap, head, foot = 16, 22 if title else 4, 24  # pixels: slice captions, title, legend
+    rows = canvas.shape[0] // h
+    width = canvas.shape[1] + 2 * 8
+    height = head + rows * (h + gap) + foot
+    dpi = 72
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi)
     for n, k in enumerate(picks):
-        ax = fig.add_subplot(rows, cols, n + 1)
-        grey = np.clip((image[:, :, k].T.astype(np.float32) - lo) / (hi - lo), 0, 1)
-        rgb = np.repeat(grey[..., None], 3, axis=2)
-        lab = mask[:, :, k].T
-        for value in (int(v) for v in np.unique(lab) if v != 0):
-            sel = lab == value
-            rgb[sel] = 0.5 * rgb[sel] + 0.5 * np.asarray(colour(value))
-        ax.imshow(rgb, origin="lower", interpolation="nearest", aspect="equal")
-        ax.set_title(f"slice {k}", fontsize=8)
-        ax.set_axis_off()
-    handles = [Patch(color=colour(v), label=name) for v, name in sorted(label_names.items()) if v != 0]
-    fig.legend(handles=handles, loc="lower center", ncol=max(1, len(handles)), fontsize=8, frameon=False)
+        r, c = divmod(n, cols)
+        x0, y0 = 8 + c * w, height - head - (r + 1) * (h + gap)  # bottom-left of the tile, pixels
+        fig.figimage(canvas[r * h : (r + 1) * h, c * w : (c + 1) * w], xo=x0, yo=y0, origin="upper")
+        fig.text((x0 + w / 2) / width, (y0 + h + 3) / height, f"slice {k}", ha="center", fontsize=8)
     if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+        fig.text(0.5, 1 - 4 / height, title, ha="center", va="top", fontsize=9)
+    entries = [(colour(v), name) for v, name in sorted(label_names.items()) if v != 0]
+    x = width / 2 - 45 * len(entries)
+    for rgb, name in entries:
+        fig.add_artist(Rectangle((x / width, 7 / height), 10 / width, 10 / height, color=rgb))
+        fig.text((x + 14) / width, 12 / height, name, va="center", fontsize=8)
+        x += 90
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png")
     return path
