@@ -29,7 +29,8 @@ from bench.demo_dice import msd_to_staging
 from pipeline import training
 from pipeline.config import PipelineConfig
 from pipeline.data import infinite_batches, make_loader, make_train_dataset, split_cases
-from pipeline.plan import plan_dataset, read_manifest
+from pipeline.io.manifest import read_manifest
+from pipeline.plan import plan_dataset
 from pipeline.runtime import configure_threads, prepare_model, resolve_device, to_input
 from pipeline.synthetic.dataset import make_demo_dataset
 from pipeline.transforms import train_transforms
@@ -45,7 +46,7 @@ def loader_ratio(staging: Path, config: PipelineConfig, block: int = 15, blocks:
     """Real loader vs in-memory batches for the same training steps."""
     tc = config.train
     plan = plan_dataset(staging, config.preprocess)
-    rows = [r for r in read_manifest(staging) if r.get("label")]
+    rows = [r for r in read_manifest(staging, resolve=True) if r.get("label")]
     train_ids, _ = split_cases([r["case_id"] for r in rows], val_fraction=0.2, folds=1, fold=0, seed=0)
     items = [
         {"image": r["image"], "label": r["label"], "modality": r["modality"]}

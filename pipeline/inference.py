@@ -205,7 +205,7 @@ def plan_cases(
 
 
 def _staging_cases(staging: Path) -> list[PredictCase]:
-    from pipeline.ingest import read_manifest
+    from pipeline.io.manifest import read_manifest
 
     cases = []
     for row in read_manifest(staging):

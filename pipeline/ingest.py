@@ -38,6 +38,7 @@ from tqdm.auto import tqdm
 from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
 from pipeline.io.atomic import atomic_open, write_text
 from pipeline.io.dicom import DicomHeader, SeriesGroup, assemble_series, load_series, read_header
+from pipeline.io.manifest import MANIFEST
 from pipeline.io.msd import DATASET_JSON, MsdDataset, is_msd_dataset, read_msd_dataset
 from pipeline.io.nifti import NiftiCase, is_nifti, load_label, load_nifti, pair_nifti_files
 from pipeline.io.seg import read_seg_labels, seg_referenced_series_uid, segment_names
@@ -796,7 +797,7 @@ def _write_outputs(
     report: IngestReport,
     table: dict[str, int],
 ) -> None:
-    with atomic_open(staging / "manifest.jsonl") as fh:
+    with atomic_open(staging / MANIFEST) as fh:
         for case_id in sorted(records):
             fh.write(json.dumps(records[case_id]) + "\n")
     with atomic_open(staging / "quarantine.jsonl") as fh:
@@ -814,14 +815,3 @@ def _write_outputs(
         "file_ending": ".nii.gz",
     }
     write_text(staging / "dataset.json", json.dumps(dataset, indent=2) + "\n")
-
-
-def read_manifest(staging: str | Path) -> list[dict[str, Any]]:
-    """The staging manifest's records, in case-ID order."""
-    path = Path(staging) / "manifest.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: is {staging} a staging folder made by `unet-pipeline ingest`?"
-        )
-    with open(path, encoding="utf-8") as fh:
-        return [json.loads(line) for line in fh if line.strip()]

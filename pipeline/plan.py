@@ -30,6 +30,7 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.io.atomic import write_text
+from pipeline.io.manifest import read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -145,34 +146,6 @@ def load_plan(path: str | Path) -> Plan:
 # Staging manifest
 
 
-def read_manifest(staging: str | Path) -> list[dict[str, Any]]:
-    """The rows of STAGING/manifest.jsonl, with `image`/`label` made absolute paths."""
-    staging = Path(staging)
-    path = staging / "manifest.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(
-            f"{path} not found: STAGING must be a folder written by `unet-pipeline ingest`"
-        )
-    rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ValueError(f"{path}:{n} is not valid JSON: {exc}") from exc
-        missing = {"case_id", "image"} - set(row)
-        if missing:
-            raise ValueError(f"{path}:{n} lacks {', '.join(sorted(missing))}")
-        row["image"] = str(staging / row["image"])
-        row["label"] = str(staging / row["label"]) if row.get("label") else None
-        row["modality"] = str(row.get("modality") or "unknown").upper()
-        rows.append(row)
-    if not rows:
-        raise ValueError(f"{path} lists no cases")
-    return rows
-
-
 def read_labels(staging: str | Path) -> dict[str, int]:
     """name -> value from STAGING/dataset.json (nnU-Net v2 style)."""
     path = Path(staging) / "dataset.json"
@@ -207,7 +180,7 @@ def _ras_geometry(
 
 def fingerprint_dataset(staging: str | Path, seed: int = 0) -> Fingerprint:
     """Read the labelled staged cases once and summarise them (see the module docstring)."""
-    rows = [r for r in read_manifest(staging) if r.get("label")]
+    rows = [r for r in read_manifest(staging, resolve=True) if r.get("label")]
     if not rows:
         raise ValueError(f"{staging}: no labelled cases in manifest.jsonl; training needs labels")
     rng = np.random.default_rng(seed)

@@ -21,8 +21,9 @@ import numpy as np
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, Workdir
+from pipeline.io.manifest import read_manifest
 from pipeline.model_store import LoadedModel
-from pipeline.plan import Plan, read_manifest
+from pipeline.plan import Plan
 from pipeline.runtime import resolve_device, resolve_precision
 from pipeline.training import TrainResult, _load_val_cases, train, validate
 
@@ -97,7 +98,7 @@ def register_model(model_uri: str, name: str, *, tracking_uri: str | None = None
 
 
 def validation_rows(staging: str | Path, case_ids: list[str]) -> list[dict[str, Any]]:
-    by_id = {row["case_id"]: row for row in read_manifest(staging)}
+    by_id = {row["case_id"]: row for row in read_manifest(staging, resolve=True)}
     missing = sorted(set(case_ids) - set(by_id))
     if missing:
         raise ValueError(f"validation cases {missing[:3]} are not in {staging}/manifest.jsonl")

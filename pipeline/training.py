@@ -42,8 +42,9 @@ from tqdm.auto import tqdm
 from pipeline.config import PipelineConfig
 from pipeline.data import infinite_batches, make_loader, make_train_dataset, split_cases
 from pipeline.io.atomic import atomic_path, write_text
+from pipeline.io.manifest import read_manifest
 from pipeline.metrics import mean_over_cases, segmentation_metrics
-from pipeline.plan import Plan, load_plan, plan_dataset, read_manifest, save_plan
+from pipeline.plan import Plan, load_plan, plan_dataset, save_plan
 from pipeline.runtime import (
     autocast,
     configure_threads,
@@ -355,7 +356,7 @@ def train(
     seed_everything(tc.seed + dctx.rank, tc.deterministic)
 
     # Plan and split: computed once per run, saved, and reused as is on resume.
-    rows = [r for r in read_manifest(staging) if r.get("label")]
+    rows = [r for r in read_manifest(staging, resolve=True) if r.get("label")]
     by_id = {r["case_id"]: r for r in rows}
     if checkpoint is not None:
         plan = Plan.from_dict(json.loads(checkpoint["plan"]))

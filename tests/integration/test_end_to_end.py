@@ -13,7 +13,8 @@ import torch
 
 from pipeline import tracking
 from pipeline.inference import predict
-from pipeline.ingest import ingest, read_manifest
+from pipeline.ingest import ingest
+from pipeline.io.manifest import read_manifest
 from pipeline.model_store import load_model_dir
 from pipeline.registry import gate, register_model, train_and_log
 from pipeline.synthetic.dataset import make_demo_dataset

@@ -28,7 +28,8 @@ import httpx
 import psutil
 import pytest
 
-from pipeline.ingest import ingest, read_manifest
+from pipeline.ingest import ingest
+from pipeline.io.manifest import read_manifest
 from pipeline.model_store import load_model_dir
 from pipeline.registry import gate_run, register_model, train_and_log
 from pipeline.synthetic.dataset import make_demo_dataset

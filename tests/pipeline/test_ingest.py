@@ -15,7 +15,8 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.ingest import case_id_for, ingest, load_or_create_secret, read_manifest
+from pipeline.ingest import case_id_for, ingest, load_or_create_secret
+from pipeline.io.manifest import read_manifest
 from pipeline.synthetic.dataset import make_demo_dataset
 
 

@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from pipeline.config import PreprocessConfig
+from pipeline.io.manifest import read_manifest
 from pipeline.io.volume import Volume
-from pipeline.plan import Plan, plan_dataset, read_manifest
+from pipeline.plan import Plan, plan_dataset
 from pipeline.transforms import body_mask, preprocess_volume, restore_labels, train_transforms
 from tests.pipeline.staging_fixture import make_staging
 
@@ -14,7 +15,7 @@ LABELS = {"background": 0, "organ": 1, "lesion": 2}
 @pytest.fixture(scope="module")
 def staged(tmp_path_factory):
     root = make_staging(tmp_path_factory.mktemp("t"), n_cases=4, size=33)
-    return root, plan_dataset(root), read_manifest(root)
+    return root, plan_dataset(root), read_manifest(root, resolve=True)
 
 
 @pytest.mark.parametrize("augment", [True, False])
