@@ -574,10 +574,14 @@ def plan_ingest(
     secret_file: str | Path | None = None,
     limits: IngestLimits | None = None,
     progress: bool = False,
+    keep_jobs: bool = False,
 ) -> IngestPlan:
     """Step 1: discover and validate `source`, and record the plan in STAGING/.plan/.
 
     Cases whose inputs are unchanged since an earlier run keep their outputs (not in `todo`).
+    keep_jobs: keep the planned DICOM jobs in this process for `convert_case` here or handed to
+    a pool (`ingest` does), sparing a second header pass; orchestrators that convert elsewhere
+    leave it off (the jobs would only hold memory).
     """
     source, staging = _resolve(source, staging)
     limits = limits or IngestLimits()
@@ -601,7 +605,7 @@ def plan_ingest(
             json.dump(_job_to_json(job), fh)
         if _previous_record(staging, job) is None:
             todo.append(job.case_id)
-            if job.kind == "dicom":
+            if keep_jobs and job.kind == "dicom":
                 _PLANNED[(str(staging), job.case_id)] = (job, _file_stamps(job))
     plan = {
         "files": [_rel(p, source) for p in files],
@@ -711,7 +715,9 @@ def ingest(
     Bad inputs are quarantined with a reason and the batch goes on. Input files are only read.
     `workers` processes convert cases in parallel (default: the CPUs available, at most 8).
     """
-    plan = plan_ingest(source, staging, secret_file=secret_file, limits=limits, progress=progress)
+    plan = plan_ingest(
+        source, staging, secret_file=secret_file, limits=limits, progress=progress, keep_jobs=True
+    )
     todo = plan.todo
     workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
     bar = tqdm(total=len(todo), desc="converting", unit="case", disable=not progress or not todo)

@@ -204,3 +204,40 @@ def test_cli_ingest_nothing_staged_exits_2(tmp_path):
     result = CliRunner().invoke(app, ["ingest", str(src), "--out", str(tmp_path / "s")])
     assert result.exit_code == 2
     assert "NOT_DICOM" in result.output
+
+
+def _small_series(root: Path) -> Path:
+    from pipeline.synthetic.dicom import SeriesSpec, write_dicom_series
+
+    vol = (np.arange(6 * 32 * 32).reshape(6, 32, 32) % 400).astype(np.int16)
+    write_dicom_series(vol, root / "series", SeriesSpec(modality="CT", slice_spacing=2.0, seed=3))
+    return root / "series"
+
+
+def test_one_header_pass_when_planning_and_converting_in_one_process(tmp_path, monkeypatch):
+    from pipeline import ingest as ingest_module
+
+    src = _small_series(tmp_path)
+    n_files = sum(1 for p in src.rglob("*") if p.is_file())
+    reads = []
+    real = ingest_module.read_header
+    monkeypatch.setattr(ingest_module, "read_header", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    report = ingest(src, tmp_path / "staging", secret_file=tmp_path / "secret", workers=1)
+    assert report.cases_converted == 1
+    assert len(reads) == n_files  # the converter used the planned headers
+
+
+def test_a_file_changed_after_planning_is_read_again(tmp_path, monkeypatch):
+    from pipeline import ingest as ingest_module
+
+    src = _small_series(tmp_path)
+    staging, secret = tmp_path / "staging", tmp_path / "secret"
+    plan = ingest_module.plan_ingest(src, staging, secret_file=secret, keep_jobs=True)
+    changed = next(p for p in sorted(src.rglob("*")) if p.is_file())
+    os.utime(changed, ns=(time.time_ns(), time.time_ns() + 10**9))  # same bytes, new mtime
+    reads = []
+    real = ingest_module.read_header
+    monkeypatch.setattr(ingest_module, "read_header", lambda *a, **k: reads.append(a[0]) or real(*a, **k))
+    result = ingest_module.convert_case(src, staging, plan.todo[0], secret_file=secret)
+    assert result["status"] == "converted"
+    assert len(reads) == sum(1 for p in src.rglob("*") if p.is_file())  # re-assembled from the files
