@@ -28,7 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.demo_dice import msd_to_staging
 from pipeline import training
 from pipeline.config import PipelineConfig
-from pipeline.data import infinite_batches, make_loader, make_train_dataset, split_cases
+from pipeline.data import infinite_batches, loader_workers, make_loader, make_train_dataset, split_cases
 from pipeline.io.manifest import read_manifest
 from pipeline.plan import plan_dataset
 from pipeline.runtime import configure_threads, prepare_model, resolve_device, to_input
@@ -59,7 +59,7 @@ def loader_ratio(staging: Path, config: PipelineConfig, block: int = 15, blocks:
         volumes_per_batch=tc.batch_size // tc.slices_per_volume,
         seed=0,
         buffer_size=config.data.loader_buffer,
-        workers=config.data.loader_workers,
+        workers=loader_workers(config.data.loader_workers, "cpu"),
     )
     device = resolve_device("cpu")
     model = prepare_model(

@@ -81,7 +81,9 @@ class DataConfig(_Section):
     cache: Literal["memory", "disk", "none"] = "memory"  # CacheDataset, PersistentDataset, or none
     cache_dir: str | None = None  # PersistentDataset folder (default <out_dir>/cache) when cache: disk
     loader_buffer: int = Field(2, ge=1)  # ThreadDataLoader prefetch depth (batches)
-    loader_workers: int = Field(1, ge=0)  # processes for sampling/augmentation; 0: in the loader thread
+    # Processes for slice sampling/augmentation (0: in the loader thread); None: 1 on CPU (the
+    # step needs the cores), up to 4 on a GPU (one worker cannot keep a GPU fed).
+    loader_workers: int | None = Field(None, ge=0)
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> DataConfig:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -112,6 +113,16 @@ def make_loader(
         drop_last=False,
     )
     return loader, sampler
+
+
+def loader_workers(setting: int | None, device_type: str) -> int:
+    """Loader worker processes: `setting`, or by device when None (see DataConfig)."""
+    if setting is not None:
+        return setting
+    if device_type == "cuda":
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+        return max(1, min(4, cores // 2))
+    return 1
 
 
 def _init_worker(worker_id: int, untracked: bool) -> None:

@@ -40,7 +40,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import PipelineConfig
-from pipeline.data import infinite_batches, make_loader, make_train_dataset, split_cases
+from pipeline.data import infinite_batches, loader_workers, make_loader, make_train_dataset, split_cases
 from pipeline.io.atomic import atomic_path, write_text
 from pipeline.io.manifest import read_manifest
 from pipeline.metrics import mean_over_cases, segmentation_metrics
@@ -460,7 +460,7 @@ def train(
             seed=tc.seed,
             buffer_size=config.data.loader_buffer,
             distributed=dctx.enabled,
-            workers=config.data.loader_workers,
+            workers=loader_workers(config.data.loader_workers, device.type),
         )
         batches = infinite_batches(loader, sampler, start=start_epoch)
         val_cases = _load_val_cases([by_id[c] for c in split["val"]], plan)

@@ -76,3 +76,16 @@ def test_a_failing_transform_stops_training_instead_of_ending_the_pass_silently(
     with pytest.raises(RuntimeError, match=r"stopped after [0-3] of 4 batches: a transform failed"):
         for _ in range(12):  # MONAI's thread would otherwise end each pass early, forever
             next(batches)
+
+
+def test_loader_workers_follow_the_setting_or_the_device(monkeypatch):
+    import os
+
+    from pipeline.data import loader_workers
+
+    assert loader_workers(0, "cuda") == 0 and loader_workers(3, "cpu") == 3
+    assert loader_workers(None, "cpu") == 1
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(16)))
+    assert loader_workers(None, "cuda") == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1})
+    assert loader_workers(None, "cuda") == 1
