@@ -112,6 +112,8 @@ def _set_threads(threads: int) -> None:
     """
     import torch
 
+    # pipeline.runtime.configure_threads (called when a model loads) keeps an explicit setting.
+    os.environ["OMP_NUM_THREADS"] = str(threads)
     if torch.get_num_threads() != threads:
         torch.set_num_threads(threads)
 
@@ -159,20 +161,45 @@ class WorkerPool:
         self.max_calls, self.idle_s = max_calls, idle_s
         self._idle: list[_Worker] = []
         self._busy = 0
+        self._reaper: threading.Thread | None = None
         self._lock = threading.Lock()
         self._cores = max(1, len(os.sched_getaffinity(0)))
 
-    def _acquire(self) -> _Worker:
+    def _take_stale(self) -> list[_Worker]:
+        """Remove (under the lock) the idle workers unused for `idle_s` or found dead."""
         now = time.monotonic()
+        stale = [w for w in self._idle if now - w.idle_since > self.idle_s or not w.proc.is_alive()]
+        self._idle = [w for w in self._idle if w not in stale]
+        return stale
+
+    def _acquire(self) -> tuple[_Worker, int]:
         with self._lock:
-            stale = [w for w in self._idle if now - w.idle_since > self.idle_s]
-            self._idle = [w for w in self._idle if w not in stale]
+            stale = self._take_stale()
             worker = self._idle.pop() if self._idle else None  # the most recently used: warmest
             self._busy += 1
             threads = max(1, self._cores // self._busy)
         for w in stale:
             w.close()
-        return worker or _Worker(), threads
+        if worker is None:
+            try:
+                worker = _Worker()
+            except BaseException:
+                with self._lock:
+                    self._busy -= 1
+                raise
+        return worker, threads
+
+    def _reap(self) -> None:
+        """Close idle workers as they pass `idle_s`, calls or not (a daemon thread)."""
+        while True:
+            time.sleep(max(0.05, self.idle_s / 4))
+            with self._lock:
+                stale = self._take_stale()
+                if not self._idle and not self._busy and not stale:
+                    self._reaper = None
+                    return
+            for w in stale:
+                w.close()
 
     def _release(self, worker: _Worker, healthy: bool) -> None:
         with self._lock:
@@ -182,6 +209,9 @@ class WorkerPool:
             if keep:
                 worker.idle_since = time.monotonic()
                 self._idle.append(worker)
+                if self._reaper is None:
+                    self._reaper = threading.Thread(target=self._reap, name="worker-reaper", daemon=True)
+                    self._reaper.start()
         if not keep:
             if healthy:
                 worker.close()
@@ -193,7 +223,13 @@ class WorkerPool:
         name = getattr(fn, "__name__", fn)
         healthy = False
         try:
-            worker.conn.send((fn, args, kwargs, threads))
+            call = (fn, args, kwargs, threads)
+            try:
+                worker.conn.send(call)
+            except OSError:  # it died while idle: the call never reached it, so a fresh one runs it
+                worker.kill()
+                worker = _Worker()
+                worker.conn.send(call)
             if not worker.conn.poll(timeout_s):
                 raise CaseTimeout(f"{name} ran past {timeout_s:.0f} s and was stopped")
             status, value = worker.conn.recv()

@@ -186,7 +186,10 @@ def batch_inference_flow(
         if tracking.is_completed():
             tracked = tracking.result()
         else:  # not an outage (those are returned): the task itself broke; the batch stands
-            tracked = {"status": "failed", "experiment": mlflow_experiment, "error": tracking.message}
+            from pipeline.tracking import redact
+
+            error = redact(tracking.message or "the tracking task failed")
+            tracked = {"status": "failed", "experiment": mlflow_experiment, "error": error}
         if tracked["status"] != "logged":
             logger.warning("batch not recorded in MLflow: %s", tracked["error"])
     summary["tracking"] = tracked

@@ -697,7 +697,8 @@ def _write_plan(
     )
 
 
-# Models loaded in this process, by (weights sha256, device): a long-lived worker loads once.
+# The model loaded in this process, by (weights sha256, device): a long-lived worker loads it
+# once; a batch with another model replaces it.
 _MODELS: dict[tuple[str, str], LoadedModel] = {}
 _MODELS_LOCK = threading.Lock()
 
@@ -713,6 +714,7 @@ def _remember_model(handle: ModelHandle, device: str) -> None:
     configure_threads()
     net = prepare_model(handle.loaded.model, dev, channels_last=True).eval()
     with _MODELS_LOCK:
+        _MODELS.clear()
         _MODELS[_model_key(handle.sha256, device)] = dataclasses.replace(handle.loaded, model=net)
 
 
@@ -736,6 +738,7 @@ def _cached_model(model_dir: Path, sha256: str, device: str) -> LoadedModel:
             configure_threads()
             dev = next(loaded.model.parameters()).device
             net = prepare_model(loaded.model, dev, channels_last=True).eval()
+            _MODELS.clear()  # one model per process: a new version frees the last one's memory
             _MODELS[key] = dataclasses.replace(loaded, model=net)
         return _MODELS[key]
 

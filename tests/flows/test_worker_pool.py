@@ -89,3 +89,47 @@ def test_concurrent_calls_share_the_cores_instead_of_oversubscribing(pool):
     for t in threads:
         t.join()
     assert results == [max(1, cores // 3)]
+
+
+def test_a_worker_killed_while_idle_is_not_handed_out(pool):
+    import signal
+
+    pid = pool.run(os.getpid, timeout_s=60)
+    os.kill(pid, signal.SIGKILL)
+    time.sleep(0.2)
+    assert pool.run(os.getpid, timeout_s=60) not in (pid, os.getpid())  # the case still runs
+
+
+def test_idle_workers_are_closed_without_further_calls():
+    pool = WorkerPool(idle_s=0.3)
+    try:
+        pid = pool.run(os.getpid, timeout_s=60)
+        for _ in range(60):
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            pytest.fail("an idle worker outlived idle_s with no calls coming")
+    finally:
+        pool.close()
+
+
+def test_a_model_load_keeps_the_pools_thread_share(pool):
+    """pipeline.runtime.configure_threads (run when a model loads) must not undo the share."""
+    from pipeline.runtime import configure_threads
+
+    gate = threading.Barrier(2)
+
+    def busy() -> None:
+        gate.wait()
+        pool.run(time.sleep, 1.0, timeout_s=60)
+
+    t = threading.Thread(target=busy)
+    t.start()
+    gate.wait()
+    time.sleep(0.3)
+    cores = max(1, len(os.sched_getaffinity(0)))
+    assert pool.run(configure_threads, timeout_s=60) == max(1, cores // 2)
+    t.join()

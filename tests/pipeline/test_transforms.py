@@ -101,3 +101,34 @@ def test_postprocess_keeps_the_largest_component_and_fills_holes():
     out = postprocess_labels(labels, largest_component=True, fill_holes=True)
     assert out[16, 16, 0] == 0 and out[6, 6, 1] == 1 and out[3, 3, 0] == 1
     assert np.array_equal(postprocess_labels(labels), labels)
+
+
+@pytest.mark.parametrize("tracked", [True, False])
+def test_sampling_and_augmentation_never_write_into_the_cache(staged, tracked):
+    """make_train_dataset caches without copy (copy_cache=False): every random step must leave
+    the cached volumes and indices as they were, with MONAI metadata tracked (loader thread) or
+    not (loader workers)."""
+    from monai.data import set_track_meta
+
+    from pipeline.data import make_train_dataset
+
+    _root, plan, rows = staged
+    pre = PreprocessConfig(flip_prob=1.0, noise_std=0.5, intensity_shift=1.0)
+    transform = train_transforms(plan, pre, slices_per_volume=3)
+    transform.set_random_state(0)
+    items = [{"image": r["image"], "label": r["label"], "modality": r["modality"]} for r in rows]
+    dataset = make_train_dataset(items, transform)
+    before = [
+        {k: (v.clone() if torch.is_tensor(v) else np.copy(v)) for k, v in c.items() if k != "modality"}
+        for c in dataset._cache
+    ]
+    set_track_meta(tracked)
+    try:
+        for _ in range(10):
+            for i in range(len(dataset)):
+                dataset[i]
+    finally:
+        set_track_meta(True)
+    for old, new in zip(before, dataset._cache, strict=True):
+        for key, value in old.items():
+            assert np.array_equal(np.asarray(value), np.asarray(new[key])), key
