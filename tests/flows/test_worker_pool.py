@@ -12,6 +12,18 @@ import torch
 from flows.common import CaseTimeout, WorkerPool
 
 
+def _gone(pid: int, within_s: float = 6.0) -> bool:
+    """True once no process has `pid` (polled until `within_s`)."""
+    deadline = time.monotonic() + within_s
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
 @pytest.fixture
 def pool():
     p = WorkerPool()
@@ -59,14 +71,7 @@ def test_workers_are_recycled_after_max_calls_and_closed_when_idle():
         assert b != a
         time.sleep(1.0)
         assert pool.run(os.getpid, timeout_s=60) != b  # b sat idle too long and was closed
-        for _ in range(50):
-            try:
-                os.kill(b, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("the idle worker is still running")
+        assert _gone(b), "the idle worker is still running"
     finally:
         pool.close()
 
@@ -104,14 +109,7 @@ def test_idle_workers_are_closed_without_further_calls():
     pool = WorkerPool(idle_s=0.3)
     try:
         pid = pool.run(os.getpid, timeout_s=60)
-        for _ in range(60):
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            pytest.fail("an idle worker outlived idle_s with no calls coming")
+        assert _gone(pid), "an idle worker outlived idle_s with no calls coming"
     finally:
         pool.close()
 
