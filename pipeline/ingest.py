@@ -549,10 +549,16 @@ _PLANNED: dict[tuple[str, str], tuple[CaseJob, tuple]] = {}
 
 
 def _file_stamps(job: CaseJob) -> tuple:
+    """(size, mtime) of each of the job's DICOM files now."""
     if job.group is None:
         return ()
     stats = (h.path.stat() for h in job.group.headers)
     return tuple((st.st_size, st.st_mtime_ns) for st in stats)
+
+
+def _read_stamps(job: CaseJob) -> tuple:
+    """(size, mtime) of each file when its header was read (None where unknown: never fresh)."""
+    return tuple(h.stamp for h in job.group.headers) if job.group is not None else ()
 
 
 def _planned_job(staging: Path, case_id: str, inputs_sha256: str) -> CaseJob | None:
@@ -561,7 +567,7 @@ def _planned_job(staging: Path, case_id: str, inputs_sha256: str) -> CaseJob | N
         return None
     job, stamps = entry
     try:
-        fresh = job.inputs_sha256 == inputs_sha256 and _file_stamps(job) == stamps
+        fresh = job.inputs_sha256 == inputs_sha256 and None not in stamps and _file_stamps(job) == stamps
     except OSError:
         fresh = False
     return job if fresh else None
@@ -598,15 +604,15 @@ def plan_ingest(
     for leftover in staging.rglob(".*.tmp*"):
         leftover.unlink(missing_ok=True)
     todo = []
-    for key in [k for k in _PLANNED if k[0] == str(staging)]:
-        del _PLANNED[key]
+    for key in [k for k in list(_PLANNED) if k[0] == str(staging)]:
+        _PLANNED.pop(key, None)
     for job in planner.jobs:
         with atomic_open(plan_dir / "jobs" / f"{job.case_id}.json") as fh:
             json.dump(_job_to_json(job), fh)
         if _previous_record(staging, job) is None:
             todo.append(job.case_id)
             if keep_jobs and job.kind == "dicom":
-                _PLANNED[(str(staging), job.case_id)] = (job, _file_stamps(job))
+                _PLANNED[(str(staging), job.case_id)] = (job, _read_stamps(job))
     plan = {
         "files": [_rel(p, source) for p in files],
         "rejected": [{"reason": e.reason.value, **e.to_record()} for e in planner.rejected],

@@ -10,6 +10,7 @@ validated against the DICOM File ID rules and resolved only to test that they st
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import re
@@ -108,6 +109,8 @@ class DicomHeader:
     # Byte offset of native (uncompressed) pixel data with a defined length, found by the header
     # pass: lets the decoder read such pixels straight from the file. None otherwise.
     pixel_offset: int | None = None
+    # (size, mtime in ns) of the file when this header was read: a later change is detectable.
+    stamp: tuple[int, int] | None = None
 
     @property
     def is_segmentation(self) -> bool:
@@ -301,7 +304,8 @@ def read_header(path: Path, root: Path, max_pixels: int) -> DicomHeader:
             Reason.OUTSIDE_ROOT, rel, "the file is a link that resolves outside the source root; not read."
         ) from None
     try:
-        size = path.stat().st_size
+        st = path.stat()
+        size = st.st_size
         with open(path, "rb") as fh:
             head = fh.read(132)
             if size == 0:
@@ -316,7 +320,8 @@ def read_header(path: Path, root: Path, max_pixels: int) -> DicomHeader:
                 )
             fh.seek(0)
             ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not has_preamble)
-            return _header_from_dataset(ds, fh, path, rel, size, max_pixels)
+            header = _header_from_dataset(ds, fh, path, rel, size, max_pixels)
+            return dataclasses.replace(header, stamp=(st.st_size, st.st_mtime_ns))
     except InputRejected:
         raise
     except InvalidDicomError as exc:
