@@ -12,6 +12,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline.system import available_cores
+
 TASK_RUNNERS = ("threads", "dask")
 
 
@@ -20,7 +22,7 @@ def task_runner(kind: str = "threads", *, dask_address: str | None = None, worke
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
-        return ThreadPoolTaskRunner(max_workers=workers or max(1, len(os.sched_getaffinity(0))))
+        return ThreadPoolTaskRunner(max_workers=workers or available_cores())
     if kind == "dask":
         import dask
         from prefect_dask import DaskTaskRunner
@@ -163,7 +165,7 @@ class WorkerPool:
         self._busy = 0
         self._reaper: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._cores = max(1, len(os.sched_getaffinity(0)))
+        self._cores = available_cores()
 
     def _take_stale(self) -> list[_Worker]:
         """Remove (under the lock) the idle workers unused for `idle_s` or found dead."""

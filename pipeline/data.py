@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,8 @@ from monai.data import (
 )
 from monai.data.utils import worker_init_fn as monai_worker_init_fn
 from torch.utils.data import DistributedSampler
+
+from pipeline.system import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +121,7 @@ def loader_workers(setting: int | None, device_type: str) -> int:
     if setting is not None:
         return setting
     if device_type == "cuda":
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        return max(1, min(4, cores // 2))
+        return max(1, min(4, available_cores() // 2))
     return 1
 
 

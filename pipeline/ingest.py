@@ -43,6 +43,7 @@ from pipeline.io.msd import DATASET_JSON, MsdDataset, is_msd_dataset, read_msd_d
 from pipeline.io.nifti import NiftiCase, is_nifti, load_label, load_nifti, pair_nifti_files
 from pipeline.io.seg import read_seg_labels, seg_referenced_series_uid, segment_names
 from pipeline.io.volume import Volume, save_nifti
+from pipeline.system import available_cores
 
 log = logging.getLogger(__name__)
 
@@ -561,13 +562,16 @@ def _read_stamps(job: CaseJob) -> tuple:
     return tuple(h.stamp for h in job.group.headers) if job.group is not None else ()
 
 
-def _planned_job(staging: Path, case_id: str, inputs_sha256: str) -> CaseJob | None:
+def _planned_job(staging: Path, case_id: str) -> CaseJob | None:
+    """The job planned in this process, if its files are as they were when their headers were read.
+
+    (The caller checks it against the plan on disk: `inputs_sha256`.)"""
     entry = _PLANNED.pop((str(staging), case_id), None)
     if entry is None:
         return None
     job, stamps = entry
     try:
-        fresh = job.inputs_sha256 == inputs_sha256 and None not in stamps and _file_stamps(job) == stamps
+        fresh = None not in stamps and _file_stamps(job) == stamps
     except OSError:
         fresh = False
     return job if fresh else None
@@ -648,7 +652,7 @@ def convert_case(
     if case_id not in plan["todo"]:
         return {"case_id": case_id, "status": "unchanged", "reason": None}
     try:
-        job = _job if _job is not None else _planned_job(staging, case_id, data["inputs_sha256"])
+        job = _job if _job is not None else _planned_job(staging, case_id)
         if job is None or job.inputs_sha256 != data["inputs_sha256"]:
             job = _job_from_json(data, source, _secret(secret_file), limits)
     except InputRejected as err:
@@ -721,11 +725,10 @@ def ingest(
     Bad inputs are quarantined with a reason and the batch goes on. Input files are only read.
     `workers` processes convert cases in parallel (default: the CPUs available, at most 8).
     """
-    plan = plan_ingest(
+    todo = plan_ingest(
         source, staging, secret_file=secret_file, limits=limits, progress=progress, keep_jobs=True
-    )
-    todo = plan.todo
-    workers = workers or min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1)
+    ).todo
+    workers = workers or min(8, available_cores())
     bar = tqdm(total=len(todo), desc="converting", unit="case", disable=not progress or not todo)
     if workers <= 1 or len(todo) <= 1:
         for case_id in todo:
@@ -734,7 +737,7 @@ def ingest(
     else:
         # forkserver: safe when the caller has threads (Prefect, MLflow), cheaper than spawn.
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
-            staged = str(Path(staging).resolve())
+            staged = Path(staging).resolve()
             futures = [
                 pool.submit(
                     convert_case,
@@ -742,7 +745,7 @@ def ingest(
                     staging,
                     c,
                     secret_file=secret_file,
-                    _job=_planned_job(Path(staged), c, plan.input_hash(staged, c)),
+                    _job=_planned_job(staged, c),
                 )
                 for c in todo
             ]

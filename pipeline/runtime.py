@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from pipeline.system import available_cores
+
 log = logging.getLogger(__name__)
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
@@ -63,8 +65,7 @@ def _cpu_name() -> str:
 def configure_threads() -> int:
     """Use every core the process may run on (affinity-aware), unless the user set OMP_NUM_THREADS."""
     if "OMP_NUM_THREADS" not in os.environ:
-        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-        torch.set_num_threads(max(1, cores))
+        torch.set_num_threads(available_cores())
     return torch.get_num_threads()
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +12,7 @@ import numpy as np
 from isal import igzip, igzip_threaded
 
 from pipeline.io.atomic import atomic_path
+from pipeline.system import available_cores
 
 
 @dataclass
@@ -88,7 +88,7 @@ THREADED_GZIP_BYTES = 8 << 20  # volumes this large are compressed by several th
 
 
 def _gzip_threads() -> int:
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else 1))
+    return min(4, available_cores())
 
 
 def save_nifti(volume: Volume, path: str | Path) -> Path:

@@ -64,8 +64,9 @@ def _source(setup: PredictSetup, root: Path, n: int, broken: bool = False) -> Pa
     return src
 
 
-def _run(flows_mod, setup, src, out, **kw):
-    return flows_mod.batch_inference_flow(
+def _run(flows_mod, setup, src, out, *, flow=None, **kw):
+    """batch_inference_flow (or `flow`, e.g. with another task runner) on the test model."""
+    return (flow or flows_mod.batch_inference_flow)(
         str(src),
         str(out),
         model_uri=str(setup.model_dir),
@@ -266,14 +267,7 @@ def test_dask_task_runner_with_two_local_workers(prefect_api, setup, tmp_path):
 
     src, out = _source(setup, tmp_path, 3), tmp_path / "out"
     flow = prefect_api.batch_inference_flow.with_options(task_runner=task_runner("dask", workers=2))
-    state = flow(
-        str(src),
-        str(out),
-        model_uri=str(setup.model_dir),
-        device="cpu",
-        secret_file=str(setup.secret),
-        return_state=True,
-    )
+    state = _run(prefect_api, setup, src, out, flow=flow)
     assert state.is_completed(), state.message
     assert state.result()["ok"] == 3
     assert len(list(out.glob("case_*/done.json"))) == 3

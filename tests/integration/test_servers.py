@@ -200,14 +200,18 @@ class Servers:
             lambda: _healthy(f"{self.mlflow_uri}/health"),
         )
 
-    def __enter__(self) -> Servers:
+    def _each_database(self, statement: str) -> None:
+        """Run `statement` (with {db}) for each test database, outside a transaction."""
         conn = _pg()  # (psycopg2's `with conn` opens a transaction, where CREATE DATABASE may not run)
         try:
             with conn.cursor() as cur:
                 for db in self.databases:
-                    cur.execute(f'CREATE DATABASE "{db}"')
+                    cur.execute(statement.format(db=db))
         finally:
             conn.close()
+
+    def __enter__(self) -> Servers:
+        self._each_database('CREATE DATABASE "{db}"')
         try:
             self.prefect.launch(), self.mlflow.launch()  # both start at once: their start-up overlaps
             self.prefect.wait_ready()
@@ -220,13 +224,7 @@ class Servers:
     def __exit__(self, *exc) -> None:
         self.prefect.stop()
         self.mlflow.stop()
-        conn = _pg()
-        try:
-            with conn.cursor() as cur:
-                for db in self.databases:
-                    cur.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-        finally:
-            conn.close()
+        self._each_database('DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
 
 
 class Worker:
