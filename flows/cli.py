@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-from pipeline.cli import app
+from pipeline.cli import app, setup_logging
 
 __all__ = ["app"]
 
@@ -38,18 +38,11 @@ def demo(
 ) -> None:
     """The main job end to end on generated data: ingest -> train -> register -> gate -> predict."""
     import json
-    import logging
     import time
 
     workdir = workdir.resolve()
     _embedded_environment(workdir)
-    import warnings
-
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    # MONAI announces on import that an optional GPU JPEG decoder is absent: not a problem here.
-    logging.getLogger("monai.data.nvimgcodec_pydicom_plugin").setLevel(logging.ERROR)
-    logging.getLogger("mlflow").setLevel(logging.WARNING)
-    warnings.filterwarnings("ignore", message="NvImgCodecPydicomReader")
+    setup_logging(verbose=False)  # library notices (MONAI's optional GPU decoder, ...) off the terminal
     from pipeline.config import Workdir
     from pipeline.synthetic.dataset import make_demo_dataset
     from pipeline.tracking import mlflow_ui_command

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import platform
+import sys
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
@@ -129,14 +130,63 @@ def demo_data(
     typer.echo("  expected.json what ingest should make of it all")
 
 
-def _setup_logging(verbose: bool) -> None:
-    """Warnings and errors to stderr (INFO with --verbose); the CLI's own output goes to stdout."""
-    import logging
+# Loggers whose warnings are ours to show; every other library's warnings (and Python warnings
+# they raise) are detail: shown with --verbose and written to $UNET_PIPELINE_LOG_FILE, not shown
+# on a successful run's terminal.
+OWN_LOGGERS = ("pipeline", "flows", "unet_model", "__main__")
+LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
-    logging.basicConfig(
-        level=logging.INFO if verbose else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+
+class _ThirdPartyQuiet:
+    """A logging filter: our records pass; a library's pass only when they are errors."""
+
+    def __init__(self, verbose: bool) -> None:
+        self.verbose = verbose
+
+    def filter(self, record) -> bool:
+        if self.verbose or record.name.split(".")[0] in OWN_LOGGERS:
+            return True
+        return record.levelno >= 40  # logging.ERROR
+
+
+def setup_logging(verbose: bool) -> None:
+    """The terminal: our warnings and errors on stderr (INFO and library detail with --verbose).
+
+    Library warnings (MONAI's optional-decoder notice, pydicom's value checks, ...) and Python
+    warnings are routed through logging and kept off the terminal unless --verbose; MLflow's
+    artifact progress bars are off. With $UNET_PIPELINE_LOG_FILE set, everything down to DEBUG is
+    also written to that file.
+    """
+    import logging
+    import os
+
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    logging.captureWarnings(True)
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        if getattr(handler, "_unet_pipeline", False):
+            root.removeHandler(handler)
+    console = logging.StreamHandler(sys.stderr)
+    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
+    console.setFormatter(logging.Formatter(LOG_FORMAT))
+    console.addFilter(_ThirdPartyQuiet(verbose))
+    handlers: list[logging.Handler] = [console]
+    log_file = os.environ.get("UNET_PIPELINE_LOG_FILE")
+    if log_file:
+        to_file = logging.FileHandler(log_file, encoding="utf-8")
+        to_file.setLevel(logging.DEBUG)
+        to_file.setFormatter(logging.Formatter("%(asctime)s " + LOG_FORMAT))
+        handlers.append(to_file)
+    for handler in handlers:
+        handler._unet_pipeline = True  # type: ignore[attr-defined]
+        root.addHandler(handler)
+    root.setLevel(logging.DEBUG if (verbose or log_file) else logging.INFO)
+    if not (verbose or log_file):
+        # Nothing would show them: don't pay for formatting library INFO/DEBUG records.
+        for name in ("monai", "mlflow", "pydicom", "highdicom", "matplotlib", "urllib3", "alembic"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+    for name in OWN_LOGGERS[:3]:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
 
 
 @app.command("ingest")
@@ -161,7 +211,7 @@ def ingest_command(
 
     from pipeline.ingest import IngestLimits, ingest
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         report = ingest(
             source,
@@ -231,7 +281,7 @@ def train_command(
     from pipeline.config import ConfigError, Workdir, load_config
     from pipeline.registry import gate, register_model, train_and_log
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         cfg = load_config(config)
     except ConfigError as exc:
@@ -295,7 +345,7 @@ def predict_command(
 
     from pipeline.inference import ModelLoadError, predict
 
-    _setup_logging(verbose)
+    setup_logging(verbose)
     try:
         summary = predict(
             source,

@@ -671,6 +671,7 @@ def _write_plan(
             "run_id": handle.run_id,
             "code_version": handle.loaded.metadata.get("code_version"),
             "label_names": {str(k): v for k, v in handle.label_names.items()},
+            "val_dice": handle.loaded.metadata.get("validation", {}).get("val_dice_mean"),
         },
         "model_dir": str(model_dir),
         **settings,
@@ -1190,7 +1191,15 @@ def _run_case(case: PredictCase, future: Future, batch: _Batch) -> CaseResult:
             )
             outputs.append(SEG_FILE)
         if batch.meta["write_qc"]:
-            export.write_qc_png(case_dir / QC_FILE, loaded.volume.data, mask, names, title=case.case_id)
+            export.write_qc_png(
+                case_dir / QC_FILE,
+                loaded.volume.data,
+                mask,
+                names,
+                affine=loaded.volume.affine,
+                modality=loaded.volume.modality,
+                title=case.case_id,
+            )
             outputs.append(QC_FILE)
         volumes_ml, voxels = _volumes(mask, loaded.volume.spacing, names)
         result = CaseResult(

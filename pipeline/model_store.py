@@ -111,8 +111,12 @@ def save_model_dir(
     plan: dict[str, Any],
     config: dict[str, Any],
     label_names: dict[int, str],
+    validation: dict[str, float] | None = None,
 ) -> Path:
     """Write `model` to the folder `out_dir` (replacing a previous model there) and return it.
+
+    `validation`: the model's validation metrics (e.g. val_dice_mean), kept in model.json so that
+    a batch report can show them without asking the tracking server.
 
     Weights are copied to contiguous CPU tensors first (channels_last weights are strided, and
     safetensors stores plain row-major buffers). `plan` and `config` must be JSON-serializable.
@@ -135,6 +139,7 @@ def save_model_dir(
         "files_sha256": {name: sha256_bytes(data) for name, data in files.items()},
         "code_version": code_version(),
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "validation": {k: float(v) for k, v in (validation or {}).items()},
     }
     files[MODEL_FILE] = _json_bytes(meta)
 

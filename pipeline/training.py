@@ -312,11 +312,20 @@ def plot_training_curves(history: Sequence[dict[str, float]], path: str | Path) 
     return path
 
 
-def _write_model_dir(model: nn.Module, out_dir: Path, plan: Plan, config: PipelineConfig) -> Path:
+def _write_model_dir(
+    model: nn.Module, out_dir: Path, plan: Plan, config: PipelineConfig, validation: dict[str, float]
+) -> Path:
     from pipeline.model_store import save_model_dir
 
     names = {v: plan.label_names.get(v, f"label_{v}") for v in range(plan.num_classes)}
-    return save_model_dir(model, out_dir, plan=plan.to_dict(), config=config.to_dict(), label_names=names)
+    return save_model_dir(
+        model,
+        out_dir,
+        plan=plan.to_dict(),
+        config=config.to_dict(),
+        label_names=names,
+        validation={k: v for k, v in validation.items() if isinstance(v, int | float) and math.isfinite(v)},
+    )
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,7 +588,7 @@ def train(
     if dctx.main:
         if history:
             plot_training_curves(history, out_dir / CURVES_FILE)
-        model_dir = _write_model_dir(net, out_dir / MODEL_DIR, plan, config)
+        model_dir = _write_model_dir(net, out_dir / MODEL_DIR, plan, config, best_metrics)
     label_names = [n for v, n in sorted(plan.label_names.items()) if v != 0]
     result = TrainResult(
         best_dice={n: best_metrics.get(f"val_dice/{n}", math.nan) for n in label_names},

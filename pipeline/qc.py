@@ -1,0 +1,269 @@
+"""QC pictures a radiologist can judge at a glance: contours over the anatomy, three planes and a montage.
+
+    write_qc_png(path, image, mask, label_names, affine=..., modality="CT")
+
+draws, from the source volume and its predicted mask on the same grid:
+
+- a top row of three orthogonal planes (axial, coronal, sagittal) through the centroid of the
+  labelled voxels, in the radiological convention (patient's right on the image's left, anterior
+  and superior up), with square pixels in millimetres whatever the voxel spacing;
+- below it, an axial montage of up to nine slices spread over the labels' extent;
+- a legend naming each label in its colour.
+
+Each label is a light fill (so the anatomy underneath stays visible) edged by a solid contour (so
+a reviewer sees whether the boundary follows the organ's edge). The slice is shown at a window
+that suits the modality: CT at a fixed soft-tissue window in Hounsfield units, anything else
+(MR, PET, unknown) between the 1st and 99th percentile of the body's voxels.
+
+The reorientation is for display only: nothing written beside the picture is reoriented.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform
+from scipy import ndimage
+
+from pipeline.io.atomic import atomic_path
+
+# Label colours (tab10 without its grey), by label value 1, 2, ...
+COLOURS: tuple[tuple[float, float, float], ...] = (
+    (0.12, 0.47, 0.71),
+    (1.0, 0.5, 0.05),
+    (0.17, 0.63, 0.17),
+    (0.84, 0.15, 0.16),
+    (0.58, 0.4, 0.74),
+    (0.55, 0.34, 0.29),
+    (0.89, 0.47, 0.76),
+    (0.74, 0.74, 0.13),
+    (0.09, 0.75, 0.81),
+)
+
+# CT soft-tissue window (level 40 HU, width 400 HU): the abdominal/thoracic organ reading default.
+CT_WINDOW = (-160.0, 240.0)
+FILL_ALPHA = 0.22  # light enough that the anatomy under a label stays readable
+PLANE_PX = 220  # the longer side of each orthogonal plane, in pixels
+MONTAGE_PX = 150  # the longer side of each montage tile
+MONTAGE_SLICES = 9
+# The patient's side at each plane's left and right edge (radiological convention).
+_SIDES = {"axial": "RL", "coronal": "RL", "sagittal": "AP"}
+
+
+def colour(value: int) -> tuple[float, float, float]:
+    """The RGB colour (0..1) of label `value` (>= 1) in every picture and in the report."""
+    return COLOURS[(int(value) - 1) % len(COLOURS)]
+
+
+def display_window(image: np.ndarray, modality: str | None) -> tuple[float, float]:
+    """(low, high) intensities mapped to black and white.
+
+    CT: the soft-tissue window when the values look like Hounsfield units (air near -1000);
+    otherwise, and for every other modality, the 1st-99th percentile of the voxels above the
+    volume's lowest value (the body, not the air around it), sampled on a coarse grid.
+    """
+    step = tuple(max(1, n // 96) for n in image.shape)
+    sample = np.asarray(image[tuple(slice(None, None, s) for s in step)], dtype=np.float32)
+    if (modality or "").upper() == "CT" and sample.size and float(sample.min()) < -500:
+        return CT_WINDOW
+    body = sample[sample > sample.min()] if sample.size else sample
+    if body.size < 16:
+        body = sample
+    if not body.size:
+        return 0.0, 1.0
+    lo, hi = np.percentile(body, [1, 99])
+    return float(lo), float(max(hi, lo + 1e-6))
+
+
+@dataclass(frozen=True)
+class Canonical:
+    """A volume and its mask turned to RAS axis order for display, with the voxel size per axis."""
+
+    image: np.ndarray  # (x: right->left reversed below, y: posterior->anterior, z: inferior->superior)
+    mask: np.ndarray
+    spacing: tuple[float, float, float]  # mm along x, y, z after reorientation
+
+    @classmethod
+    def from_grid(cls, image: np.ndarray, mask: np.ndarray, affine: np.ndarray | None) -> Canonical:
+        if image.shape != mask.shape:
+            raise ValueError(f"image shape {image.shape} and mask shape {mask.shape} differ")
+        if image.ndim != 3:
+            raise ValueError(f"expected a 3-D volume, got shape {image.shape}")
+        affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
+        ornt = io_orientation(affine)
+        to_ras = ornt_transform(ornt, axcodes2ornt(("R", "A", "S")))
+        zooms = np.sqrt((affine[:3, :3] ** 2).sum(axis=0))
+        spacing = tuple(float(zooms[int(np.flatnonzero(ornt[:, 0] == ax)[0])]) for ax in range(3))
+        return cls(
+            apply_orientation(image, to_ras),
+            apply_orientation(mask, to_ras),
+            spacing,  # type: ignore[arg-type]
+        )
+
+    def centroid(self) -> tuple[int, int, int]:
+        """Voxel index (x, y, z) of the labelled voxels' centre of mass; the volume's centre if none."""
+        fg = self.mask > 0
+        if not fg.any():
+            return tuple(n // 2 for n in self.mask.shape)  # type: ignore[return-value]
+        com = ndimage.center_of_mass(fg)
+        return tuple(round(c) for c in com)  # type: ignore[return-value]
+
+    def plane(self, name: str, index: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """One plane as (image, mask, row mm, column mm), rows top->bottom as a viewer shows it.
+
+        axial: rows anterior->posterior, columns patient right->left; coronal: rows superior->
+        inferior, columns right->left; sagittal: rows superior->inferior, columns anterior->posterior.
+        """
+        sx, sy, sz = self.spacing
+        if name == "axial":
+            pick = (slice(None), slice(None), index)
+            img, lab = self.image[pick].T, self.mask[pick].T  # rows y, columns x
+            return img[::-1, ::-1], lab[::-1, ::-1], sy, sx
+        if name == "coronal":
+            pick = (slice(None), index, slice(None))
+            img, lab = self.image[pick].T, self.mask[pick].T  # rows z, columns x
+            return img[::-1, ::-1], lab[::-1, ::-1], sz, sx
+        if name == "sagittal":
+            pick = (index, slice(None), slice(None))
+            img, lab = self.image[pick].T, self.mask[pick].T  # rows z, columns y
+            return img[::-1, ::-1], lab[::-1, ::-1], sz, sy
+        raise ValueError(f"unknown plane {name!r}; valid: axial, coronal, sagittal")
+
+
+def montage_slices(mask: np.ndarray, n: int = MONTAGE_SLICES) -> list[int]:
+    """Up to `n` indices along the last axis, evenly spread over the mask's extent (or the volume's)."""
+    has = np.flatnonzero(mask.reshape(-1, mask.shape[2]).any(axis=0))
+    lo, hi = (int(has[0]), int(has[-1])) if has.size else (0, mask.shape[2] - 1)
+    return sorted(set(np.linspace(lo, hi, min(n, hi - lo + 1)).round().astype(int).tolist()))
+
+
+def _resample(image: np.ndarray, mask: np.ndarray, row_mm: float, col_mm: float, longest: int):
+    """Nearest-neighbour resampling to square pixels, the longer side `longest` pixels."""
+    height_mm, width_mm = image.shape[0] * row_mm, image.shape[1] * col_mm
+    px_mm = max(height_mm, width_mm) / longest
+    h, w = max(1, round(height_mm / px_mm)), max(1, round(width_mm / px_mm))
+    rows = np.minimum((np.arange(h) + 0.5) * px_mm / row_mm, image.shape[0] - 1).astype(np.intp)
+    cols = np.minimum((np.arange(w) + 0.5) * px_mm / col_mm, image.shape[1] - 1).astype(np.intp)
+    return image[np.ix_(rows, cols)], mask[np.ix_(rows, cols)]
+
+
+def overlay(
+    image: np.ndarray, mask: np.ndarray, window: tuple[float, float], *, thickness: int = 1
+) -> np.ndarray:
+    """(h, w, 3) RGB in [0, 1]: the windowed slice, each label a light fill edged by its contour."""
+    lo, hi = window
+    grey = np.clip((image.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
+    rgb = np.repeat(grey[..., None], 3, axis=2)
+    for value in np.unique(mask):
+        if value == 0:
+            continue
+        region = mask == value
+        edge = region & ~ndimage.binary_erosion(region, iterations=thickness, border_value=0)
+        tint = np.asarray(colour(int(value)), np.float32)
+        rgb[region] = (1 - FILL_ALPHA) * rgb[region] + FILL_ALPHA * tint
+        rgb[edge] = tint
+    return rgb
+
+
+def _tile(canon: Canonical, plane: str, index: int, window: tuple[float, float], longest: int) -> np.ndarray:
+    img, lab, row_mm, col_mm = canon.plane(plane, index)
+    img, lab = _resample(img, lab, row_mm, col_mm, longest)
+    return overlay(img, lab, window, thickness=max(1, longest // 160))
+
+
+def write_qc_png(
+    path: Path,
+    image: np.ndarray,
+    mask: np.ndarray,
+    label_names: Mapping[int, str],
+    *,
+    affine: np.ndarray | None = None,
+    modality: str | None = None,
+    title: str = "",
+) -> Path:
+    """Write the QC picture (three planes through the labels' centroid, an axial montage, a legend).
+
+    `image` and `mask` share one grid whose voxel-to-patient `affine` (RAS, as NIfTI) orients the
+    display; without it the grid's axes are taken as RAS. Written atomically.
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    canon = Canonical.from_grid(np.asarray(image), np.asarray(mask), affine)
+    window = display_window(canon.image, modality)
+    cx, cy, cz = canon.centroid()
+    planes = [
+        ("axial", cz, _tile(canon, "axial", cz, window, PLANE_PX)),
+        ("coronal", cy, _tile(canon, "coronal", cy, window, PLANE_PX)),
+        ("sagittal", cx, _tile(canon, "sagittal", cx, window, PLANE_PX)),
+    ]
+    picks = montage_slices(canon.mask)
+    tiles = [(k, _tile(canon, "axial", k, window, MONTAGE_PX)) for k in picks]
+    cols = min(len(tiles), 5)
+    rows = -(-len(tiles) // cols)
+    tile_h = max(t.shape[0] for _, t in tiles)
+    tile_w = max(t.shape[1] for _, t in tiles)
+    plane_h = max(t.shape[0] for *_, t in planes)
+
+    pad, caption, head, foot = 10, 16, 24 if title else 6, 28  # pixels
+    width = max(sum(t.shape[1] for *_, t in planes) + 4 * pad, cols * (tile_w + pad) + pad)
+    height = head + plane_h + caption + pad + rows * (tile_h + caption) + foot
+    dpi = 72
+    fig = Figure(figsize=(width / dpi, height / dpi), dpi=dpi, facecolor="white")
+
+    def place(tile: np.ndarray, x0: int, top: int, text: str, sides: str = "") -> None:
+        y0 = height - top - tile.shape[0]  # figimage counts from the bottom
+        fig.figimage(tile, xo=x0, yo=y0, origin="upper")
+        fig.text((x0 + tile.shape[1] / 2) / width, (y0 - 3) / height, text, ha="center", va="top", fontsize=8)
+        for side, letter in zip(("left", "right"), sides, strict=False):
+            at = x0 + 3 if side == "left" else x0 + tile.shape[1] - 3
+            fig.text(
+                at / width,
+                (y0 + tile.shape[0] - 3) / height,
+                letter,
+                ha=side,
+                va="top",
+                fontsize=8,
+                color="yellow",
+            )
+
+    x = pad
+    for plane, index, tile in planes:
+        place(tile, x, head, f"{plane} {index}", _SIDES[plane])
+        x += tile.shape[1] + pad
+    top = head + plane_h + caption + pad
+    for n, (k, tile) in enumerate(tiles):
+        r, c = divmod(n, cols)
+        place(tile, pad + c * (tile_w + pad), top + r * (tile_h + caption), f"axial {k}", _SIDES["axial"])
+    if title:
+        fig.text(0.5, 1 - 5 / height, title, ha="center", va="top", fontsize=10)
+    entries = [(colour(v), name) for v, name in sorted(label_names.items()) if int(v) != 0]
+    lx = pad
+    for rgb, name in entries:
+        swatch = Rectangle((lx / width, 8 / height), 12 / width, 12 / height, facecolor=rgb, edgecolor="k")
+        fig.add_artist(swatch)
+        fig.text((lx + 16) / width, 14 / height, name, va="center", fontsize=9)
+        lx += 24 + 7 * len(name)
+    caption_text = _window_caption(window, modality)
+    fig.text(1 - pad / width, 14 / height, caption_text, ha="right", va="center", fontsize=8)
+    with atomic_path(Path(path)) as tmp:
+        fig.savefig(tmp, format="png")
+    return Path(path)
+
+
+def _window_caption(window: tuple[float, float], modality: str | None) -> str:
+    lo, hi = window
+    if window == CT_WINDOW:
+        return f"CT window L {int((lo + hi) / 2)} W {int(hi - lo)} HU"
+    return f"{(modality or 'image').upper()} window {lo:.4g} to {hi:.4g} (1st-99th percentile)"
+
+
+def label_list_colours(names: Sequence[str]) -> dict[str, str]:
+    """Label name -> CSS hex colour, in label order (value 1, 2, ...), for the report's plots."""
+    return {name: "#" + "".join(f"{int(255 * c):02x}" for c in colour(i + 1)) for i, name in enumerate(names)}
