@@ -29,7 +29,9 @@ class Reason(StrEnum):
     MISSING_GEOMETRY = "MISSING_GEOMETRY"  # no ImagePositionPatient / ImageOrientationPatient / PixelSpacing
     NON_UNIFORM_SPACING = "NON_UNIFORM_SPACING"  # a missing slice or uneven gaps
     GANTRY_TILT = "GANTRY_TILT"
-    DUPLICATE_POSITION = "DUPLICATE_POSITION"
+    DUPLICATE_POSITION = "DUPLICATE_POSITION"  # different instances at one slice position
+    DUPLICATE_INSTANCE = "DUPLICATE_INSTANCE"  # another copy of an instance already used: ignored
+    SERIES_INCOMPLETE = "SERIES_INCOMPLETE"  # files of the series were refused one by one: it is short
     ORIENTATION_VARIES = "ORIENTATION_VARIES"
     TOO_FEW_SLICES = "TOO_FEW_SLICES"
     LOCALIZER = "LOCALIZER"
@@ -49,7 +51,7 @@ class Reason(StrEnum):
 
 
 # Reasons that mean "not an input at all" rather than "a bad input": listed as ignored.
-IGNORED_REASONS = frozenset({Reason.NOT_DICOM, Reason.DICOMDIR})
+IGNORED_REASONS = frozenset({Reason.NOT_DICOM, Reason.DICOMDIR, Reason.DUPLICATE_INSTANCE})
 
 
 @dataclass

@@ -25,6 +25,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from pipeline.errors import InputRejected, Reason
+from pipeline.io.dicom_syntax import check_pixel_data, detect_transfer_syntax
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,6 @@ MULTI_FRAME_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.128.1": "Legacy Converted Enhanced PET Image Storage",
 }
 SUPPORTED_CLASSES = {**SINGLE_FRAME_CLASSES, **MULTI_FRAME_CLASSES}
-
-# Transfer syntaxes whose pixel data are stored natively (not encapsulated): their length is known
-# from the header, so a truncated file is detected in the header pass.
-_NATIVE = {
-    "1.2.840.10008.1.2": ("<", False),  # implicit VR little endian
-    "1.2.840.10008.1.2.1": ("<", True),  # explicit VR little endian
-    "1.2.840.10008.1.2.2": (">", True),  # explicit VR big endian (retired, still met)
-}
-
 
 def show(value: Any, limit: int = 64) -> str:
     """A tag value fit for a message: repr'd (NUL and control characters escaped) and cut short."""
@@ -111,6 +103,12 @@ class DicomHeader:
     pixel_offset: int | None = None
     # (size, mtime in ns) of the file when this header was read: a later change is detectable.
     stamp: tuple[int, int] | None = None
+    # False when the file meta did not name the transfer syntax and it was detected from the data.
+    syntax_declared: bool = True
+    # Set (by read_header(keep_damaged=True)) when the file's identity was read but its pixel data
+    # are cut or damaged: the rejection to report. Series assembly uses such a header only to tell
+    # whether an intact copy of the instance exists and which part of its series is missing.
+    damage: InputRejected | None = None
 
     @property
     def is_segmentation(self) -> bool:
@@ -238,61 +236,21 @@ def _looks_like_raw_dataset(head: bytes) -> bool:
     return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
 
 
-def _check_pixel_extent(fh: Any, ds: Dataset, rel: str, expected: int) -> int | None:
-    """Raise TRUNCATED when native pixel data end past the end of the file (header pass only).
-
-    Returns the byte offset of the pixel values when they are native with a defined length.
-
-    After `dcmread(stop_before_pixels=True)` the file sits at the Pixel Data tag; its element
-    header gives the declared length, compared with the bytes left and with Rows x Columns x ...
-    """
-    ts = str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2"))
-    if ts not in _NATIVE:
-        return None  # encapsulated or deflated: lengths are per fragment, checked when decoded
-    endian, explicit = _NATIVE[ts]
-    start = fh.tell()
-    size = os.fstat(fh.fileno()).st_size
-    head = fh.read(12 if explicit else 8)
-    if len(head) < 8:
-        raise InputRejected(
-            Reason.TRUNCATED,
-            rel,
-            f"the file ends at byte {size} before its Pixel Data element; expected {expected} bytes "
-            "of pixel data. Re-export or re-copy the file.",
-            {"file_size": size, "expected_pixel_bytes": expected},
-        )
-    group, element = struct.unpack(endian + "HH", head[:4])
-    if (group, element) != (0x7FE0, 0x0010):
-        return None  # Float/Double Float Pixel Data or something else: checked when decoded
-    if explicit:
-        if len(head) < 12:
-            raise InputRejected(
-                Reason.TRUNCATED, rel, "the file ends inside the Pixel Data element header.", {}
-            )
-        length = struct.unpack(endian + "I", head[8:12])[0]
-        value_start = start + 12
-    else:
-        length = struct.unpack(endian + "I", head[4:8])[0]
-        value_start = start + 8
-    available = size - value_start
-    if length != 0xFFFFFFFF and (available < min(length, expected) or length < expected):
-        raise InputRejected(
-            Reason.TRUNCATED,
-            rel,
-            f"pixel data hold {min(length, available)} bytes but Rows x Columns x frames x bits "
-            f"declare {expected}. The file was cut short; re-export or re-copy it.",
-            {"found_pixel_bytes": int(min(length, available)), "expected_pixel_bytes": expected},
-        )
-    return value_start if length != 0xFFFFFFFF else None
-
-
-def read_header(path: Path, root: Path, max_pixels: int) -> DicomHeader:
+def read_header(path: Path, root: Path, max_pixels: int, *, keep_damaged: bool = False) -> DicomHeader:
     """Read one file's header (no pixels) or raise InputRejected with the reason.
 
     Reasons: NOT_DICOM (empty or not DICOM), DICOMDIR (an index file, ignored), UNREADABLE,
     UNSUPPORTED_SOP_CLASS, TOO_LARGE (Rows x Columns x frames over `max_pixels`, refused before
-    any allocation), TRUNCATED (native pixel data shorter than declared), OUTSIDE_ROOT (a link that
-    resolves outside `root`). DICOM SEG files pass (see `DicomHeader.is_segmentation`).
+    any allocation), TRUNCATED (the file ends before its pixel data do: native data shorter than
+    declared, encapsulated fragments past the end or without their closing delimiter, or no Pixel
+    Data at all), OUTSIDE_ROOT (a link that resolves outside `root`). DICOM SEG files pass (see
+    `DicomHeader.is_segmentation`).
+
+    A data set without file meta (or whose meta omits the transfer syntax) is read in the syntax
+    its first element shows (see `dicom_syntax`); `transfer_syntax` is always the effective one.
+    keep_damaged: a TRUNCATED or UNREADABLE file whose study, series and instance could be read
+    is returned with `damage` set instead of raising, so that series assembly can look for an
+    intact copy and report what its series lacks.
     """
     path = Path(path)
     root = Path(root)
@@ -319,8 +277,11 @@ def read_header(path: Path, root: Path, max_pixels: int) -> DicomHeader:
                     {"file_size": size},
                 )
             fh.seek(0)
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=not has_preamble)
+            # force: a data set without preamble or file meta is still DICOM (old archives).
+            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
             header = _header_from_dataset(ds, fh, path, rel, size, max_pixels)
+            if header.damage is not None and not keep_damaged:
+                raise header.damage
             return dataclasses.replace(header, stamp=(st.st_size, st.st_mtime_ns))
     except InputRejected:
         raise
@@ -372,30 +333,36 @@ def _header_from_dataset(
         raise InputRejected(
             Reason.UNREADABLE, rel, f"{missing} missing: the file cannot be placed in a series."
         )
+    declared = str(meta.get("TransferSyntaxUID", "")).strip() or None
+    here = fh.tell()
+    syntax = detect_transfer_syntax(fh, declared, rel)
+    fh.seek(here)
     rows, columns = _int(_get(ds, "Rows")), _int(_get(ds, "Columns"))
+    n_frames = max(_int(_get(ds, "NumberOfFrames")) or 1, 1)
+    samples = _int(_get(ds, "SamplesPerPixel")) or 1
+    bits_allocated = _int(_get(ds, "BitsAllocated")) or 16
     if not rows or not columns or rows < 0 or columns < 0:
         raise InputRejected(
             Reason.UNREADABLE,
             rel,
             f"Rows {show(_get(ds, 'Rows'))} / Columns {show(_get(ds, 'Columns'))}: expected positive "
-            "integers (an image without pixel data?).",
+            "integers (an image without pixel data, or a file cut inside its header?).",
         )
-    n_frames = _int(_get(ds, "NumberOfFrames")) or 1
-    if n_frames < 1:
-        n_frames = 1
-    samples = _int(_get(ds, "SamplesPerPixel")) or 1
     pixels = rows * columns * n_frames
     if pixels > max_pixels:
         raise InputRejected(
             Reason.TOO_LARGE,
             rel,
-            f"{rows} rows x {columns} columns x {n_frames} frames = {pixels} pixels, over the limit of "
-            f"{max_pixels}; raise the pixel limit if this image is expected.",
+            f"{rows} rows x {columns} columns x {n_frames} frames = {pixels} pixels, over the limit "
+            f"of {max_pixels}; raise the pixel limit if this image is expected.",
             {"rows": rows, "columns": columns, "frames": n_frames, "pixels": pixels, "limit": max_pixels},
         )
-    bits_allocated = _int(_get(ds, "BitsAllocated")) or 16
-    expected = (rows * columns * n_frames * samples * bits_allocated + 7) // 8
-    pixel_offset = _check_pixel_extent(fh, ds, rel, expected)
+    expected = (pixels * samples * bits_allocated + 7) // 8
+    damage: InputRejected | None = None
+    try:
+        pixel_offset = check_pixel_data(fh, syntax, expected, rel)
+    except InputRejected as err:  # the identity is known: the caller may keep the header
+        damage, pixel_offset = err, None
 
     if sop_class in MULTI_FRAME_CLASSES or sop_class == SEGMENTATION_STORAGE:
         frames = _multi_frame_geometry(ds, n_frames)
@@ -412,7 +379,7 @@ def _header_from_dataset(
         series_uid=series_uid,
         sop_instance_uid=_text(ds, "SOPInstanceUID"),
         modality=_text(ds, "Modality").upper() or "unknown",
-        transfer_syntax=str(meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")),
+        transfer_syntax=syntax,
         rows=rows,
         columns=columns,
         number_of_frames=n_frames,
@@ -427,6 +394,8 @@ def _header_from_dataset(
         gantry_tilt=_float(_get(ds, "GantryDetectorTilt")),
         frames=frames,
         pixel_offset=pixel_offset,
+        syntax_declared=declared is not None,
+        damage=damage,
     )
 
 

@@ -20,10 +20,13 @@ from typing import Any
 
 import numpy as np
 import pydicom
+from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from pipeline.errors import InputRejected, Reason
 from pipeline.io.dicom_header import DicomHeader, FrameGeometry, show
+from pipeline.io.dicom_instances import compatible, incomplete, resolve_instances, series_losses
+from pipeline.io.dicom_syntax import NATIVE, detect_transfer_syntax
 from pipeline.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -61,6 +64,9 @@ class SeriesGroup:
     affine: np.ndarray  # (4, 4) voxel (column, row, slice) -> RAS mm
     slice_spacing: float  # mm between slice centres, from positions
     modality: str
+    # Set only when partial series are accepted and files of this series were refused one by
+    # one: how many, and where the missing slices lie (dicom_instances.series_losses).
+    partial: dict[str, Any] | None = None
 
     @property
     def files(self) -> list[str]:
@@ -87,27 +93,45 @@ def _reject(reason: Reason, files: list[str], message: str, **details: Any) -> I
     return InputRejected(reason, files[0], message, {"files": files, "n_files": len(files), **details})
 
 
-def assemble_series(headers: list[DicomHeader]) -> tuple[list[SeriesGroup], list[InputRejected]]:
+def assemble_series(
+    headers: list[DicomHeader], *, accept_partial: bool = False
+) -> tuple[list[SeriesGroup], list[InputRejected]]:
     """Group headers into volumes; return the accepted groups and one rejection per refused group.
 
-    Grouping: study and series UID, then orientation, matrix size, pixel spacing, echo, temporal
-    position and stack; acquisition number splits a series only where acquisitions repeat positions
-    (some CT scanners number every slice of one helix as its own acquisition).
+    First, copies of one instance are settled (dicom_instances.resolve_instances): one intact copy
+    is used, other copies are DUPLICATE_INSTANCE, damaged headers (`DicomHeader.damage`) are listed
+    with their own reason. Grouping: study and series UID, then orientation, matrix size, pixel
+    spacing, echo, temporal position and stack; acquisition number splits a series only where
+    acquisitions repeat positions (some CT scanners number every slice of one helix as its own
+    acquisition). A group whose series lost files one by one (damaged without an intact copy, or
+    without a position while others have one) is SERIES_INCOMPLETE, naming how many and where;
+    with `accept_partial` it is accepted instead (unless the loss leaves a gap), its
+    `partial` describing what is missing.
     Order and results are deterministic for a given set of files, whatever their order in `headers`.
     """
+    kept, rejected, lost = resolve_instances(headers)
     by_series: dict[tuple[str, str], list[DicomHeader]] = defaultdict(list)
-    for h in headers:
+    for h in kept:
         by_series[(h.study_uid, h.series_uid)].append(h)
+    lost_by_series: dict[tuple[str, str], list[DicomHeader]] = defaultdict(list)
+    for h in lost:
+        lost_by_series[(h.study_uid, h.series_uid)].append(h)
     groups: list[SeriesGroup] = []
-    rejected: list[InputRejected] = []
     for study_series in sorted(by_series):
         series = sorted(by_series[study_series], key=lambda h: h.rel)
-        _assemble_one(study_series[1], series, groups, rejected)
+        _assemble_one(
+            study_series[1], series, groups, rejected, lost_by_series.get(study_series, []), accept_partial
+        )
     return groups, rejected
 
 
 def _assemble_one(
-    series_uid: str, headers: list[DicomHeader], groups: list[SeriesGroup], rejected: list[InputRejected]
+    series_uid: str,
+    headers: list[DicomHeader],
+    groups: list[SeriesGroup],
+    rejected: list[InputRejected],
+    lost: list[DicomHeader],
+    accept_partial: bool,
 ) -> None:
     seg, photometric, localizer, no_geometry, usable = [], [], [], [], []
     for h in headers:
@@ -164,6 +188,8 @@ def _assemble_one(
             )
         )
 
+    if usable:
+        lost = lost + no_geometry  # placed among slices that have positions: the series lacks them
     slices = [_Slice(h, i, g) for h in usable for i, g in enumerate(h.frames)]
     centres: list[np.ndarray] = []
     split: dict[tuple, list[_Slice]] = defaultdict(list)
@@ -201,7 +227,33 @@ def _assemble_one(
                 n += 1
             seen_keys.add(group_key)
             result = _check_group(group_key, members)
+            if lost:
+                result = _with_losses(result, members, lost, acq[1] is not None, accept_partial)
             (groups if isinstance(result, SeriesGroup) else rejected).append(result)
+
+
+def _with_losses(
+    result: SeriesGroup | InputRejected,
+    members: list[_Slice],
+    lost: list[DicomHeader],
+    split_by_acquisition: bool,
+    accept_partial: bool,
+) -> SeriesGroup | InputRejected:
+    """Apply the series' refused files to one group's outcome (see `assemble_series`)."""
+    mine = [h for h in lost if compatible(h, members[0].header, split_by_acquisition)]
+    gap = isinstance(result, InputRejected) and result.reason == Reason.NON_UNIFORM_SPACING
+    if not mine or not (isinstance(result, SeriesGroup) or gap):
+        return result  # another refusal (duplicates, tilt, too few slices) stands as it is
+    normal = _normal(members[0].geom)
+    along = np.sort([np.dot(s.geom.position, normal) for s in members])  # type: ignore[arg-type]
+    headers = list({s.header.rel: s.header for s in members}.values())
+    losses = series_losses(headers, along, mine, len(members))
+    files = _unique_files(members)
+    if gap or losses["gap_inside"] or not accept_partial:
+        return incomplete(files, losses, gap=gap or losses["gap_inside"])
+    log.warning("a series is staged partial: %s", losses["message"])
+    result.partial = losses  # type: ignore[union-attr]
+    return result
 
 
 def _sortable(value: Any) -> tuple[int, Any]:
@@ -395,16 +447,19 @@ def _require_decoder(transfer_syntax: str, rel: str) -> None:
     )
 
 
-def decode_stored(path: str | Path, rel: str) -> np.ndarray:
+def decode_stored(path: str | Path, rel: str, transfer_syntax: str | None = None) -> np.ndarray:
     """Stored values of every frame of one DICOM file: (frames, rows, columns[, samples]).
 
     No rescale, no photometric change: what the encoder was given. The decoder is checked first
     (MISSING_DECODER); a short or cut pixel stream is TRUNCATED, anything else UNREADABLE.
+    `transfer_syntax`: the effective syntax found by the header pass; without it, a file whose
+    meta does not name its syntax (or that has no meta) is decoded in the syntax its data show.
     """
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            ds = pydicom.dcmread(path)
+            # force: data sets without preamble or file meta are read like any other.
+            ds = pydicom.dcmread(path, force=True)
         # pydicom reads a cut encapsulated stream with only a warning; for us it is a refusal.
         cut = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
         if cut:
@@ -413,7 +468,14 @@ def decode_stored(path: str | Path, rel: str) -> np.ndarray:
                 rel,
                 f"the file ends inside its pixel data ({show(cut[0], 120)}); re-export or re-copy it.",
             )
-        _require_decoder(str(ds.file_meta.get("TransferSyntaxUID", "1.2.840.10008.1.2")), rel)
+        declared = str(ds.file_meta.get("TransferSyntaxUID", "")).strip() or None
+        if declared is None:
+            if transfer_syntax is None:
+                with open(path, "rb") as fh:
+                    transfer_syntax = detect_transfer_syntax(fh, None, rel)
+            # pydicom decodes by the file meta's syntax: give it the one the data are written in.
+            ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+        _require_decoder(transfer_syntax or str(declared), rel)
         pixels = np.asarray(ds.pixel_array)
         n_frames = int(ds.get("NumberOfFrames") or 1)
     except InputRejected:
@@ -427,7 +489,15 @@ def decode_stored(path: str | Path, rel: str) -> np.ndarray:
             rel,
             f"pixel data cannot be decoded: {show(text, 200)}",
         ) from None
-    except (RuntimeError, OSError, TypeError, AttributeError, KeyError, NotImplementedError) as exc:
+    except (
+        InvalidDicomError,
+        RuntimeError,
+        OSError,
+        TypeError,
+        AttributeError,
+        KeyError,
+        NotImplementedError,
+    ) as exc:
         raise InputRejected(
             Reason.UNREADABLE,
             rel,
@@ -436,13 +506,10 @@ def decode_stored(path: str | Path, rel: str) -> np.ndarray:
     return pixels[np.newaxis] if n_frames == 1 else pixels
 
 
-_LITTLE_ENDIAN_NATIVE = ("1.2.840.10008.1.2", "1.2.840.10008.1.2.1")
-
-
 def _read_native(header: DicomHeader) -> np.ndarray | None:
     """Stored values read straight from the file for the common native case, else None.
 
-    Little-endian, one sample, 8 or 16 bits allocated: the pixel values are a plain array at the
+    Native syntax, one sample, 8 or 16 bits allocated: the pixel values are a plain array at the
     offset the header pass found, so pydicom's full re-parse of the file is skipped (most of a
     conversion's time otherwise). Whenever the result could differ from pydicom's (bits stored
     below bits allocated with values above them, a file changed since the scan) this returns
@@ -450,13 +517,14 @@ def _read_native(header: DicomHeader) -> np.ndarray | None:
     """
     if (
         header.pixel_offset is None
-        or header.transfer_syntax not in _LITTLE_ENDIAN_NATIVE
+        or header.transfer_syntax not in NATIVE
         or header.samples_per_pixel != 1
         or header.bits_allocated not in (8, 16)
         or (header.pixel_representation == 1 and header.bits_stored != header.bits_allocated)
     ):
         return None
-    dtype = {(8, 0): "<u1", (8, 1): "<i1", (16, 0): "<u2", (16, 1): "<i2"}[
+    endian = "<" if NATIVE[header.transfer_syntax][1] else ">"
+    dtype = endian + {(8, 0): "u1", (8, 1): "i1", (16, 0): "u2", (16, 1): "i2"}[
         (header.bits_allocated, header.pixel_representation)
     ]
     count = header.number_of_frames * header.rows * header.columns
@@ -468,6 +536,7 @@ def _read_native(header: DicomHeader) -> np.ndarray | None:
         return None
     if header.bits_stored < header.bits_allocated and int(pixels.max()) >= 1 << header.bits_stored:
         return None  # bits above BitsStored are set (overlays): let pydicom apply its rules
+    pixels = pixels.astype(pixels.dtype.newbyteorder("="), copy=False)  # big endian: to native order
     return pixels.reshape(header.number_of_frames, header.rows, header.columns)
 
 
@@ -475,7 +544,7 @@ def _decode(header: DicomHeader) -> np.ndarray:
     """Stored values of one scanned file, checked against what its header declared at scan time."""
     pixels = _read_native(header)
     if pixels is None:
-        pixels = decode_stored(header.path, header.rel)
+        pixels = decode_stored(header.path, header.rel, header.transfer_syntax)
     expected = (header.number_of_frames, header.rows, header.columns)
     if pixels.shape != expected:
         raise InputRejected(
@@ -567,6 +636,8 @@ def load_series(group: SeriesGroup) -> Volume:
         "source_format": "DICOM",
         "sop_class": first.sop_class_name,
         "transfer_syntaxes": sorted({show(UID(h.transfer_syntax).name, 100) for h in group.headers}),
+        # Files without a declared syntax were read in the one their data show (dicom_syntax).
+        "transfer_syntax_detected": sum(not h.syntax_declared for h in group.headers),
         "photometric": "MONOCHROME1 (inverted)" if inverted else "MONOCHROME2",
         "bits_stored": first.bits_stored,
         "signed": first.pixel_representation == 1,

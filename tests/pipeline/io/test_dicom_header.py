@@ -83,11 +83,40 @@ def test_truncated_inside_the_header(root):
     assert rejection(path, root).reason in (Reason.TRUNCATED, Reason.UNREADABLE)
 
 
-def test_truncated_compressed_pixel_data_found_when_decoded(root):
+@pytest.mark.parametrize(
+    "cut, found",
+    [(600, "past the end of the file"), (8, "without their closing sequence delimiter")],
+    ids=["inside-a-fragment", "delimiter-missing"],
+)
+def test_truncated_compressed_pixel_data_found_in_the_header_pass(root, cut, found):
     spec = SeriesSpec(transfer_syntax=pydicom.uid.JPEG2000Lossless)
     paths = write_dicom_series(stored_volume(3), root, spec)
-    paths[1].write_bytes(paths[1].read_bytes()[:-600])
+    data = paths[1].read_bytes()
+    assert data[-8:] == b"\xfe\xff\xdd\xe0\x00\x00\x00\x00"  # the sequence delimiter ends the file
+    paths[1].write_bytes(data[:-cut])
+    r = rejection(paths[1], root)
+    assert r.reason is Reason.TRUNCATED and found in r.message
+    kept = read_header(paths[1], root, MAX_PIXELS, keep_damaged=True)
+    assert kept.damage is not None and kept.damage.reason is Reason.TRUNCATED
+    assert read_header(paths[0], root, MAX_PIXELS).damage is None
+
+
+def test_damaged_fragment_list_is_unreadable(root):
+    spec = SeriesSpec(transfer_syntax=pydicom.uid.RLELossless)
+    (path, *_) = write_dicom_series(stored_volume(1), root, spec)
+    data = bytearray(path.read_bytes())
+    item = data.rindex(b"\xfe\xff\x00\xe0")  # the last fragment's item tag
+    data[item : item + 4] = b"\x08\x00\x10\x00"
+    path.write_bytes(bytes(data))
+    r = rejection(path, root)
+    assert r.reason is Reason.UNREADABLE and "(0008,0010)" in r.message
+
+
+def test_cut_stream_in_a_file_changed_after_the_scan_is_found_when_decoded(root):
+    spec = SeriesSpec(transfer_syntax=pydicom.uid.JPEG2000Lossless)
+    paths = write_dicom_series(stored_volume(3), root, spec)
     (group,), _ = assemble_series([read_header(p, root, MAX_PIXELS) for p in paths])
+    paths[1].write_bytes(paths[1].read_bytes()[:-600])
     with pytest.raises(InputRejected) as info:
         load_series(group)
     assert info.value.reason is Reason.TRUNCATED

@@ -25,11 +25,12 @@ EXPECTED = {
     "CT_small.dcm": "TOO_FEW_SLICES",
     "J2K_pixelrep_mismatch.dcm": "TOO_FEW_SLICES",
     "examples_overlay.dcm": "TOO_FEW_SLICES",
-    # the same MR slice in eight encodings, one series UID: eight slices at one position
+    # the same MR instance (one SOPInstanceUID) in eight encodings: one copy is used (a lone
+    # slice), the other seven are copies of it; the truncated copy is listed as truncated
+    "MR_small.dcm": "TOO_FEW_SLICES",
     **{
-        f"MR_small{s}.dcm": "DUPLICATE_POSITION"
+        f"MR_small{s}.dcm": "DUPLICATE_INSTANCE"
         for s in (
-            "",
             "_RLE",
             "_bigendian",
             "_expb",
@@ -109,9 +110,10 @@ EXPECTED = {
             "dicomdirtests/77654033/CR3/6278",
         )
     },
-    # DICOM SEG: a label, routed to pipeline.io.seg by the orchestrator
+    # DICOM SEG: a label, routed to pipeline.io.seg by the orchestrator; the big endian file is
+    # another copy of the same SEG instance
     "liver_1frame.dcm": "UNSUPPORTED_SOP_CLASS",
-    "liver_expb_1frame.dcm": "UNSUPPORTED_SOP_CLASS",
+    "liver_expb_1frame.dcm": "DUPLICATE_INSTANCE",
     # data sets without study/series UIDs
     "UN_sequence.dcm": "UNREADABLE",
     "priv_SQ.dcm": "UNREADABLE",
@@ -183,7 +185,7 @@ def _classify() -> dict[str, str]:
             found[exc.path] = exc.reason.value
     groups, rejected = assemble_series(headers)
     for r in rejected:
-        for rel in r.details["files"]:
+        for rel in r.details.get("files") or [r.path]:
             found[rel] = r.reason.value
     for g in groups:
         for rel in g.files:
