@@ -7,13 +7,21 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import CaseTimeout, content_key, path_key, run_isolated
-from pipeline.ingest import CONVERTER_VERSION, IngestPlan, convert_case, finalize_ingest, plan_ingest
+from pipeline.ingest import (
+    CONVERTER_VERSION,
+    IngestLimits,
+    IngestPlan,
+    convert_case,
+    finalize_ingest,
+    plan_ingest,
+)
 
 
 @task(name="plan-ingest", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
-def plan_task(source: str, staging: str, secret_file: str | None) -> IngestPlan:
+def plan_task(source: str, staging: str, secret_file: str | None, accept_partial_series: bool) -> IngestPlan:
     """Header pass and validation (I/O: retried when a share hiccups)."""
-    return plan_ingest(source, staging, secret_file=secret_file)
+    limits = IngestLimits(accept_partial_series=accept_partial_series)
+    return plan_ingest(source, staging, secret_file=secret_file, limits=limits)
 
 
 def _convert_key(context, parameters) -> str:
@@ -63,11 +71,18 @@ def finalize_task(source: str, staging: str) -> dict:
 
 @flow(name="ingest", log_prints=False, validate_parameters=True)
 def ingest_flow(
-    source: str, staging: str, secret_file: str | None = None, case_timeout_s: float = 1800.0
+    source: str,
+    staging: str,
+    secret_file: str | None = None,
+    case_timeout_s: float = 1800.0,
+    accept_partial_series: bool = False,
 ) -> dict:
-    """Validate and convert SOURCE into the STAGING dataset; quarantined inputs are listed, not fatal."""
+    """Validate and convert SOURCE into the STAGING dataset; quarantined inputs are listed, not fatal.
+
+    accept_partial_series: stage DICOM series that lost files, marked partial (see IngestLimits).
+    """
     logger = get_run_logger()
-    plan = plan_task(source, staging, secret_file)
+    plan = plan_task(source, staging, secret_file, accept_partial_series)
     todo = set(plan.todo)
     futures = [
         # Cases whose outputs are missing or stale always run; the others may come from cache.

@@ -201,6 +201,15 @@ def ingest_command(
     ] = None,
     max_pixels: Annotated[int, typer.Option(help="Largest Rows x Columns x frames of one DICOM file.")] = 2
     ** 28,
+    accept_partial_series: Annotated[
+        bool | None,
+        typer.Option(
+            "--accept-partial-series/--refuse-partial-series",
+            help="Stage a DICOM series some of whose files were refused, marked partial "
+            "(default: the config's data.accept_partial_series, false: refused as SERIES_INCOMPLETE).",
+        ),
+    ] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML config (its data section).")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
     """Validate and convert a source into a staging dataset; quarantine what is wrong, with reasons.
@@ -209,16 +218,19 @@ def ingest_command(
     """
     import sys
 
+    from pipeline.config import load_config
     from pipeline.ingest import IngestLimits, ingest
 
     setup_logging(verbose)
     try:
+        if accept_partial_series is None:
+            accept_partial_series = load_config(config).data.accept_partial_series
         report = ingest(
             source,
             out,
             secret_file=secret_file,
             workers=workers,
-            limits=IngestLimits(max_pixels_per_file=max_pixels),
+            limits=IngestLimits(max_pixels_per_file=max_pixels, accept_partial_series=accept_partial_series),
             progress=sys.stderr.isatty(),
         )
     except (FileNotFoundError, ValueError) as exc:
@@ -236,6 +248,8 @@ def ingest_command(
         typer.echo(f"  {reason:<24} {count}")
     if report.by_reason:
         typer.echo(f"  details: {out / 'quarantine.jsonl'}")
+    if report.partial:
+        typer.echo(f"  partial: {len(report.partial)} case(s) staged from incomplete series (see manifest)")
     if report.cases == 0:
         raise typer.Exit(code=2)
 

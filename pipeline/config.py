@@ -84,6 +84,9 @@ class DataConfig(_Section):
     # Processes for slice sampling/augmentation (0: in the loader thread); None: 1 on CPU (the
     # step needs the cores), up to 4 on a GPU (one worker cannot keep a GPU fed).
     loader_workers: int | None = Field(None, ge=0)
+    # Ingest: a DICOM series some of whose files were refused one by one is refused as a whole
+    # (SERIES_INCOMPLETE); true stages the rest, marked partial in the manifest and the report.
+    accept_partial_series: bool = False
 
     @model_validator(mode="after")
     def _fold_in_range(self) -> DataConfig:

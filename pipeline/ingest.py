@@ -60,6 +60,9 @@ class IngestLimits:
     max_pixels_per_file: int = 2**28  # DICOM Rows x Columns x frames (256 Mi pixels)
     max_voxels: int = 2**30  # NIfTI voxels
     max_bytes: int = 8 * 2**30  # NIfTI decompressed bytes (bounds gzip bombs)
+    # A DICOM series some of whose files were refused one by one: False refuses it
+    # (SERIES_INCOMPLETE); True stages the rest, marked partial in the manifest and the report.
+    accept_partial_series: bool = False
 
 
 @dataclass
@@ -74,6 +77,7 @@ class IngestReport:
     cases_converted: int = 0
     cases_skipped: int = 0  # unchanged since the last run
     by_reason: dict[str, int] = field(default_factory=dict)
+    partial: dict[str, str] = field(default_factory=dict)  # case_id -> what its series lacks
 
     @property
     def balanced(self) -> bool:
@@ -279,12 +283,18 @@ class CasePlanner:
         digests: dict[str, Future] = {}
         for path in tqdm(files, desc="reading headers", unit="file", disable=not progress, leave=False):
             try:
-                header = read_header(path, self.source, self.limits.max_pixels_per_file)
+                # keep_damaged: a cut file still names its instance and series, so assembly can
+                # use an intact copy of it or say which part of its series is missing.
+                header = read_header(path, self.source, self.limits.max_pixels_per_file, keep_damaged=True)
             except InputRejected as err:
                 self.reject(err)
                 continue
+            if header.damage is not None and header.is_segmentation:
+                self.reject(header.damage)
+                continue
             headers.append(header)
-            digests[header.rel] = hasher.submit(_sha256_file, header.path)
+            if header.damage is None:
+                digests[header.rel] = hasher.submit(_sha256_file, header.path)
         images = [h for h in headers if not h.is_segmentation]
         segs_by_series: dict[str, list[DicomHeader]] = defaultdict(list)
         for h in headers:
@@ -293,7 +303,7 @@ class CasePlanner:
                     segs_by_series[seg_referenced_series_uid(h.path, h.rel)].append(h)
                 except InputRejected as err:
                     self.reject(err)
-        groups, rejected = assemble_series(images)
+        groups, rejected = assemble_series(images, accept_partial=self.limits.accept_partial_series)
         for err in rejected:
             self.reject(err)
         matched: set[str] = set()
@@ -406,6 +416,8 @@ def _convert(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, ta
         if label is not None
         else [],
         "source": {"kind": job.kind, "files": job.sources},
+        # A partial DICOM series (accepted by IngestLimits.accept_partial_series): what it lacks.
+        "partial": job.group.partial if job.group is not None else None,
         "sha256": {
             "inputs": job.inputs_sha256,
             "image": _sha256_file(staging / image_rel),
@@ -481,6 +493,7 @@ def _job_to_json(job: CaseJob) -> dict[str, Any]:
         "sources": job.sources,
         "inputs_sha256": job.inputs_sha256,
         "images": [h.rel for h in job.group.headers] if job.group else [],
+        "partial": job.group.partial if job.group else None,
         "segs": job.segs,
         "nifti": asdict(job.nifti) if job.nifti else None,
         "allowed_labels": sorted(job.allowed_labels) if job.allowed_labels is not None else None,
@@ -506,6 +519,9 @@ def _job_from_json(data: dict[str, Any], source: Path, secret: bytes, limits: In
                 {"files": data["sources"]},
             )
         group = matches[0]
+        # The refused files are not among the job's images: what they left missing was found
+        # when the whole source was planned.
+        group.partial = data.get("partial")
     nifti = data.get("nifti")
     allowed = data.get("allowed_labels")
     return CaseJob(
@@ -699,6 +715,7 @@ def finalize_ingest(source: str | Path, staging: str | Path) -> IngestReport:
     report = _account(plan["files"], plan["accepted"], records, rejected)
     report.cases_converted = len(set(plan["todo"]) & set(records))
     report.cases_skipped = len(records) - report.cases_converted
+    report.partial = {c: r["partial"]["message"] for c, r in sorted(records.items()) if r.get("partial")}
     _write_outputs(staging, records, rejected, report, plan["table"])
     log.info(
         "ingest: %d cases (%d converted, %d unchanged), %d files quarantined, %d ignored",

@@ -49,6 +49,7 @@ MULTI_FRAME_CLASSES = {
 }
 SUPPORTED_CLASSES = {**SINGLE_FRAME_CLASSES, **MULTI_FRAME_CLASSES}
 
+
 def show(value: Any, limit: int = 64) -> str:
     """A tag value fit for a message: repr'd (NUL and control characters escaped) and cut short."""
     text = repr(value)

@@ -70,7 +70,7 @@ def resolve_instances(
             by_uid.setdefault((h.study_uid, h.series_uid, h.sop_instance_uid), h)
     rejected: list[InputRejected] = []
     dropped: set[str] = set()
-    for (uid, _), copies in sorted(clusters.items(), key=lambda kv: kv[1][0].rel):
+    for _key, copies in sorted(clusters.items(), key=lambda kv: kv[1][0].rel):
         first = copies[0]
         for other in copies[1:]:
             dropped.add(other.rel)
@@ -140,7 +140,8 @@ def compatible(lost: DicomHeader, member: DicomHeader, split_by_acquisition: boo
     for f in lost.frames:
         if f.orientation is not None and np.abs(np.subtract(f.orientation, ref.orientation)).max() > 0.05:
             return False
-        if f.pixel_spacing is not None and np.abs(np.subtract(f.pixel_spacing, ref.pixel_spacing)).max() > 1e-3:
+        spacing = f.pixel_spacing
+        if spacing is not None and np.abs(np.subtract(spacing, ref.pixel_spacing)).max() > 1e-3:
             return False
         for name in ("echo", "temporal", "stack"):
             mine, theirs = getattr(f, name), getattr(ref, name)
@@ -161,7 +162,8 @@ def _instance_fit(members: list[DicomHeader], normal: np.ndarray) -> tuple[float
     x, y = np.array(pairs, float).T
     slope, offset = np.polyfit(x, y, 1)
     step = float(np.median(np.abs(np.diff(np.sort(y))))) if len(y) > 1 else 0.0
-    if abs(slope) < POSITION_TOL_MM or np.abs(slope * x + offset - y).max() > max(0.05 * step, POSITION_TOL_MM):
+    residual = float(np.abs(slope * x + offset - y).max())
+    if abs(slope) < POSITION_TOL_MM or residual > max(0.05 * step, POSITION_TOL_MM):
         return None
     return float(slope), float(offset)
 
@@ -201,7 +203,7 @@ def series_losses(
     for place, words in (
         ("before", f"before the first slice (below {lo:.2f} mm)"),
         ("after", f"beyond the last slice (above {hi:.2f} mm)"),
-        ("inside", f"inside the covered range, leaving a gap"),
+        ("inside", "inside the covered range, leaving a gap"),
         ("unknown", "at unknown positions (no ImagePositionPatient, no usable InstanceNumber)"),
     ):
         if places[place]:

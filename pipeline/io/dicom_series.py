@@ -524,9 +524,12 @@ def _read_native(header: DicomHeader) -> np.ndarray | None:
     ):
         return None
     endian = "<" if NATIVE[header.transfer_syntax][1] else ">"
-    dtype = endian + {(8, 0): "u1", (8, 1): "i1", (16, 0): "u2", (16, 1): "i2"}[
-        (header.bits_allocated, header.pixel_representation)
-    ]
+    dtype = (
+        endian
+        + {(8, 0): "u1", (8, 1): "i1", (16, 0): "u2", (16, 1): "i2"}[
+            (header.bits_allocated, header.pixel_representation)
+        ]
+    )
     count = header.number_of_frames * header.rows * header.columns
     try:
         pixels = np.fromfile(header.path, dtype=dtype, count=count, offset=header.pixel_offset)
