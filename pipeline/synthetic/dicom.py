@@ -56,6 +56,7 @@ class SeriesSpec:
     rescale_slope: float = 1.0
     rescale_intercept: float = 0.0
     signed: bool = True  # PixelRepresentation 1 (int16) or 0 (uint16)
+    bits_stored: int = 16  # BitsStored (HighBit one less); values must fit; 16 bits are allocated
     photometric: str = "MONOCHROME2"
     patient: Patient = field(default_factory=Patient)
     study_uid: str | None = None
@@ -109,9 +110,18 @@ def write_dicom_series(volume: np.ndarray, out_dir: str | Path, spec: SeriesSpec
         raise ValueError(f"volume must be 3D (slices, rows, columns); got shape {volume.shape}")
     n, rows, cols = volume.shape
     dtype = np.int16 if spec.signed else np.uint16
-    info = np.iinfo(dtype)
-    if volume.min() < info.min or volume.max() > info.max:
-        raise ValueError(f"stored values {volume.min()}..{volume.max()} do not fit {np.dtype(dtype).name}")
+    if not 1 <= spec.bits_stored <= 16:
+        raise ValueError(f"bits_stored must be 1..16; got {spec.bits_stored}")
+    lo, hi = (
+        (-(2 ** (spec.bits_stored - 1)), 2 ** (spec.bits_stored - 1) - 1)
+        if spec.signed
+        else (0, 2**spec.bits_stored - 1)
+    )
+    if volume.min() < lo or volume.max() > hi:
+        raise ValueError(
+            f"stored values {volume.min()}..{volume.max()} do not fit {spec.bits_stored} bits "
+            f"({'signed' if spec.signed else 'unsigned'}): {lo}..{hi}"
+        )
     stored = volume.astype(dtype)
 
     rng = np.random.default_rng(spec.seed)
@@ -174,8 +184,8 @@ def write_dicom_series(volume: np.ndarray, out_dir: str | Path, spec: SeriesSpec
         ds.PhotometricInterpretation = spec.photometric
         ds.Rows, ds.Columns = rows, cols
         ds.BitsAllocated = 16
-        ds.BitsStored = 16
-        ds.HighBit = 15
+        ds.BitsStored = spec.bits_stored
+        ds.HighBit = spec.bits_stored - 1
         ds.PixelRepresentation = 1 if spec.signed else 0
         ds.RescaleIntercept = spec.rescale_intercept
         ds.RescaleSlope = spec.rescale_slope
@@ -200,6 +210,31 @@ def write_dicom_series(volume: np.ndarray, out_dir: str | Path, spec: SeriesSpec
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def write_bare_data_sets(paths: Sequence[Path], *, implicit_vr: bool, little_endian: bool = True) -> None:
+    """Rewrite written files as old archives keep them: no preamble, no file meta, only the data set.
+
+    The data set is encoded implicit or explicit VR, little or big endian as asked; nothing in the
+    file says which (a reader must tell from the bytes). Native pixel data only.
+    """
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        if ds.file_meta.TransferSyntaxUID.is_compressed:
+            raise ValueError(f"{path}: a bare data set cannot hold compressed pixel data")
+        stored = ds.pixel_array
+        if not little_endian:  # the Pixel Data bytes are written as given: swap 16-bit words here
+            ds.PixelData = stored.astype(stored.dtype.newbyteorder(">")).tobytes()
+        del ds.file_meta
+        ds.preamble = None
+        pydicom.dcmwrite(
+            path,
+            ds,
+            implicit_vr=implicit_vr,
+            little_endian=little_endian,
+            enforce_file_format=False,
+            force_encoding=True,
+        )
 
 
 def read_stored(path: str | Path) -> np.ndarray:
