@@ -54,8 +54,9 @@ def resolve_instances(
     """One header per instance: (headers to assemble, rejections, damaged headers with no intact copy).
 
     Intact copies of one instance (same SOPInstanceUID and the same image facts: series, class,
-    matrix, per-frame position and orientation) keep the first by path; the others are
-    DUPLICATE_INSTANCE. Files that share a UID but differ in those facts are not one instance
+    matrix, per-frame position and orientation): the copy kept is the one in the folder holding
+    most of its series (then the first by path), so a stray copy elsewhere is the one listed; the
+    others are DUPLICATE_INSTANCE. Files that share a UID but differ in those facts are not one instance
     (a de-identifier that reused UIDs): all are kept and assembly judges them as slices.
     A damaged header (`DicomHeader.damage`) is listed with its own reason; when no intact copy of
     its instance exists it is returned as lost, for `series_losses`.
@@ -63,14 +64,15 @@ def resolve_instances(
     intact = sorted((h for h in headers if h.damage is None), key=lambda h: h.rel)
     damaged = sorted((h for h in headers if h.damage is not None), key=lambda h: h.rel)
     clusters: dict[tuple, list[DicomHeader]] = defaultdict(list)
-    by_uid: dict[tuple[str, str, str], DicomHeader] = {}
     for h in intact:
         if h.sop_instance_uid:
             clusters[(h.sop_instance_uid, _facts(h))].append(h)
-            by_uid.setdefault((h.study_uid, h.series_uid, h.sop_instance_uid), h)
+    # Files of each series per folder: the copy among its series' other files is the one kept.
+    folders = Counter((h.series_uid, h.path.parent) for h in intact)
     rejected: list[InputRejected] = []
     dropped: set[str] = set()
     for _key, copies in sorted(clusters.items(), key=lambda kv: kv[1][0].rel):
+        copies.sort(key=lambda h: (-folders[(h.series_uid, h.path.parent)], h.rel))
         first = copies[0]
         for other in copies[1:]:
             dropped.add(other.rel)
@@ -99,6 +101,9 @@ def resolve_instances(
             reused,
         )
     kept = [h for h in intact if h.rel not in dropped]
+    by_uid = {
+        (h.study_uid, h.series_uid, h.sop_instance_uid): h for h in reversed(kept) if h.sop_instance_uid
+    }
     lost: list[DicomHeader] = []
     for h in damaged:
         err = h.damage
