@@ -439,7 +439,7 @@ def _convert_safely(
         # The whole case is quarantined, not just the file that failed: list all its inputs.
         err.details.setdefault("files", job.sources)
         return job.case_id, None, err
-    except (OSError, ValueError, RuntimeError, MemoryError) as exc:
+    except Exception as exc:  # noqa: BLE001 - one case's failure is its record, never the batch's
         # A failure we did not classify: keep the batch going and say what happened.
         err = InputRejected(
             Reason.CONVERSION_FAILED,

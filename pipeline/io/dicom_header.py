@@ -14,7 +14,6 @@ import dataclasses
 import logging
 import os
 import re
-import struct
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from pipeline.errors import InputRejected, Reason
-from pipeline.io.dicom_syntax import check_pixel_data, detect_transfer_syntax
+from pipeline.io.dicom_syntax import NATIVE, check_pixel_data, detect_transfer_syntax
 
 log = logging.getLogger(__name__)
 
@@ -294,7 +293,9 @@ def read_header(path: Path, root: Path, max_pixels: int, *, keep_damaged: bool =
         ) from None
     except OSError as exc:
         raise InputRejected(Reason.UNREADABLE, rel, f"cannot read the file: {exc.strerror or exc}") from None
-    except (ValueError, TypeError, KeyError, AttributeError, struct.error, OverflowError) as exc:
+    except MemoryError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any parser failure on a hostile file is that file's reason
         raise InputRejected(
             Reason.UNREADABLE,
             rel,
@@ -335,9 +336,11 @@ def _header_from_dataset(
             Reason.UNREADABLE, rel, f"{missing} missing: the file cannot be placed in a series."
         )
     declared = str(meta.get("TransferSyntaxUID", "")).strip() or None
-    here = fh.tell()
-    syntax = detect_transfer_syntax(fh, declared, rel)
-    fh.seek(here)
+    syntax = declared or ""
+    if declared is None or declared in NATIVE:  # compressed syntaxes say how they are written
+        here = fh.tell()
+        syntax = detect_transfer_syntax(fh, declared, rel)
+        fh.seek(here)
     rows, columns = _int(_get(ds, "Rows")), _int(_get(ds, "Columns"))
     n_frames = max(_int(_get(ds, "NumberOfFrames")) or 1, 1)
     samples = _int(_get(ds, "SamplesPerPixel")) or 1

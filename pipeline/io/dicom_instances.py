@@ -136,8 +136,16 @@ def _normal(orientation: tuple[float, ...]) -> np.ndarray:
 
 
 def compatible(lost: DicomHeader, member: DicomHeader, split_by_acquisition: bool) -> bool:
-    """Could `lost` have been a slice of the group that `member` belongs to? Unknown facts agree."""
-    if lost.rows and (lost.rows, lost.columns) != (member.rows, member.columns):
+    """Could `lost` have been a slice of the group that `member` belongs to? Unknown facts agree.
+
+    Localizers, colour images and images of another kind (ImageType ORIGINAL/DERIVED,
+    PRIMARY/SECONDARY: a dose report or screen capture kept in the series) are never its slices.
+    """
+    if lost.is_localizer or lost.is_segmentation or lost.samples_per_pixel != 1:
+        return False
+    if lost.image_type[:2] and member.image_type[:2] and lost.image_type[:2] != member.image_type[:2]:
+        return False
+    if (lost.rows, lost.columns) != (member.rows, member.columns):
         return False
     if split_by_acquisition and lost.acquisition_number not in (None, member.acquisition_number):
         return False

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from typer.testing import CliRunner
 
@@ -241,3 +242,123 @@ def test_a_file_changed_after_planning_is_read_again(tmp_path, monkeypatch):
     result = ingest_module.convert_case(src, staging, plan.todo[0], secret_file=secret)
     assert result["status"] == "converted"
     assert len(reads) == sum(1 for p in src.rglob("*") if p.is_file())  # re-assembled from the files
+
+
+# ------------------------------------------------------------------------------------------
+# What hospitals send: copies, damaged copies, partial series, files without file meta
+
+
+def _series(root: Path, name: str, seed: int, n: int = 8) -> tuple[np.ndarray, list[Path]]:
+    """n axial slices 2.5 mm apart; paths in slice order."""
+    from pipeline.synthetic.dicom import SeriesSpec, write_dicom_series
+
+    vol = np.random.default_rng(seed).integers(-1000, 2000, (n, 24, 28)).astype(np.int16)
+    spec = SeriesSpec(origin=(-100.0, -120.0, -50.0), slice_spacing=2.5, seed=seed)
+    return vol, write_dicom_series(vol, root / name, spec)
+
+
+def _staged_image(staging: Path, record: dict) -> np.ndarray:
+    """The staged image as (slices, rows, columns), to compare with the values written."""
+    return np.asanyarray(nib.load(staging / record["image"]).dataobj).transpose(2, 1, 0)
+
+
+def test_resent_and_truncated_copies_do_not_cost_the_series(tmp_path):
+    import shutil
+
+    src = tmp_path / "src"
+    vol, paths = _series(src, "study/series", seed=21)
+    shutil.copytree(src / "study/series", src / "resend")  # the PACS sent it again, byte for byte
+    (src / "transfer").mkdir()
+    data = paths[2].read_bytes()
+    (src / "transfer/part.dcm").write_bytes(data[: len(data) - 300])  # a copy cut short
+    staging = tmp_path / "staging"
+    report = ingest(src, staging, secret_file=tmp_path / "secret", workers=1)
+    assert report.balanced and report.cases == 1
+    assert report.by_reason == {"DUPLICATE_INSTANCE": 8, "TRUNCATED": 1}
+    assert (report.accepted, report.quarantined, report.ignored) == (8, 1, 8)
+    reasons = quarantine(staging)
+    assert reasons["transfer/part.dcm"] == "TRUNCATED"
+    (record,) = read_manifest(staging)
+    assert len(record["source"]["files"]) == 8 and record["partial"] is None
+    np.testing.assert_array_equal(_staged_image(staging, record), vol)
+
+
+def test_partial_series_is_refused_by_default(tmp_path):
+    src = tmp_path / "src"
+    _series(src, "good", seed=22)
+    _, paths = _series(src, "short", seed=23)
+    for path in paths[-2:]:  # the top 5 mm lack ImagePositionPatient
+        ds = pydicom.dcmread(path)
+        del ds.ImagePositionPatient
+        ds.save_as(path)
+    staging = tmp_path / "staging"
+    result = CliRunner().invoke(
+        app, ["ingest", str(src), "--out", str(staging), "--secret-file", str(tmp_path / "secret")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "SERIES_INCOMPLETE" in result.output
+    report = json.loads((staging / "ingest_report.json").read_text())
+    assert report["cases"] == 1 and report["balanced"] and report["partial"] == {}
+    assert report["by_reason"] == {"MISSING_GEOMETRY": 1, "SERIES_INCOMPLETE": 1}
+    reasons = quarantine(staging)
+    assert {reasons[f"short/{p.name}"] for p in paths[:-2]} == {"SERIES_INCOMPLETE"}
+    assert {reasons[f"short/{p.name}"] for p in paths[-2:]} == {"MISSING_GEOMETRY"}
+    line = next(
+        json.loads(x) for x in (staging / "quarantine.jsonl").read_text().splitlines() if "INCOMPLETE" in x
+    )
+    assert "2 of 8 files" in line["message"] and line["missing_mm"] == [-35.0, -32.5]
+
+
+@pytest.mark.parametrize("how", ["flag", "config", "flow_steps"])
+def test_partial_series_accepted_is_marked_partial(tmp_path, how):
+    from pipeline import ingest as ingest_module
+    from pipeline.ingest import IngestLimits
+
+    src = tmp_path / "src"
+    vol, paths = _series(src, "short", seed=24)
+    for path in paths[:3]:  # the bottom three files were cut short in transfer
+        data = path.read_bytes()
+        path.write_bytes(data[: len(data) - 100])
+    staging, secret = tmp_path / "staging", tmp_path / "secret"
+    if how == "flow_steps":  # plan, convert elsewhere (headers read again), finalize
+        limits = IngestLimits(accept_partial_series=True)
+        plan = ingest_module.plan_ingest(src, staging, secret_file=secret, limits=limits)
+        for case_id in plan.todo:
+            result = ingest_module.convert_case(src, staging, case_id, secret_file=secret)
+            assert result["status"] == "converted"
+        ingest_module.finalize_ingest(src, staging)
+    else:
+        args = ["ingest", str(src), "--out", str(staging), "--secret-file", str(secret)]
+        if how == "flag":
+            args.append("--accept-partial-series")
+        else:
+            config = tmp_path / "config.yaml"
+            config.write_text("data:\n  accept_partial_series: true\n")
+            args += ["--config", str(config)]
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert "partial: 1 case(s)" in result.output
+    (record,) = read_manifest(staging)
+    assert record["partial"]["n_missing_files"] == 3
+    assert record["partial"]["missing_mm"] == [-50.0, -45.0]
+    assert "before the first slice" in record["partial"]["message"]
+    np.testing.assert_array_equal(_staged_image(staging, record), vol[3:])
+    report = json.loads((staging / "ingest_report.json").read_text())
+    assert list(report["partial"]) == [record["case_id"]] and report["balanced"]
+    assert report["by_reason"] == {"TRUNCATED": 3}
+
+
+@pytest.mark.parametrize("implicit_vr", [False, True], ids=["explicit", "implicit"])
+def test_files_without_file_meta_are_staged_with_their_values(tmp_path, implicit_vr):
+    from pipeline.synthetic.dicom import SeriesSpec, write_bare_data_sets, write_dicom_series
+
+    src = tmp_path / "src"
+    vol = np.random.default_rng(25).integers(-2048, 2048, (6, 24, 28)).astype(np.int16)
+    paths = write_dicom_series(vol, src / "old", SeriesSpec(bits_stored=12, rescale_intercept=-1024))
+    write_bare_data_sets(paths, implicit_vr=implicit_vr)
+    _series(src, "new", seed=26)
+    staging = tmp_path / "staging"
+    report = ingest(src, staging, secret_file=tmp_path / "secret", workers=2)
+    assert report.cases == 2 and report.quarantined == 0 and report.balanced
+    old = next(r for r in read_manifest(staging) if r["source"]["files"][0].startswith("old/"))
+    np.testing.assert_array_equal(_staged_image(staging, old), vol - 1024)
