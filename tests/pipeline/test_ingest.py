@@ -362,3 +362,23 @@ def test_files_without_file_meta_are_staged_with_their_values(tmp_path, implicit
     assert report.cases == 2 and report.quarantined == 0 and report.balanced
     old = next(r for r in read_manifest(staging) if r["source"]["files"][0].startswith("old/"))
     np.testing.assert_array_equal(_staged_image(staging, old), vol - 1024)
+
+
+def test_old_file_pydicom_cannot_decode_is_a_reason_not_a_crash(tmp_path):
+    from pipeline.synthetic.dicom import SeriesSpec, write_bare_data_sets, write_dicom_series
+
+    src = tmp_path / "src"
+    vol = np.random.default_rng(27).integers(0, 4096, (4, 24, 28)).astype(np.int16)
+    paths = write_dicom_series(vol, src / "packed", SeriesSpec(signed=False, bits_stored=12))
+    write_bare_data_sets(paths, implicit_vr=True)
+    for path in paths:  # 12 bits allocated: pixels packed two in three bytes (ACR-NEMA era)
+        ds = pydicom.dcmread(path, force=True)
+        ds.BitsAllocated = 12
+        ds.PixelData = bytes(24 * 28 * 12 // 8)
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+    _series(src, "good", seed=28)
+    staging = tmp_path / "staging"
+    report = ingest(src, staging, secret_file=tmp_path / "secret", workers=1)
+    assert report.cases == 1 and report.balanced
+    assert report.by_reason == {"UNREADABLE": 1}
+    assert {quarantine(staging)[f"packed/{p.name}"] for p in paths} == {"UNREADABLE"}

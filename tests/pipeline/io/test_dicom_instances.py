@@ -214,3 +214,38 @@ def test_a_loss_marks_only_the_group_it_belongs_to(root):
     (group,), rejected = scan(root)
     assert sorted(r.reason.value for r in rejected) == ["SERIES_INCOMPLETE", "TRUNCATED"]
     np.testing.assert_array_equal(load_series(group).data.transpose(2, 1, 0), vol1)
+
+
+def test_damaged_localizer_or_derived_image_does_not_shorten_the_series(root):
+    vol, paths = series(root)
+    extra = write_dicom_series(
+        stored_volume(2, rows=17, cols=19, seed=3),
+        root / "series",
+        SeriesSpec(
+            image_type=("DERIVED", "SECONDARY", "OTHER"),
+            file_names=["DOSE1", "DOSE2"],
+            seed=3,
+        ),
+    )
+    ref = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    retag(extra, SeriesInstanceUID=ref.SeriesInstanceUID, StudyInstanceUID=ref.StudyInstanceUID)
+    retag(extra[:1], ImagePositionPatient=None)  # a screen capture without a position
+    cut_pixels(extra[1])  # and a damaged one
+    (group,), rejected = scan(root)
+    assert sorted(r.reason.value for r in rejected) == ["MISSING_GEOMETRY", "TRUNCATED"]
+    np.testing.assert_array_equal(load_series(group).data.transpose(2, 1, 0), vol)
+
+
+def test_damaged_fragment_list_beside_an_intact_copy_is_unreadable(root):
+    spec = SeriesSpec(origin=(-100.0, -120.0, ORIGIN_Z), slice_spacing=SPACING, transfer_syntax=RLELossless)
+    vol, paths = series(root, spec)
+    bad = root / "copy" / "bad.dcm"
+    bad.parent.mkdir()
+    data = bytearray(paths[2].read_bytes())
+    item = data.rindex(b"\xfe\xff\x00\xe0")
+    data[item : item + 4] = b"\x08\x00\x10\x00"
+    bad.write_bytes(bytes(data))
+    (group,), rejected = scan(root)
+    (r,) = rejected
+    assert r.reason is Reason.UNREADABLE and r.details["intact_copy"] == f"series/{paths[2].name}"
+    np.testing.assert_array_equal(load_series(group).data.transpose(2, 1, 0), vol)
