@@ -181,6 +181,15 @@ def _instance_fit(members: list[DicomHeader], normal: np.ndarray) -> tuple[float
     return float(slope), float(offset)
 
 
+def _place(x: float, along: np.ndarray) -> str:
+    """Where a lost slice at `x` mm lies relative to the slices present (sorted `along`)."""
+    if x < along[0] - POSITION_TOL_MM:
+        return "before"
+    if x > along[-1] + POSITION_TOL_MM:
+        return "after"
+    return "occupied" if np.abs(along - x).min() <= POSITION_TOL_MM else "inside"
+
+
 def series_losses(
     members: list[DicomHeader], along: np.ndarray, lost: list[DicomHeader], n_slices: int
 ) -> dict[str, Any]:
@@ -205,8 +214,7 @@ def series_losses(
             entry["position_mm"] = [round(min(known), 3), round(max(known), 3)]
             entry["from"] = source
             for x in known:
-                tol = POSITION_TOL_MM
-                places["before" if x < lo - tol else "after" if x > hi + tol else "inside"] += 1
+                places[_place(x, along)] += 1
         else:
             places["unknown"] += 1
         entries.append(entry)
@@ -217,6 +225,7 @@ def series_losses(
         ("before", f"before the first slice (below {lo:.2f} mm)"),
         ("after", f"beyond the last slice (above {hi:.2f} mm)"),
         ("inside", "inside the covered range, leaving a gap"),
+        ("occupied", "where other slices of the series already lie"),
         ("unknown", "at unknown positions (no ImagePositionPatient, no usable InstanceNumber)"),
     ):
         if places[place]:
