@@ -146,3 +146,22 @@ def test_meta_declaring_explicit_vr_over_implicit_data(root):
     assert read_header(paths[0], root, MAX_PIXELS).transfer_syntax == ImplicitVRLittleEndian
     (group,), _ = scan(root)
     np.testing.assert_array_equal(load_series(group).data.transpose(2, 1, 0), vol)
+
+
+@pytest.mark.parametrize("declared", [True, False], ids=["meta-with-syntax", "meta-without-syntax"])
+def test_file_meta_without_preamble(root, declared):
+    vol = stored_volume(3, seed=6)
+    paths = write_dicom_series(vol, root, SeriesSpec())
+    for path in paths:  # the 'DICM' preamble dropped, the meta group kept at byte 0
+        ds = pydicom.dcmread(path)
+        if declared:
+            ds.file_meta.TransferSyntaxUID = ImplicitVRLittleEndian
+        else:
+            del ds.file_meta.TransferSyntaxUID
+        ds.preamble = None
+        ds.save_as(path, implicit_vr=True, little_endian=True, enforce_file_format=False)
+        assert path.read_bytes()[:2] == b"\x02\x00"
+    header = read_header(paths[0], root, MAX_PIXELS)
+    assert header.syntax_declared is declared
+    (group,), _ = scan(root)
+    np.testing.assert_array_equal(load_series(group).data.transpose(2, 1, 0), vol)
