@@ -345,28 +345,33 @@ def _header_from_dataset(
     n_frames = max(_int(_get(ds, "NumberOfFrames")) or 1, 1)
     samples = _int(_get(ds, "SamplesPerPixel")) or 1
     bits_allocated = _int(_get(ds, "BitsAllocated")) or 16
+    damage: InputRejected | None = None
+    pixel_offset: int | None = None
     if not rows or not columns or rows < 0 or columns < 0:
-        raise InputRejected(
+        # Its series and instance are known: kept (keep_damaged) so that the series it belongs to
+        # is known to lack it. Rows and Columns 0 stand for "unknown" in such a header.
+        damage = InputRejected(
             Reason.UNREADABLE,
             rel,
             f"Rows {show(_get(ds, 'Rows'))} / Columns {show(_get(ds, 'Columns'))}: expected positive "
             "integers (an image without pixel data, or a file cut inside its header?).",
         )
-    pixels = rows * columns * n_frames
-    if pixels > max_pixels:
-        raise InputRejected(
-            Reason.TOO_LARGE,
-            rel,
-            f"{rows} rows x {columns} columns x {n_frames} frames = {pixels} pixels, over the limit "
-            f"of {max_pixels}; raise the pixel limit if this image is expected.",
-            {"rows": rows, "columns": columns, "frames": n_frames, "pixels": pixels, "limit": max_pixels},
-        )
-    expected = (pixels * samples * bits_allocated + 7) // 8
-    damage: InputRejected | None = None
-    try:
-        pixel_offset = check_pixel_data(fh, syntax, expected, rel)
-    except InputRejected as err:  # the identity is known: the caller may keep the header
-        damage, pixel_offset = err, None
+        rows = columns = 0
+    else:
+        pixels = rows * columns * n_frames
+        if pixels > max_pixels:
+            raise InputRejected(
+                Reason.TOO_LARGE,
+                rel,
+                f"{rows} rows x {columns} columns x {n_frames} frames = {pixels} pixels, over the limit "
+                f"of {max_pixels}; raise the pixel limit if this image is expected.",
+                {"rows": rows, "columns": columns, "frames": n_frames, "pixels": pixels, "limit": max_pixels},
+            )
+        expected = (pixels * samples * bits_allocated + 7) // 8
+        try:
+            pixel_offset = check_pixel_data(fh, syntax, expected, rel)
+        except InputRejected as err:  # the identity is known: the caller may keep the header
+            damage = err
 
     if sop_class in MULTI_FRAME_CLASSES or sop_class == SEGMENTATION_STORAGE:
         frames = _multi_frame_geometry(ds, n_frames)

@@ -145,8 +145,8 @@ def compatible(lost: DicomHeader, member: DicomHeader, split_by_acquisition: boo
         return False
     if lost.image_type[:2] and member.image_type[:2] and lost.image_type[:2] != member.image_type[:2]:
         return False
-    if (lost.rows, lost.columns) != (member.rows, member.columns):
-        return False
+    if lost.rows and (lost.rows, lost.columns) != (member.rows, member.columns):
+        return False  # (0 rows: a header cut before its matrix was read)
     if split_by_acquisition and lost.acquisition_number not in (None, member.acquisition_number):
         return False
     ref = member.frames[0]

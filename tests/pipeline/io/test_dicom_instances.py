@@ -249,3 +249,17 @@ def test_damaged_fragment_list_beside_an_intact_copy_is_unreadable(root):
     (r,) = rejected
     assert r.reason is Reason.UNREADABLE and r.details["intact_copy"] == f"series/{paths[2].name}"
     np.testing.assert_array_equal(load_series(group).data.transpose(2, 1, 0), vol)
+
+
+def test_file_cut_inside_its_header_still_counts_for_its_series(root):
+    _, paths = series(root)
+    data = paths[-1].read_bytes()
+    paths[-1].write_bytes(data[: data.index(b"\x28\x00\x10\x00US")])  # cut before Rows
+    groups, rejected = scan(root)
+    assert groups == []
+    found = by_reason(rejected)
+    assert [r.path for r in found["UNREADABLE"]] == [f"series/{paths[-1].name}"]
+    (incomplete,) = found["SERIES_INCOMPLETE"]
+    top = ORIGIN_Z + (N - 1) * SPACING
+    assert incomplete.details["missing_mm"] == [top, top]
+    assert incomplete.details["missing"][0]["from"] == "ImagePositionPatient"
