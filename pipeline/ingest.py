@@ -48,7 +48,7 @@ from pipeline.system import available_cores
 log = logging.getLogger(__name__)
 
 # Bump when the conversion itself changes, so reruns redo cases converted by older code.
-CONVERTER_VERSION = "1"
+CONVERTER_VERSION = "2"  # 2: DICOM transfer syntax detected from the data when the meta lacks it
 RECORDS_DIR = ".records"
 PLAN_DIR = ".plan"
 
@@ -316,7 +316,13 @@ class CasePlanner:
                     case_id=case_id_for(f"dicom:{group.key}", self.secret),
                     kind="dicom",
                     sources=sources,
-                    inputs_sha256=_inputs_hash(self.source, sources, known=digests),
+                    # What a partial series lacks is part of its inputs: a change reconverts it.
+                    inputs_sha256=_inputs_hash(
+                        self.source,
+                        sources,
+                        extra=json.dumps(group.partial, sort_keys=True) if group.partial else "",
+                        known=digests,
+                    ),
                     group=group,
                     segs=segs,
                     modality=group.modality,

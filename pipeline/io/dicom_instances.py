@@ -20,9 +20,10 @@ from collections import Counter, defaultdict
 from typing import Any
 
 import numpy as np
+from pydicom.uid import UID
 
 from pipeline.errors import InputRejected, Reason
-from pipeline.io.dicom_header import DicomHeader
+from pipeline.io.dicom_header import DicomHeader, show
 
 log = logging.getLogger(__name__)
 
@@ -80,8 +81,8 @@ def resolve_instances(
             how = (
                 "a byte-identical copy"
                 if identical
-                else f"the same image in other bytes (transfer syntax {other.transfer_syntax} against "
-                f"{first.transfer_syntax}, or a changed header)"
+                else f"the same image in other bytes ({show(UID(other.transfer_syntax).name)} against "
+                f"{show(UID(first.transfer_syntax).name)}, or a changed header)"
             )
             rejected.append(
                 InputRejected(
