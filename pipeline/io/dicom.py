@@ -5,9 +5,12 @@
     volume = load_series(group)                                   # pixels decoded only now
 
 Every refusal is an `InputRejected` with a stable `Reason`. The implementation lives in
-`dicom_header` (the header pass) and `dicom_series` (assembly and decoding).
+`dicom_header` (the header pass, with `dicom_syntax` for what only the bytes tell),
+`dicom_instances` (copies of one instance, files a series lost), `dicom_series` (assembly) and
+`dicom_decode` (pixel values).
 """
 
+from pipeline.io.dicom_decode import decode_stored
 from pipeline.io.dicom_header import (
     MULTI_FRAME_CLASSES,
     SEGMENTATION_STORAGE,
@@ -17,7 +20,7 @@ from pipeline.io.dicom_header import (
     dicomdir_references,
     read_header,
 )
-from pipeline.io.dicom_series import SeriesGroup, assemble_series, decode_stored, load_series
+from pipeline.io.dicom_series import SeriesGroup, assemble_series, load_series
 
 __all__ = [
     "MULTI_FRAME_CLASSES",

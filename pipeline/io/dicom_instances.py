@@ -27,7 +27,7 @@ from pipeline.io.dicom_header import DicomHeader, show
 
 log = logging.getLogger(__name__)
 
-POSITION_TOL_MM = 0.01  # as in dicom_series: positions closer than this are the same
+POSITION_TOL_MM = 0.01  # positions closer than this are the same; offsets under it are rounding
 
 
 def _facts(h: DicomHeader) -> tuple:
@@ -191,6 +191,21 @@ def _place(x: float, along: np.ndarray) -> str:
     return "occupied" if np.abs(along - x).min() <= POSITION_TOL_MM else "inside"
 
 
+_AXES = (("left", "right"), ("posterior", "anterior"), ("head", "feet"))  # +x, +y, +z of LPS
+
+
+def _direction(normal: np.ndarray) -> tuple[str, str]:
+    """Patient directions of increasing and decreasing position along `normal` (its main axis)."""
+    axis = int(np.argmax(np.abs(normal)))
+    up, down = _AXES[axis]
+    return (up, down) if normal[axis] > 0 else (down, up)
+
+
+def _span(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    return f"at {lo:.2f} mm" if hi - lo < POSITION_TOL_MM else f"from {lo:.2f} to {hi:.2f} mm"
+
+
 def series_losses(
     members: list[DicomHeader], along: np.ndarray, lost: list[DicomHeader], n_slices: int
 ) -> dict[str, Any]:
@@ -201,9 +216,12 @@ def series_losses(
     InstanceNumbers map linearly onto their positions, else it is "at an unknown position".
     """
     normal = _normal(members[0].frames[0].orientation)  # type: ignore[arg-type]
+    up, down = _direction(normal)
     lo, hi = float(along[0]), float(along[-1])
     fit = _instance_fit(members, normal)
-    entries, places = [], Counter()
+    entries: list[dict[str, Any]] = []
+    at: dict[str, list[float]] = defaultdict(list)  # place -> positions (mm) of lost slices
+    unknown = 0
     for h in sorted(lost, key=lambda h: h.rel):
         known = [float(np.dot(f.position, normal)) for f in h.frames if f.position is not None]
         source = "ImagePositionPatient"
@@ -215,36 +233,38 @@ def series_losses(
             entry["position_mm"] = [round(min(known), 3), round(max(known), 3)]
             entry["from"] = source
             for x in known:
-                places[_place(x, along)] += 1
+                at[_place(x, along)].append(x)
         else:
-            places["unknown"] += 1
+            unknown += 1
         entries.append(entry)
     reasons = Counter(e["reason"] for e in entries)
     n_files = len({h.rel for h in members}) + len(lost)
-    parts = []
-    for place, words in (
-        ("before", f"before the first slice (below {lo:.2f} mm)"),
-        ("after", f"beyond the last slice (above {hi:.2f} mm)"),
-        ("inside", "inside the covered range, leaving a gap"),
-        ("occupied", "where other slices of the series already lie"),
-        ("unknown", "at unknown positions (no ImagePositionPatient, no usable InstanceNumber)"),
-    ):
-        if places[place]:
-            parts.append(f"{places[place]} {words}")
-    known_mm = [x for e in entries if e["position_mm"] for x in e["position_mm"]]
-    extent = f" ({min(known_mm):.2f} to {max(known_mm):.2f} mm)" if known_mm else ""
+    words = {
+        "before": f"before the first slice (toward the {down})",
+        "after": f"beyond the last slice (toward the {up})",
+        "inside": "inside the covered range, leaving a gap",
+        "occupied": "where other slices already lie",
+    }
+    parts = [f"{len(at[k])} {words[k]} {_span(at[k])}" for k in words if at[k]]
+    if unknown:
+        parts.append(
+            f"{unknown} file(s) at unknown positions (no ImagePositionPatient, no usable InstanceNumber)"
+        )
+    known_mm = [x for xs in at.values() for x in xs]
+    estimated = any(e["from"] == "InstanceNumber" for e in entries)
+    note = " (placed by InstanceNumber where the position is missing)" if estimated else ""
     message = (
         f"{len(lost)} of {n_files} files of this series were refused one by one "
         f"({', '.join(f'{k} {v}' for k, v in sorted(reasons.items()))}); the other {n_slices} slices "
-        f"cover {lo:.2f} to {hi:.2f} mm along the slice normal, and the missing slices lie "
-        f"{'; '.join(parts)}{extent}."
+        f"cover {lo:.2f} to {hi:.2f} mm along the slice normal (increasing toward the {up}). "
+        f"Missing: {'; '.join(parts)}{note}."
     )
     return {
         "n_missing_files": len(lost),
         "n_series_files": n_files,
         "covered_mm": [round(lo, 3), round(hi, 3)],
         "missing_mm": [round(min(known_mm), 3), round(max(known_mm), 3)] if known_mm else None,
-        "gap_inside": bool(places["inside"]),
+        "gap_inside": bool(at["inside"]),
         "missing": entries,
         "message": message,
     }
