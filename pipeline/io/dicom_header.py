@@ -24,7 +24,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from pipeline.errors import InputRejected, Reason
-from pipeline.io.dicom_syntax import NATIVE, check_pixel_data, detect_transfer_syntax
+from pipeline.io.dicom_syntax import NATIVE, check_pixel_data, detect_transfer_syntax, looks_like_data_set
 
 log = logging.getLogger(__name__)
 
@@ -231,11 +231,6 @@ def _multi_frame_geometry(ds: Dataset, n_frames: int) -> tuple[FrameGeometry, ..
     return tuple(frames)
 
 
-def _looks_like_raw_dataset(head: bytes) -> bool:
-    """A DICOM data set without the 128-byte preamble (old archives): starts with group 0002/0008."""
-    return len(head) >= 8 and head[:2] in (b"\x02\x00", b"\x08\x00", b"\x00\x02", b"\x00\x08")
-
-
 def read_header(path: Path, root: Path, max_pixels: int, *, keep_damaged: bool = False) -> DicomHeader:
     """Read one file's header (no pixels) or raise InputRejected with the reason.
 
@@ -269,7 +264,7 @@ def read_header(path: Path, root: Path, max_pixels: int, *, keep_damaged: bool =
             if size == 0:
                 raise InputRejected(Reason.NOT_DICOM, rel, "empty file (0 bytes).", {"file_size": 0})
             has_preamble = head[128:132] == b"DICM"
-            if not has_preamble and not _looks_like_raw_dataset(head):
+            if not has_preamble and not looks_like_data_set(head, size):
                 raise InputRejected(
                     Reason.NOT_DICOM,
                     rel,

@@ -79,6 +79,35 @@ def sniff_encoding(first: bytes) -> tuple[bool, bool] | None:
     return (first[4:6] not in _VRS, little)
 
 
+def looks_like_data_set(head: bytes, size: int) -> bool:
+    """Whether a file without the 'DICM' preamble starts with a DICOM data set (old archives).
+
+    The first element must be in group 0002 (file meta) or 0008 and well formed: explicit VR with
+    a VR name, or implicit VR with a length that fits in the file and, when the next element
+    starts within `head`, is followed by a later tag. Random bytes that happen to start with
+    08 00 are not taken for DICOM.
+    """
+    sniffed = sniff_encoding(head)
+    if sniffed is None or len(head) < 8:
+        return False
+    implicit, little = sniffed
+    endian = "<" if little else ">"
+    tag = struct.unpack(endian + "HH", head[:4])
+    if tag[0] not in (0x0002, 0x0008):
+        return False
+    if not implicit:
+        return True
+    length = struct.unpack(endian + "I", head[4:8])[0]
+    if length == _UNDEFINED:
+        return True  # a sequence of undefined length: its items follow
+    if 8 + length > size:
+        return False
+    following = 8 + length
+    if following + 4 <= len(head):
+        return struct.unpack(endian + "HH", head[following : following + 4]) > tag
+    return True
+
+
 def effective_syntax(declared: str | None, sniffed: tuple[bool, bool] | None, rel: str) -> str:
     """The transfer syntax the data set is really encoded in.
 

@@ -33,6 +33,10 @@ def rejection(path, root, max_pixels=MAX_PIXELS) -> InputRejected:
         ("report.txt", b"Radiology report: no acute findings.\n" * 10),
         ("Thumbs.db", bytes(range(256)) * 8),
         ("short", b"DI"),
+        # raw dumps that start like a group 0008 element: a length past the end of the file, or
+        # a "next element" whose tag goes backwards
+        ("dump.bin", b"\x08\x00\x05\x00" + bytes(range(256)) * 4),
+        ("dump2.bin", b"\x08\x00\x05\x00\x02\x00\x00\x00ab\x02\x00\x01\x00" + bytes(200)),
     ],
 )
 def test_non_dicom_files_are_ignored(root, name, content):
