@@ -106,6 +106,7 @@ def resolve_instances(
         (h.study_uid, h.series_uid, h.sop_instance_uid): h for h in reversed(kept) if h.sop_instance_uid
     }
     lost: list[DicomHeader] = []
+    lost_uids: set[tuple[str, str, str]] = set()
     for h in damaged:
         err = h.damage
         if err is None:  # filtered above; narrows the type
@@ -122,7 +123,10 @@ def resolve_instances(
             )
         else:
             rejected.append(err)
-            lost.append(h)
+            key = (h.study_uid, h.series_uid, h.sop_instance_uid)
+            if not h.sop_instance_uid or key not in lost_uids:  # two cut copies: one slice lost
+                lost.append(h)
+                lost_uids.add(key)
     return kept, rejected, lost
 
 

@@ -263,3 +263,14 @@ def test_file_cut_inside_its_header_still_counts_for_its_series(root):
     top = ORIGIN_Z + (N - 1) * SPACING
     assert incomplete.details["missing_mm"] == [top, top]
     assert incomplete.details["missing"][0]["from"] == "ImagePositionPatient"
+
+
+def test_two_cut_copies_of_one_instance_are_one_missing_slice(root):
+    _, paths = series(root)
+    cut_pixels(paths[-1])
+    (root / "again").mkdir()
+    shutil.copy(paths[-1], root / "again" / "cut.dcm")
+    groups, rejected = scan(root, accept_partial=True)
+    assert sorted(r.reason.value for r in rejected) == ["TRUNCATED", "TRUNCATED"]
+    (group,) = groups
+    assert group.partial["n_missing_files"] == 1 and group.partial["n_series_files"] == N
