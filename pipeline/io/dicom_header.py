@@ -11,9 +11,12 @@ validated against the DICOM File ID rules and resolved only to test that they st
 from __future__ import annotations
 
 import dataclasses
+import io
 import logging
 import os
 import re
+import warnings
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,7 +27,13 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from pipeline.errors import InputRejected, Reason
-from pipeline.io.dicom_syntax import NATIVE, check_pixel_data, detect_transfer_syntax, looks_like_data_set
+from pipeline.io.dicom_syntax import (
+    NATIVE,
+    check_pixel_data,
+    data_set_start,
+    detect_transfer_syntax,
+    looks_like_data_set,
+)
 
 log = logging.getLogger(__name__)
 
@@ -272,9 +281,12 @@ def read_header(path: Path, root: Path, max_pixels: int, *, keep_damaged: bool =
                     {"file_size": size},
                 )
             fh.seek(0)
-            # force: a data set without preamble or file meta is still DICOM (old archives).
-            ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
-            header = _header_from_dataset(ds, fh, path, rel, size, max_pixels)
+            try:
+                # force: a data set without preamble or file meta is still DICOM (old archives).
+                ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
+                header = _header_from_dataset(ds, fh, path, rel, size, max_pixels)
+            except zlib.error as exc:  # a deflated data set whose stream was cut
+                header = _cut_deflated(fh, path, rel, size, max_pixels, exc)
             if header.damage is not None and not keep_damaged:
                 raise header.damage
             return dataclasses.replace(header, stamp=(st.st_size, st.st_mtime_ns))
@@ -296,6 +308,36 @@ def read_header(path: Path, root: Path, max_pixels: int, *, keep_damaged: bool =
             rel,
             f"the DICOM header cannot be parsed: {type(exc).__name__}: {show(str(exc))}",
         ) from None
+
+
+def _cut_deflated(fh: Any, path: Path, rel: str, size: int, max_pixels: int, exc: Exception) -> DicomHeader:
+    """The header of a deflated file whose stream ends early, marked TRUNCATED (damage).
+
+    zlib gives back what it inflated before the cut; the data set's elements read from that part
+    still name the instance and its series. Raises TRUNCATED when even those are not there.
+    """
+    cut = InputRejected(
+        Reason.TRUNCATED,
+        rel,
+        f"the deflated data set ends early ({show(str(exc), 100)}): the file was cut short. Re-export "
+        "or re-copy the file.",
+        {"file_size": size},
+    )
+    try:
+        meta = pydicom.filereader.read_file_meta_info(path)
+        start = data_set_start(fh)
+        fh.seek(start)
+        inflated = zlib.decompressobj(-zlib.MAX_WBITS).decompress(fh.read())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # pydicom notes the cut element
+            ds = pydicom.filereader.read_dataset(io.BytesIO(inflated), False, True)
+        ds.file_meta = meta
+        header = _header_from_dataset(ds, io.BytesIO(), path, rel, size, max_pixels)
+    except InputRejected:
+        raise cut from None
+    except Exception:  # noqa: BLE001 - nothing more can be read: the cut is the reason
+        raise cut from None
+    return dataclasses.replace(header, damage=cut)
 
 
 def _header_from_dataset(

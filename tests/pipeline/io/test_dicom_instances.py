@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from pydicom.uid import RLELossless
+from pydicom.uid import DeflatedExplicitVRLittleEndian, RLELossless
 
 from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
 from pipeline.io.dicom import assemble_series, load_series, read_header
@@ -274,3 +274,17 @@ def test_two_cut_copies_of_one_instance_are_one_missing_slice(root):
     assert sorted(r.reason.value for r in rejected) == ["TRUNCATED", "TRUNCATED"]
     (group,) = groups
     assert group.partial["n_missing_files"] == 1 and group.partial["n_series_files"] == N
+
+
+def test_cut_deflated_file_still_counts_for_its_series(root):
+    spec = SeriesSpec(origin=(-100.0, -120.0, ORIGIN_Z), slice_spacing=SPACING)
+    spec.transfer_syntax = DeflatedExplicitVRLittleEndian
+    _, paths = series(root, spec)
+    data = paths[-1].read_bytes()
+    paths[-1].write_bytes(data[: len(data) - 200])  # the deflate stream ends inside the pixels
+    groups, rejected = scan(root)
+    assert groups == []
+    found = by_reason(rejected)
+    assert "deflated data set ends early" in found["TRUNCATED"][0].message
+    top = ORIGIN_Z + (N - 1) * SPACING
+    assert found["SERIES_INCOMPLETE"][0].details["missing_mm"] == [top, top]
