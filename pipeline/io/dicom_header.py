@@ -284,7 +284,7 @@ def read_header(path: Path, root: Path, max_pixels: int, *, keep_damaged: bool =
             try:
                 # force: a data set without preamble or file meta is still DICOM (old archives).
                 ds = pydicom.dcmread(fh, stop_before_pixels=True, force=True)
-                header = _header_from_dataset(ds, fh, path, rel, size, max_pixels)
+                header = _header_from_dataset(ds, fh, path, rel, max_pixels)
             except zlib.error as exc:  # a deflated data set whose stream was cut
                 header = _cut_deflated(fh, path, rel, size, max_pixels, exc)
             if header.damage is not None and not keep_damaged:
@@ -332,7 +332,7 @@ def _cut_deflated(fh: Any, path: Path, rel: str, size: int, max_pixels: int, exc
             warnings.simplefilter("ignore")  # pydicom notes the cut element
             ds = pydicom.filereader.read_dataset(io.BytesIO(inflated), False, True)
         ds.file_meta = meta
-        header = _header_from_dataset(ds, io.BytesIO(), path, rel, size, max_pixels)
+        header = _header_from_dataset(ds, io.BytesIO(), path, rel, max_pixels)
     except InputRejected:
         raise cut from None
     except Exception:  # noqa: BLE001 - nothing more can be read: the cut is the reason
@@ -340,9 +340,7 @@ def _cut_deflated(fh: Any, path: Path, rel: str, size: int, max_pixels: int, exc
     return dataclasses.replace(header, damage=cut)
 
 
-def _header_from_dataset(
-    ds: Dataset, fh: Any, path: Path, rel: str, size: int, max_pixels: int
-) -> DicomHeader:
+def _header_from_dataset(ds: Dataset, fh: Any, path: Path, rel: str, max_pixels: int) -> DicomHeader:
     meta = getattr(ds, "file_meta", None) or Dataset()
     media_class = str(meta.get("MediaStorageSOPClassUID", ""))
     if media_class == MEDIA_STORAGE_DIRECTORY or "DirectoryRecordSequence" in ds:
