@@ -77,7 +77,8 @@ class IngestReport:
     cases_converted: int = 0
     cases_skipped: int = 0  # unchanged since the last run
     by_reason: dict[str, int] = field(default_factory=dict)
-    partial: dict[str, str] = field(default_factory=dict)  # case_id -> what its series lacks
+    # case_id -> what its series lacks (n_missing_files, missing_mm, message), for partial cases
+    partial: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     @property
     def balanced(self) -> bool:
@@ -721,7 +722,11 @@ def finalize_ingest(source: str | Path, staging: str | Path) -> IngestReport:
     report = _account(plan["files"], plan["accepted"], records, rejected)
     report.cases_converted = len(set(plan["todo"]) & set(records))
     report.cases_skipped = len(records) - report.cases_converted
-    report.partial = {c: r["partial"]["message"] for c, r in sorted(records.items()) if r.get("partial")}
+    report.partial = {
+        case_id: {k: record["partial"][k] for k in ("n_missing_files", "missing_mm", "message")}
+        for case_id, record in sorted(records.items())
+        if record.get("partial")
+    }
     _write_outputs(staging, records, rejected, report, plan["table"])
     log.info(
         "ingest: %d cases (%d converted, %d unchanged), %d files quarantined, %d ignored",

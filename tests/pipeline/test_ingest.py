@@ -347,6 +347,7 @@ def test_partial_series_accepted_is_marked_partial(tmp_path, how):
     np.testing.assert_array_equal(_staged_image(staging, record), vol[3:])
     report = json.loads((staging / "ingest_report.json").read_text())
     assert list(report["partial"]) == [record["case_id"]] and report["balanced"]
+    assert report["partial"][record["case_id"]]["missing_mm"] == [-50.0, -45.0]
     assert report["by_reason"] == {"TRUNCATED": 3}
 
 
