@@ -103,7 +103,8 @@ def ingest_flow(
         key="ingest-summary",
         markdown=(
             f"# Ingest\n\n{report['cases']} cases staged ({report['cases_converted']} converted, "
-            f"{report['cases_skipped']} unchanged).\n\nFiles: {report['discovered']} discovered = "
+            f"{report['cases_skipped']} unchanged; {len(report['partial'])} partial, from series that "
+            f"lost files).\n\nFiles: {report['discovered']} discovered = "
             f"{report['accepted']} accepted + {report['quarantined']} quarantined + {report['ignored']} "
             f"ignored.\n\n| reason | count |\n|---|---|\n{reasons}\n"
         ),
