@@ -37,10 +37,12 @@ class TrainedModel:
     run_id: str | None
     model_uri: str | None  # None when tracking failed (the local model still stands)
     tracking_error: str | None
+    run_url: str | None = None  # the run's page on an http(s) tracking server
 
     def summary(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
+            "run_url": self.run_url,
             "model_uri": self.model_uri,
             "model_dir": str(self.model_dir),
             "val_dice": {**self.result.best_dice, "mean": self.result.best_dice_mean},
@@ -93,13 +95,17 @@ def train_and_log(
             tracker.log_artifact(curves)
         val_dice = {**result.best_dice, "mean": result.best_dice_mean}
         model_uri = tracker.log_model(result.model_dir, val_dice=val_dice)
-    return TrainedModel(result, Path(result.model_dir), tracker.run_id, model_uri, tracker.tracking_error)
+    return TrainedModel(
+        result, Path(result.model_dir), tracker.run_id, model_uri, tracker.tracking_error, tracker.run_url()
+    )
 
 
-def register_model(model_uri: str, name: str, *, tracking_uri: str | None = None) -> int:
-    """Register a logged model as a new version of `name`."""
+def register_model(
+    model_uri: str, name: str, *, tracking_uri: str | None = None, tags: dict[str, str] | None = None
+) -> int:
+    """Register a logged model as a new version of `name` (with `tags` besides the model's facts)."""
     uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
-    return tracking.register(model_uri, name, tracking_uri=uri)
+    return tracking.register(model_uri, name, tracking_uri=uri, tags=tags)
 
 
 def validation_rows(staging: str | Path, case_ids: list[str]) -> list[dict[str, Any]]:
