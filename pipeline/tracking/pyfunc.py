@@ -88,7 +88,8 @@ SERVING_DISTRIBUTIONS = (
     "matplotlib",
     "tqdm",
 )
-NOT_SERVED = ("prefect", "prefect-dask", "psycopg2-binary", "typer")  # orchestration, database, CLI
+# Orchestration, the database client, the CLI, and NVML bindings for training's system metrics.
+NOT_SERVED = ("prefect", "prefect-dask", "psycopg2-binary", "typer", "nvidia-ml-py")
 
 # The packages logged as code_paths (never flows/: it imports Prefect, and nothing imports it).
 CODE_PACKAGES = (pipeline, unet_model)
