@@ -220,10 +220,13 @@ def test_a_fresh_venv_loads_the_champion_and_segments_as_predict_does(champion, 
 def test_mlflow_models_serve_answers_a_scoring_request(champion, fresh_venv, tmp_path):
     port = _free_port()
     serve = [str(fresh_venv / "bin" / "mlflow"), "models", "serve", "-m", champion["uri"]]
+    env = _outside_env() | {"MLFLOW_TRACKING_URI": champion["server"]}
+    # As `source bin/activate` would: the server is started as `uvicorn` from PATH.
+    env["PATH"] = os.pathsep.join([str(fresh_venv / "bin"), env.get("PATH", "")])
     service = Service(
         "mlflow models serve",
         [*serve, "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-        _outside_env() | {"MLFLOW_TRACKING_URI": champion["server"]},
+        env,
         tmp_path / "serve.log",
         lambda: _healthy(f"http://127.0.0.1:{port}/ping"),
     )
