@@ -37,7 +37,8 @@ from pipeline.tracking import Tracker, promote, register
 from tests.integration.test_servers import Service, _clean_env, _free_port, _healthy
 from tests.pipeline.predict_fixture import make_predict_setup, save_untrained_model
 
-pytestmark = pytest.mark.slow
+# A cold cache installs the whole environment (about 10 minutes on a busy 2-core machine).
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
