@@ -6,8 +6,9 @@ Input: a table, one row per volume, with either
 - ``image`` (a 3-D array, or 4-D with one channel last) and ``affine`` (4 x 4, voxel -> RAS mm);
 
 and optionally ``modality`` (CT, MR, ...: picks the plan's intensity normalization; default
-"unknown", which is what `unet-pipeline predict` uses for NIfTI inputs) and ``out`` (a .nii.gz
-path: the mask is also written there, atomically, as predict writes seg.nii.gz).
+"unknown", which is what `unet-pipeline predict` uses for NIfTI inputs) and ``out`` (a new
+.nii/.nii.gz file in an existing folder: the mask is also written there, atomically, as predict
+writes seg.nii.gz; an existing file is never replaced).
 
 Output: one row per input row: ``mask``, the uint8 label volume on the input's own grid (same
 shape; the input's affine applies), and ``mask_path``, the file written for ``out`` (else None).
@@ -296,6 +297,8 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
                 or abs(np.linalg.det(affine[:3, :3])) < 1e-9
             ):
                 raise _bad_input(f"row {i}: {AFFINE!r} must be a finite, invertible 4 x 4 matrix")
+            if data.dtype.kind == "f" and not np.isfinite(data).all():
+                raise _bad_input(f"row {i}: {IMAGE!r} holds NaN or infinite voxels (NON_FINITE_VOXELS)")
             volume = Volume(data.astype(np.float32) if data.dtype.kind == "f" else data, affine)
         volume.modality = modality
         return volume
@@ -304,12 +307,31 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         from pipeline import export
         from pipeline.inference import predict_volume
 
+        target = _out_path(i, row)
         volume = self._volume(i, row)
         mask = predict_volume(self.handle, volume, self.options, device=self.device)
         written = None
-        if _given(row.get(OUT)):
-            written = str(export.write_mask_nifti(Path(str(row[OUT])), mask, volume.affine))
+        if target is not None:
+            written = str(export.write_mask_nifti(target, mask, volume.affine))
         return {MASK: mask, MASK_PATH: written}
+
+
+def _out_path(i: int, row: Mapping[str, Any]) -> Path | None:
+    """The row's `out`, checked before any work: a new .nii/.nii.gz file in an existing folder.
+
+    A served model writes with its server's permissions on behalf of whoever can reach it, so
+    it only ever creates NIfTI files and never replaces a file that is already there.
+    """
+    if not _given(row.get(OUT)):
+        return None
+    target = Path(str(row[OUT]))
+    if not target.name.endswith((".nii", ".nii.gz")):
+        raise _bad_input(f"row {i}: {OUT!r} must name a .nii or .nii.gz file, got {target.name!r}")
+    if not target.parent.is_dir():
+        raise _bad_input(f"row {i}: the folder of {OUT!r} ({target.parent}) does not exist")
+    if target.exists():
+        raise _bad_input(f"row {i}: {target} exists; the model never replaces a file, choose a new name")
+    return target
 
 
 def set_pyfunc_model() -> None:

@@ -63,7 +63,7 @@ def _case_dir_for(out, image):
 
 def test_a_nifti_path_gives_predicts_mask_voxel_for_voxel(served, tmp_path):
     images = served["images"]
-    target = tmp_path / "masks" / "first.nii.gz"
+    target = tmp_path / "first.nii.gz"
     frame = pd.DataFrame(
         {"path": [str(p) for p in images], "out": [str(target)] + [None] * (len(images) - 1)}
     )
@@ -112,6 +112,12 @@ def test_the_source_file_is_only_read(served):
         ({"image": np.zeros((4, 4, 4))}, "needs its 'affine'"),
         ({"image": np.zeros((4, 4, 4, 2)), "affine": np.eye(4)}, r"3-D array .* got shape \(4, 4, 4, 2\)"),
         ({"image": np.zeros((4, 4, 4)), "affine": np.zeros((4, 4))}, "invertible 4 x 4"),
+        ({"image": np.full((4, 4, 4), np.nan), "affine": np.eye(4)}, "NON_FINITE_VOXELS"),
+        ({"image": np.zeros((4, 4, 4)), "affine": np.eye(4), "out": "/tmp/mask.png"}, "a .nii or .nii.gz"),
+        (
+            {"image": np.zeros((4, 4, 4)), "affine": np.eye(4), "out": "/nonexistent/m.nii.gz"},
+            "does not exist",
+        ),
     ],
 )
 def test_bad_rows_are_refused_with_the_row_and_the_reason(served, row, message):
@@ -143,3 +149,11 @@ def test_the_slice_level_returns_the_networks_logits(served):
         served["pyfunc"].predict({"image": [x[:, 0]]}, params={"level": "slices"})
     with pytest.raises(MlflowException, match="valid levels: volume, slices"):
         served["pyfunc"].predict({"image": [x]}, params={"level": "voxels"})
+
+
+def test_out_never_replaces_an_existing_file(served, tmp_path):
+    target = tmp_path / "taken.nii.gz"
+    target.write_bytes(b"someone else's file")
+    with pytest.raises(MlflowException, match="exists; the model never replaces a file"):
+        served["pyfunc"].predict(pd.DataFrame({"path": [str(served["images"][0])], "out": [str(target)]}))
+    assert target.read_bytes() == b"someone else's file"
