@@ -7,12 +7,30 @@ from pathlib import Path
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import flow_run
+from prefect.settings import PREFECT_UI_URL
 
 from flows.common import config_hash, content_key, path_key
 from pipeline.config import PipelineConfig, Workdir, load_config
 from pipeline.model_store import code_version
 from pipeline.registry import gate_run, register_model, train_and_log
-from pipeline.tracking import dataset_sha256
+from pipeline.tracking import (
+    TAG_PREFECT_FLOW_RUN_ID,
+    TAG_PREFECT_FLOW_RUN_URL,
+    dataset_sha256,
+    mlflow_ui_command,
+    model_version_page_url,
+)
+
+
+def flow_run_tags() -> dict[str, str]:
+    """This flow run's ID and, when Prefect knows its UI's address, its page: for MLflow tags."""
+    tags = {}
+    if flow_run.id:
+        tags[TAG_PREFECT_FLOW_RUN_ID] = str(flow_run.id)
+        if PREFECT_UI_URL.value():  # unset for the embedded server: no page to link to
+            tags[TAG_PREFECT_FLOW_RUN_URL] = str(flow_run.ui_url)
+    return tags
 
 
 def _train_key(context, parameters) -> str:
@@ -34,9 +52,13 @@ def _train_key(context, parameters) -> str:
     persist_result=True,
     result_serializer="json",
 )
-def train_task(staging: str, run_dir: str, config: dict, tracking_uri: str) -> dict:
+def train_task(
+    staging: str, run_dir: str, config: dict, tracking_uri: str, run_tags: dict | None = None
+) -> dict:
     """Train and log (no retries: deterministic compute; it resumes from its checkpoint if rerun)."""
-    trained = train_and_log(staging, run_dir, PipelineConfig.from_dict(config), tracking_uri=tracking_uri)
+    trained = train_and_log(
+        staging, run_dir, PipelineConfig.from_dict(config), tracking_uri=tracking_uri, run_tags=run_tags
+    )
     return trained.summary()
 
 
@@ -47,8 +69,8 @@ def train_task(staging: str, run_dir: str, config: dict, tracking_uri: str) -> d
     tags=["tracking"],
     cache_policy=NO_CACHE,
 )
-def register_task(model_uri: str, name: str, tracking_uri: str) -> int:
-    return register_model(model_uri, name, tracking_uri=tracking_uri)
+def register_task(model_uri: str, name: str, tracking_uri: str, tags: dict | None = None) -> int:
+    return register_model(model_uri, name, tracking_uri=tracking_uri, tags=tags)
 
 
 @task(
@@ -86,10 +108,12 @@ def train_flow(
     key = content_key(dataset_sha256(Path(staging) / "manifest.jsonl"), config_hash(config.to_dict()))
     run_dir = run_dir or str(workdir.root / "runs" / f"train-{key[:12]}")
     name = register_as or config.tracking.registered_model_name
-    summary = train_task(staging, run_dir, config.to_dict(), uri)
+    # The MLflow run and the model version point back at this flow run (and its page).
+    prefect_tags = flow_run_tags()
+    summary = train_task(staging, run_dir, config.to_dict(), uri, prefect_tags)
     version, champion = None, False
     if summary["model_uri"]:
-        version = register_task(summary["model_uri"], name, uri)
+        version = register_task(summary["model_uri"], name, uri, prefect_tags)
         champion = gate_task(name, version, run_dir, staging, config.to_dict(), uri)
     else:
         logger.warning("tracking failed (%s); the model stays in %s", summary["tracking_error"], run_dir)
@@ -99,8 +123,24 @@ def train_flow(
         key="train-summary",
         markdown=(
             f"# Training\n\nMean validation Dice **{dice['mean']:.3f}** ({per_label}).\n\n"
-            f"MLflow run `{summary['run_id']}`; model **{name}** version **{version}**: "
+            f"{_mlflow_links(summary, name, version, uri)}: "
             f"{'champion' if champion else 'challenger'}.\n\nStopped: {summary['stopped_reason']}."
         ),
     )
     return {**summary, "model_name": name, "model_version": version, "champion": champion}
+
+
+def _mlflow_links(summary: dict, name: str, version: int | None, tracking_uri: str) -> str:
+    """Markdown naming the MLflow run and model version, as links when the store has a web UI."""
+    run_id = summary["run_id"]
+    run = (
+        f"[MLflow run `{run_id}`]({summary['run_url']})"
+        if summary.get("run_url")
+        else f"MLflow run `{run_id}`"
+    )
+    page = model_version_page_url(tracking_uri, name, version)
+    model = f"model **{name}** version **{version}**"
+    if page:
+        return f"{run}; [{model}]({page})"
+    # A local store has no pages until `mlflow ui` serves it: say how to open it.
+    return f"{run}; {model} (`models:/{name}/{version}`; open with `{mlflow_ui_command()}`)"

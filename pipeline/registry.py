@@ -17,8 +17,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline import tracking
 from pipeline.config import PipelineConfig, Workdir
 from pipeline.io.manifest import read_manifest
@@ -39,10 +37,12 @@ class TrainedModel:
     run_id: str | None
     model_uri: str | None  # None when tracking failed (the local model still stands)
     tracking_error: str | None
+    run_url: str | None = None  # the run's page on an http(s) tracking server
 
     def summary(self) -> dict[str, Any]:
         return {
             "run_id": self.run_id,
+            "run_url": self.run_url,
             "model_uri": self.model_uri,
             "model_dir": str(self.model_dir),
             "val_dice": {**self.result.best_dice, "mean": self.result.best_dice_mean},
@@ -52,13 +52,16 @@ class TrainedModel:
 
 
 class _LogConfig:
-    """Training callback: log the resolved config and plan once training has made them."""
+    """Training callback: log the resolved config, the plan and the staged dataset with its split
+    once training has made them."""
 
-    def __init__(self, tracker: tracking.Tracker) -> None:
+    def __init__(self, tracker: tracking.Tracker, staging: Path) -> None:
         self.tracker = tracker
+        self.staging = staging
 
     def on_train_start(self, *, config, plan, split) -> None:
         self.tracker.log_config(config.to_dict(), plan.to_dict())
+        self.tracker.log_dataset(self.staging, split)
 
 
 def train_and_log(
@@ -67,10 +70,13 @@ def train_and_log(
     config: PipelineConfig,
     *,
     tracking_uri: str | None = None,
+    run_tags: dict[str, str] | None = None,
 ) -> TrainedModel:
     """Train on `staging` into `out` while logging to MLflow; the model is written locally first.
 
-    Tracking failures never lose the model: they are returned in `tracking_error`.
+    `run_tags` are added to the run (an orchestrator's run ID and link, for example). The run
+    samples system metrics and records the staged dataset as its input. Tracking failures never
+    lose the model: they are returned in `tracking_error`.
     """
     staging, out = Path(staging), Path(out)
     uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
@@ -78,23 +84,28 @@ def train_and_log(
         experiment=config.tracking.experiment_name,
         tracking_uri=uri,
         dataset_sha256=tracking.dataset_sha256(staging / "manifest.jsonl"),
+        tags=run_tags,
+        system_metrics=True,
     ) as tracker:
-        result = train(staging, out, config, callbacks=[_LogConfig(tracker), tracker])
+        result = train(staging, out, config, callbacks=[_LogConfig(tracker, staging), tracker])
         if result.model_dir is None:
             raise RuntimeError(f"training in {out} finished without a model folder")
         curves = out / "training_curves.png"
         if curves.is_file():
             tracker.log_artifact(curves)
-        patch = int(json.loads((out / "plan.json").read_text(encoding="utf-8"))["patch_size"])
-        example = np.zeros((1, 1, patch, patch), np.float32)
-        model_uri = tracker.log_model(result.model_dir, input_example=example)
-    return TrainedModel(result, Path(result.model_dir), tracker.run_id, model_uri, tracker.tracking_error)
+        val_dice = {**result.best_dice, "mean": result.best_dice_mean}
+        model_uri = tracker.log_model(result.model_dir, val_dice=val_dice)
+    return TrainedModel(
+        result, Path(result.model_dir), tracker.run_id, model_uri, tracker.tracking_error, tracker.run_url()
+    )
 
 
-def register_model(model_uri: str, name: str, *, tracking_uri: str | None = None) -> int:
-    """Register a logged model as a new version of `name`."""
+def register_model(
+    model_uri: str, name: str, *, tracking_uri: str | None = None, tags: dict[str, str] | None = None
+) -> int:
+    """Register a logged model as a new version of `name` (with `tags` besides the model's facts)."""
     uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
-    return tracking.register(model_uri, name, tracking_uri=uri)
+    return tracking.register(model_uri, name, tracking_uri=uri, tags=tags)
 
 
 def validation_rows(staging: str | Path, case_ids: list[str]) -> list[dict[str, Any]]:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import socket
 import sys
 import time
@@ -18,13 +20,25 @@ import torch
 from pipeline import tracking
 from pipeline.config import Workdir
 from pipeline.model_store import WEIGHTS_FILE, ModelIntegrityError, load_model_dir, save_model_dir
+from pipeline.plan import Plan
 from pipeline.tracking import Tracker, load_registered, promote, register
+from pipeline.tracking import pyfunc as tracking_pyfunc
+from tests.pipeline.staging_fixture import make_staging
 from unet_model import UNet, UNetConfig
 
 matplotlib.use("Agg")
 
 LABELS = {0: "background", 1: "organ"}
 PLAN = {"slice_axis": 2, "spacing": [0.8, 0.8], "patch_size": [64, 64], "val_cases": ["case-0003"]}
+# The plan saved with the model: a real one, since the logged pyfunc runs it on its input example.
+MODEL_PLAN = Plan(
+    slice_axis=2,
+    target_spacing=1.0,
+    patch_size=32,
+    normalization={"MR": {"scheme": "zscore"}},
+    labels={"background": 0, "organ": 1},
+    class_weights=[1.0, 1.0],
+).to_dict()
 CONFIG = {"model": {"base_channels": 4}, "train": {"epochs": 50, "lr": 0.001}}
 EPOCHS = 50
 
@@ -48,7 +62,7 @@ def trained(store, tmp_path_factory):
     work = tmp_path_factory.mktemp("train")
     torch.manual_seed(1)
     model = UNet(UNetConfig(num_classes=2, base_channels=4)).eval()
-    model_dir = save_model_dir(model, work / "model", plan=PLAN, config=CONFIG, label_names=LABELS)
+    model_dir = save_model_dir(model, work / "model", plan=MODEL_PLAN, config=CONFIG, label_names=LABELS)
     curve, qc = work / "curves.png", work / "case-0003_qc.png"
     import matplotlib.pyplot as plt
 
@@ -59,7 +73,11 @@ def trained(store, tmp_path_factory):
     plt.close(fig)
 
     with Tracker(
-        tracking_uri=store["uri"], run_name="train-test", dataset_sha256="ab" * 32, flush_every_s=3600
+        tracking_uri=store["uri"],
+        run_name="train-test",
+        dataset_sha256="ab" * 32,
+        flush_every_s=3600,
+        tags={tracking.TAG_PREFECT_FLOW_RUN_ID: "0f1e2d3c"},
     ) as tracker:
         tracker.log_config(CONFIG, PLAN)
         for epoch in range(EPOCHS):
@@ -68,7 +86,7 @@ def trained(store, tmp_path_factory):
             )
         tracker.log_artifact(curve)
         tracker.log_artifacts([qc], artifact_path="qc")
-        model_uri = tracker.log_model(model_dir, input_example=np.zeros((1, 1, 32, 32), np.float32))
+        model_uri = tracker.log_model(model_dir, val_dice={"organ": 0.8125, "mean": 0.8125})
     return {
         "tracker": tracker,
         "model": model,
@@ -118,16 +136,67 @@ def test_metrics_are_split_at_mlflows_batch_limit(store):
     assert len(history) == 300
 
 
-def test_logged_model_has_a_signature_and_no_pickle(trained, store):
+def test_run_has_mlflows_context_tags_and_ours(trained):
+    tags = trained["client"].get_run(trained["tracker"].run_id).data.tags
+    # Set by MLflow's context providers, which MlflowClient.create_run alone skips.
+    assert tags["mlflow.user"]
+    assert tags["mlflow.source.type"] == "LOCAL"
+    assert tags["mlflow.source.name"]
+    assert tags[tracking.TAG_PREFECT_FLOW_RUN_ID] == "0f1e2d3c"
+
+
+def test_logged_model_segments_volumes_carries_its_code_and_no_pickle(trained, store):
     model_uri = trained["model_uri"]
     assert model_uri.startswith("models:/")
     info = mlflow.models.get_model_info(model_uri)
-    assert info.signature.inputs.inputs[0].shape == (-1, 1, -1, -1)
-    assert info.signature.outputs.inputs[0].shape == (-1, 2, -1, -1)
+    assert info.signature.inputs.input_names() == ["path", "image", "affine", "modality", "out"]
+    assert [p.name for p in info.signature.params.params] == ["level"]
+    assert info.signature.outputs.input_names() == ["mask", "mask_path", "logits"]
     local = Path(mlflow.artifacts.download_artifacts(model_uri, dst_path=str(store["root"] / "dl")))
     files = [p.name for p in local.rglob("*") if p.is_file()]
     assert WEIGHTS_FILE in files
-    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth"))], files
+    assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".pyc"))], files
+    # The project's code travels with the model (no checkout needed where it is served) ...
+    assert (local / "code" / "pipeline" / "inference.py").is_file()
+    assert (local / "code" / "unet_model" / "model.py").is_file()
+    assert not (local / "code" / "flows").exists()
+    # ... and every requirement is pinned to a release an index holds (no local build tags).
+    reqs = (local / "requirements.txt").read_text().split()
+    assert reqs == tracking_pyfunc.pip_requirements()
+    assert all("==" in r and "+" not in r for r in reqs), reqs
+    assert not [r for r in reqs if r.startswith(("unet-pipeline", "prefect"))], reqs
+    # The input example is a synthetic volume with its affine, not a batch of slices.
+    example = mlflow.models.Model.load(str(local)).load_input_example(str(local))
+    assert np.asarray(example["image"][0]).ndim == 3
+    assert np.asarray(example["affine"][0]).shape == (4, 4)
+
+
+def test_serving_requirements_are_the_projects_dependencies_minus_orchestration():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[2] / "pyproject.toml").read_text())
+    declared = {
+        re.split(r"[<>=!~;\[ ]", dep, maxsplit=1)[0].lower() for dep in pyproject["project"]["dependencies"]
+    }
+    served = {name.lower() for name in tracking_pyfunc.SERVING_DISTRIBUTIONS}
+    assert served - declared == {"mlflow"} - declared
+    assert declared - served == set(tracking_pyfunc.NOT_SERVED)
+
+
+def test_logged_model_and_version_carry_labels_plan_and_dice(trained, store):
+    name = "unet-described"
+    version = register(trained["model_uri"], name, tracking_uri=store["uri"])
+    mv = trained["client"].get_model_version(name, str(version))
+    assert mv.tags[tracking.TAG_LABELS] == "1=organ"
+    assert mv.tags[tracking.TAG_SPACING] == "1"
+    assert mv.tags[tracking.TAG_MODALITIES] == "MR"
+    assert mv.tags[tracking.TAG_VAL_DICE_MEAN] == "0.8125"
+    assert mv.tags[tracking.TAG_CODE_VERSION].startswith("0.")
+    lines = mv.description.splitlines()
+    assert len(lines) == 2
+    assert lines[0].startswith("Segments organ in MR volumes") and "1 mm in-plane" in lines[0]
+    assert "mean validation Dice 0.812" in lines[1] and "1=organ" in lines[1]
+    assert "@champion" in trained["client"].get_registered_model(name).description
 
 
 @pytest.mark.parametrize("uri_kind", ["alias", "version", "run"])
@@ -142,7 +211,7 @@ def test_registered_model_loads_back_with_the_same_outputs(trained, store, uri_k
     }[uri_kind]
     loaded = load_registered(uri, tracking_uri=store["uri"])
     assert loaded.sha256 == load_model_dir(trained["model_dir"]).sha256
-    assert loaded.label_names == LABELS and loaded.plan == PLAN
+    assert loaded.label_names == LABELS and loaded.plan == MODEL_PLAN
     x = torch.randn(2, 1, 33, 37)
     with torch.inference_mode():
         assert torch.equal(loaded.model(x), trained["model"](x))
@@ -169,7 +238,7 @@ def test_registering_prints_no_mlflow_notices_and_keeps_other_output(trained, st
     assert capfd.readouterr().err == "WARNING mlflow: a real problem\npartial line"
 
 
-def test_pyfunc_predicts_what_the_in_memory_model_predicted(trained, store):
+def test_slice_level_pyfunc_predicts_what_the_in_memory_model_predicted(trained, store):
     name = "unet-pyfunc"
     version = register(trained["model_uri"], name, tracking_uri=store["uri"])
     assert (
@@ -181,9 +250,10 @@ def test_pyfunc_predicts_what_the_in_memory_model_predicted(trained, store):
     x = torch.randn(1, 1, 45, 29)
     with torch.inference_mode():
         expected = trained["model"](x).numpy()
-    got = pyfunc.predict(x.numpy())
+    got = pyfunc.predict({"image": [x.numpy()]}, params={"level": "slices"})["logits"][0]
     assert got.shape == (1, 2, 45, 29)
-    np.testing.assert_array_equal(got, expected)
+    # The pyfunc runs the network as predict does (channels_last), the reference in NCHW.
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
 
 
 def test_a_tampered_download_is_refused(trained, store, tmp_path):
@@ -269,7 +339,7 @@ def test_an_unreachable_tracking_server_does_not_stop_training(tmp_path, monkeyp
         for epoch in range(3):
             tracker.on_epoch_end(epoch, {"loss": 1.0})
         model_dir = save_model_dir(model, tmp_path / "model", plan=PLAN, config=CONFIG, label_names=LABELS)
-        assert tracker.log_model(model_dir, input_example=np.zeros((1, 1, 16, 16), np.float32)) is None
+        assert tracker.log_model(model_dir) is None
     assert time.monotonic() - started < 20
     assert tracker.tracking_error is not None and f"127.0.0.1:{port}" in tracker.tracking_error
     assert not tracker.active
@@ -288,3 +358,45 @@ def test_mlflow_ui_command(tmp_path, monkeypatch):
     assert command.endswith(f"--default-artifact-root {(tmp_path / 'mlartifacts').as_uri()}")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.internal:5000")
     assert tracking.mlflow_ui_command(workdir) == "http://mlflow.internal:5000"
+
+
+def test_run_records_the_staged_dataset_as_its_input(store, tmp_path):
+    staging = make_staging(tmp_path, n_cases=3)
+    sha = tracking.dataset_sha256(staging / "manifest.jsonl")
+    with Tracker(tracking_uri=store["uri"]) as tracker:
+        tracker.log_dataset(staging, {"train": ["case_000", "case_001"], "val": ["case_002"]})
+    assert tracker.tracking_error is None
+    inputs = mlflow.MlflowClient(store["uri"]).get_run(tracker.run_id).inputs.dataset_inputs
+    assert len(inputs) == 1
+    dataset = inputs[0].dataset
+    assert dataset.digest == sha[:32]
+    assert dataset.name == "staging"
+    assert json.loads(dataset.source)["uri"] == (staging / "manifest.jsonl").as_uri()
+    profile = json.loads(dataset.profile)
+    assert profile == {
+        "cases": 3,
+        "labelled_cases": 3,
+        "modalities": {"CT": 2, "MR": 1},
+        "manifest_sha256": sha,
+        "split": {"train": 2, "val": 1},
+    }
+    assert {t.key: t.value for t in inputs[0].tags} == {"mlflow.data.context": "training"}
+
+
+def test_system_metrics_are_sampled_while_the_run_is_open(store, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    with Tracker(tracking_uri=store["uri"], system_metrics=True) as tracker:
+        deadline = time.monotonic() + 120  # a bound on waiting, not a timing assertion
+        while tracker.system_metrics_samples < 1 and time.monotonic() < deadline:
+            time.sleep(0.1)
+    assert tracker.system_metrics_samples >= 1
+    metrics = mlflow.MlflowClient(store["uri"]).get_run(tracker.run_id).data.metrics
+    assert metrics["system/cpu_utilization_percentage"] >= 0
+    assert metrics["system/system_memory_usage_megabytes"] > 0
+
+
+def test_system_metrics_are_off_unless_asked(store):
+    with Tracker(tracking_uri=store["uri"]) as tracker:
+        pass
+    metrics = mlflow.MlflowClient(store["uri"]).get_run(tracker.run_id).data.metrics
+    assert not [k for k in metrics if k.startswith("system/")]
