@@ -199,8 +199,10 @@ def ingest_command(
     workers: Annotated[
         int | None, typer.Option(help="Parallel conversion processes (default: CPUs).")
     ] = None,
-    max_pixels: Annotated[int, typer.Option(help="Largest Rows x Columns x frames of one DICOM file.")] = 2
-    ** 28,
+    max_pixels: Annotated[
+        int | None,
+        typer.Option(help="Largest Rows x Columns x frames of one DICOM file (default: from the budget)."),
+    ] = None,
     accept_partial_series: Annotated[
         bool | None,
         typer.Option(
@@ -209,30 +211,43 @@ def ingest_command(
             "(default: the config's data.accept_partial_series, false: refused as SERIES_INCOMPLETE).",
         ),
     ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML config (its data section).")] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(help="YAML configuration: its `ingest` and `data` sections (see `config --show`)."),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
     """Validate and convert a source into a staging dataset; quarantine what is wrong, with reasons.
 
-    Exit code 0 when at least one case is staged, 2 when none is.
+    Exit code 0 when cases are staged and nothing is quarantined (ignored non-inputs such as
+    reports do not count), 1 when cases are staged and something is quarantined, 2 when no case
+    is staged (or bad arguments).
     """
     import sys
 
-    from pipeline.config import load_config
+    from pipeline.config import ConfigError, load_config
     from pipeline.ingest import IngestLimits, ingest
 
     setup_logging(verbose)
     try:
+        cfg = load_config(config)
         if accept_partial_series is None:
-            accept_partial_series = load_config(config).data.accept_partial_series
+            accept_partial_series = cfg.data.accept_partial_series
+        overrides: dict = {"accept_partial_series": accept_partial_series}
+        if max_pixels:
+            overrides["max_pixels_per_file"] = max_pixels
+        limits = IngestLimits.from_config(cfg.ingest, **overrides)
         report = ingest(
             source,
             out,
             secret_file=secret_file,
             workers=workers,
-            limits=IngestLimits(max_pixels_per_file=max_pixels, accept_partial_series=accept_partial_series),
+            limits=limits,
             progress=sys.stderr.isatty(),
         )
+    except ConfigError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
     except (FileNotFoundError, ValueError) as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc
@@ -252,6 +267,8 @@ def ingest_command(
         typer.echo(f"  partial: {len(report.partial)} case(s) staged from incomplete series (see manifest)")
     if report.cases == 0:
         raise typer.Exit(code=2)
+    if not report.clean:
+        raise typer.Exit(code=1)
 
 
 @app.command("config")

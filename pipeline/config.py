@@ -186,6 +186,17 @@ class TrackingConfig(_Section):
     champion_margin: float = Field(0.005, ge=0.0, le=1.0)  # challenger may be this much worse in mean Dice
 
 
+class IngestConfig(_Section):
+    """Ingest: its memory budget and the inputs that are refused unless opted in."""
+
+    # Bytes all concurrent conversions may hold together, in GiB; None: 75 % of the machine's (or
+    # container's) memory. The default size limits follow from it (pipeline.ingest.IngestLimits).
+    memory_budget_gb: float | None = Field(None, gt=0.0)
+    # Stage NIfTI files with qform_code = sform_code = 0 (left/right unknown), marked as such,
+    # instead of refusing them as NO_ORIENTATION.
+    allow_no_orientation: bool = False
+
+
 class PipelineConfig(_Section):
     """The whole configuration; travels with the model (saved beside the plan)."""
 
@@ -195,6 +206,7 @@ class PipelineConfig(_Section):
     train: TrainConfig = TrainConfig()
     infer: InferConfig = InferConfig()
     tracking: TrackingConfig = TrackingConfig()
+    ingest: IngestConfig = IngestConfig()
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -22,6 +22,11 @@ class Reason(StrEnum):
     UNREADABLE = "UNREADABLE"  # a header that cannot be parsed
     OUTSIDE_ROOT = "OUTSIDE_ROOT"  # a DICOMDIR or link that points outside the source root
     DICOMDIR = "DICOMDIR"  # a DICOMDIR index, not an image: the files it lists are found by the scan
+    NOT_REGULAR_FILE = "NOT_REGULAR_FILE"  # a FIFO, socket or device in the tree: listed, never opened
+    BROKEN_LINK = "BROKEN_LINK"  # a symbolic link whose target does not exist, or a loop of links
+    FOLDER_LINK = "FOLDER_LINK"  # a link to a folder inside the source: not followed, files read in place
+    MISSING_REFERENCED_FILE = "MISSING_REFERENCED_FILE"  # a DICOMDIR lists files absent from the source
+    ANALYZE_FORMAT = "ANALYZE_FORMAT"  # an Analyze 7.5 / NIfTI .hdr/.img pair: convert to one .nii.gz
     # DICOM series
     UNSUPPORTED_SOP_CLASS = "UNSUPPORTED_SOP_CLASS"
     UNSUPPORTED_PHOTOMETRIC = "UNSUPPORTED_PHOTOMETRIC"
@@ -37,6 +42,7 @@ class Reason(StrEnum):
     LOCALIZER = "LOCALIZER"
     # NIfTI and datasets
     QFORM_SFORM_MISMATCH = "QFORM_SFORM_MISMATCH"
+    NO_ORIENTATION = "NO_ORIENTATION"  # qform_code = sform_code = 0: left/right unknown (config may opt in)
     NON_ORTHONORMAL_AFFINE = "NON_ORTHONORMAL_AFFINE"
     UNSUPPORTED_DIMENSIONS = "UNSUPPORTED_DIMENSIONS"  # 4D or higher, or fewer than 3
     NON_FINITE_VOXELS = "NON_FINITE_VOXELS"
@@ -51,7 +57,9 @@ class Reason(StrEnum):
 
 
 # Reasons that mean "not an input at all" rather than "a bad input": listed as ignored.
-IGNORED_REASONS = frozenset({Reason.NOT_DICOM, Reason.DICOMDIR, Reason.DUPLICATE_INSTANCE})
+IGNORED_REASONS = frozenset(
+    {Reason.NOT_DICOM, Reason.DICOMDIR, Reason.DUPLICATE_INSTANCE, Reason.FOLDER_LINK}
+)
 
 
 @dataclass

@@ -27,23 +27,41 @@ import secrets
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
-from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from tqdm.auto import tqdm
 
 from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
 from pipeline.io.atomic import atomic_open, write_text
-from pipeline.io.dicom import DicomHeader, SeriesGroup, assemble_series, load_series, read_header
+from pipeline.io.dicom import (
+    DicomHeader,
+    SeriesGroup,
+    assemble_series,
+    dicomdir_references,
+    load_series,
+    read_header,
+)
 from pipeline.io.manifest import MANIFEST
 from pipeline.io.msd import DATASET_JSON, MsdDataset, is_msd_dataset, read_msd_dataset
-from pipeline.io.nifti import NiftiCase, is_nifti, load_label, load_nifti, pair_nifti_files
+from pipeline.io.nifti import (
+    NiftiCase,
+    analyze_files,
+    is_nifti,
+    load_label,
+    load_nifti,
+    pair_nifti_files,
+    planned_nifti_bytes,
+    value_counts,
+)
 from pipeline.io.seg import read_seg_labels, seg_referenced_series_uid, segment_names
 from pipeline.io.volume import Volume, save_nifti
-from pipeline.system import available_cores
+from pipeline.io.walk import discover, printable, printable_record, screen
+from pipeline.system import available_cores, memory_bytes
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +81,59 @@ class IngestLimits:
     # A DICOM series some of whose files were refused one by one: False refuses it
     # (SERIES_INCOMPLETE); True stages the rest, marked partial in the manifest and the report.
     accept_partial_series: bool = False
+    # Stage NIfTI files whose qform_code and sform_code are both 0 (orientation unknown): off,
+    # they are NO_ORIENTATION; on, they are staged with codes 0 and "orientation": "unknown".
+    allow_no_orientation: bool = False
+    # Bytes that concurrent conversions may hold together (None: no bound beyond `workers`).
+    memory_budget: int | None = None
+
+    @classmethod
+    def for_budget(cls, budget_bytes: int, **overrides: Any) -> IngestLimits:
+        """Limits under which one case at the limit fits `budget_bytes` (see `planned_peak_bytes`).
+
+        A NIfTI volume is held as float32 at most (4 bytes a voxel): max_voxels is what fits
+        (budget - fixed overhead) / (PEAK_FACTOR x 4), never above the historical 2**30.
+        """
+        usable = max(0, budget_bytes - FIXED_OVERHEAD_BYTES)
+        voxels = int(min(2**30, usable // int(PEAK_FACTOR * 4)))
+        if voxels < 2**20:
+            raise ValueError(
+                f"a memory budget of {budget_bytes / 2**30:.2f} GiB leaves room for volumes of "
+                f"{voxels} voxels; give ingest at least {(FIXED_OVERHEAD_BYTES + 6 * 2**20) / 2**30:.2f} GiB"
+            )
+        fields = {
+            "max_voxels": voxels,
+            "max_bytes": voxels * 8,  # float64 voxels, streamed into float32
+            "max_pixels_per_file": min(2**28, voxels),
+            "memory_budget": int(budget_bytes),
+        }
+        return cls(**(fields | overrides))
+
+    @classmethod
+    def from_config(cls, section: Any, **overrides: Any) -> IngestLimits:
+        """Limits from the config's `ingest` section (pipeline.config.IngestConfig)."""
+        budget_gb = section.memory_budget_gb
+        budget = int(budget_gb * 2**30) if budget_gb else default_memory_budget()
+        return cls.for_budget(budget, **({"allow_no_orientation": section.allow_no_orientation} | overrides))
+
+
+def default_memory_budget() -> int:
+    """75 % of the memory this process may use (the machine's, or its container's limit)."""
+    return int(0.75 * memory_bytes())
+
+
+# Peak resident memory of one ingest process: at most PEAK_FACTOR x its largest volume's decoded
+# size (the voxels as held: float32 for float or scaled NIfTI) plus FIXED_OVERHEAD_BYTES (the
+# interpreter, numpy, nibabel, pydicom, gzip and chunk buffers). Checked by the memory test in
+# tests/pipeline/test_ingest.py. Measured with its label: 377 MiB for a 256 MiB float32 NIfTI
+# at the limit (before streaming: 1008 MiB), 4.12 GiB for a 4 GiB one at 2**30 voxels (9.5 GB).
+PEAK_FACTOR = 1.5
+FIXED_OVERHEAD_BYTES = 256 * 2**20
+
+
+def planned_peak_bytes(volume_bytes: int) -> int:
+    """The memory one conversion of a case whose largest volume holds `volume_bytes` may need."""
+    return int(PEAK_FACTOR * volume_bytes) + FIXED_OVERHEAD_BYTES
 
 
 @dataclass
@@ -84,6 +155,11 @@ class IngestReport:
     def balanced(self) -> bool:
         return self.accepted + self.quarantined + self.ignored == self.discovered
 
+    @property
+    def clean(self) -> bool:
+        """Nothing quarantined: every rejection, if any, is an ignored non-input (NOT_DICOM, ...)."""
+        return self.quarantined == 0 and all(Reason(r) in IGNORED_REASONS for r in self.by_reason)
+
 
 @dataclass
 class CaseJob:
@@ -99,6 +175,7 @@ class CaseJob:
     allowed_labels: set[int] | None = None
     label_names: dict[int, str] = field(default_factory=dict)
     modality: str = "unknown"
+    volume_bytes: int = 0  # in-memory size of its largest decoded volume, from the headers
 
 
 # ------------------------------------------------------------------------------------------
@@ -124,7 +201,8 @@ def load_or_create_secret(path: Path) -> bytes:
 
 def case_id_for(key: str, secret: bytes) -> str:
     """Pseudonymous, stable case ID: 'case_' + 16 hex digits of HMAC-SHA256(secret, key)."""
-    return "case_" + hmac.new(secret, key.encode("utf-8"), hashlib.sha256).hexdigest()[:16]
+    # surrogateescape: a file name that is not valid UTF-8 keys by its bytes (valid names: UTF-8).
+    return "case_" + hmac.new(secret, key.encode("utf-8", "surrogateescape"), hashlib.sha256).hexdigest()[:16]
 
 
 # ------------------------------------------------------------------------------------------
@@ -148,17 +226,8 @@ def _inputs_hash(
     digest = hashlib.sha256(f"converter={CONVERTER_VERSION};{extra}".encode())
     for rel in sorted(rels):
         file_digest = known[rel].result() if known and rel in known else _sha256_file(root / rel)
-        digest.update(rel.encode("utf-8") + b"\0" + file_digest.encode("ascii"))
+        digest.update(rel.encode("utf-8", "surrogateescape") + b"\0" + file_digest.encode("ascii"))
     return digest.hexdigest()
-
-
-def discover(source: Path) -> list[Path]:
-    """Every regular file under `source`, sorted; links are not followed into other folders."""
-    found = []
-    for dirpath, dirnames, filenames in os.walk(source, followlinks=False):
-        dirnames.sort()
-        found.extend(Path(dirpath) / name for name in sorted(filenames))
-    return found
 
 
 def _rel(path: Path, root: Path) -> str:
@@ -189,13 +258,26 @@ class CasePlanner:
     def reject(self, err: InputRejected) -> None:
         self.rejected.append(err)
 
-    def plan(self, files: list[Path], progress: bool) -> None:
+    def plan(self, entries: list[Path], progress: bool) -> None:
+        """Plan the cases of `discover`'s entries; every entry ends in a job or a rejection.
+
+        Entries are screened first (`pipeline.io.walk.screen`: lstat only, nothing opened), so
+        FIFOs, devices, broken links and links leaving the root never reach a reader.
+        """
+        files, rejected = screen(entries, self.source)
+        for err in rejected:
+            self.reject(err)
         msd_roots = sorted({p.parent for p in files if p.name == DATASET_JSON and is_msd_dataset(p.parent)})
         in_msd: set[Path] = set()
         for root in msd_roots:
-            in_msd.update(p for p in files if root in p.parents)
-            self._plan_msd(root, [p for p in files if root in p.parents])
+            members = [p for p in files if root in p.parents and p not in in_msd]
+            in_msd.update(members)
+            self._plan_msd(root, members)
         rest = [p for p in files if p not in in_msd]
+        analyze, rejected = analyze_files(rest, self.source)
+        for err in rejected:
+            self.reject(err)
+        rest = [p for p in rest if p not in analyze]
         niftis = [p for p in rest if is_nifti(p)]
         others = [p for p in rest if not is_nifti(p)]
         if niftis:
@@ -206,13 +288,55 @@ class CasePlanner:
                 self._add_nifti_job(case, allowed=None, names={})
         if others:
             self._plan_dicom(others, progress)
+            self._check_dicomdirs(others)
+
+    def _check_dicomdirs(self, files: list[Path]) -> None:
+        """A DICOMDIR listing files that are not in the source says so (MISSING_REFERENCED_FILE).
+
+        Media copied off a CD often change case or lose the ISO 9660 ';1' version suffix, so a
+        reference matches a present file case-insensitively, with or without the suffix.
+        """
+        dicomdirs = [e.path for e in self.rejected if e.reason == Reason.DICOMDIR]
+        if not dicomdirs:
+            return
+        present = {self._media_key(_rel(p, self.source)) for p in files}
+        for rel in dicomdirs:
+            try:
+                targets, rejected = dicomdir_references(self.source / rel, self.source)
+            except InputRejected as err:
+                self.reject(InputRejected(err.reason, err.path, err.message, {**err.details, "files": []}))
+                continue
+            for err in rejected:  # invalid or escaping File IDs: noted, the DICOMDIR stays ignored
+                self.reject(InputRejected(err.reason, err.path, err.message, {**err.details, "files": []}))
+            missing = [t for t in targets if self._media_key(_rel(t, self.source)) not in present]
+            if missing:
+                shown = [printable(_rel(t, self.source)) for t in missing]
+                self.reject(
+                    InputRejected(
+                        Reason.MISSING_REFERENCED_FILE,
+                        rel,
+                        f"the DICOMDIR lists {len(targets)} files of which {len(missing)} are not in the "
+                        f"source (e.g. {', '.join(shown[:3])}): the copy of the media is incomplete, and "
+                        "series may be missing slices. Copy the whole media.",
+                        {
+                            "files": [],
+                            "referenced": len(targets),
+                            "missing": len(missing),
+                            "examples": shown[:20],
+                        },
+                    )
+                )
+
+    @staticmethod
+    def _media_key(rel: str) -> str:
+        return "/".join(part.split(";")[0].rstrip(".") for part in rel.lower().split("/"))
 
     # -- NIfTI and MSD ------------------------------------------------------------------
 
     def _plan_msd(self, root: Path, files: list[Path]) -> None:
         rel_json = _rel(root / DATASET_JSON, self.source)
         try:
-            dataset: MsdDataset = read_msd_dataset(root, source_root=self.source)
+            dataset: MsdDataset = read_msd_dataset(root, source_root=self.source, files=files)
         except InputRejected as err:
             self.reject(err)
             for p in files:  # the dataset cannot be understood: none of its files is used
@@ -225,8 +349,10 @@ class CasePlanner:
             return
         for err in dataset.rejected:
             self.reject(err)
+        for err in dataset.missing:  # entries naming no file of the source: listed, no file claimed
+            self.reject(InputRejected(err.reason, err.path, err.message, {**err.details, "files": []}))
         for note in dataset.notes:
-            log.warning("%s: %s", rel_json, note)
+            log.warning("%s: %s", printable(rel_json), note)
         names = {value: name for name, value in dataset.labels.items()}
         self.accepted.add(rel_json)
         used = {rel_json} | {e.path for e in dataset.rejected}
@@ -264,6 +390,7 @@ class CasePlanner:
                 nifti=case,
                 allowed_labels=allowed,
                 label_names={v: n for v, n in names.items() if v != 0},
+                volume_bytes=max(planned_nifti_bytes(self.source / rel) for rel in sources),
             )
         )
 
@@ -327,6 +454,7 @@ class CasePlanner:
                     group=group,
                     segs=segs,
                     modality=group.modality,
+                    volume_bytes=4 * sum(h.rows * h.columns * h.number_of_frames for h in group.headers),
                 )
             )
             matched.update(segs)
@@ -385,7 +513,11 @@ def load_case(
     if job.nifti is None:
         raise ValueError(f"case {job.case_id}: a NIfTI job without its files")
     image = load_nifti(
-        source / job.nifti.image, job.nifti.image, max_voxels=limits.max_voxels, max_bytes=limits.max_bytes
+        source / job.nifti.image,
+        job.nifti.image,
+        max_voxels=limits.max_voxels,
+        max_bytes=limits.max_bytes,
+        allow_no_orientation=limits.allow_no_orientation,
     )
     if job.nifti.label:
         label = load_label(
@@ -395,20 +527,63 @@ def load_case(
             allowed_labels=job.allowed_labels,
             max_voxels=limits.max_voxels,
             max_bytes=limits.max_bytes,
+            allow_no_orientation=limits.allow_no_orientation,
         )
     return image, label
 
 
+def _load_and_save(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]):
+    """Decode the case and write its NIfTI outputs; returns (image geometry Volume, label values).
+
+    A NIfTI case holds one volume at a time: the image is written and released before its label
+    is read (the label needs only the image's grid), so the peak is the larger of the two, not
+    their sum. The returned Volume's data is a zero-byte stand-in of the image's shape and dtype.
+    """
+    image_path = staging / f"images/{job.case_id}.nii.gz"
+    label_path = staging / f"labels/{job.case_id}.nii.gz"
+    if job.kind == "nifti" and job.nifti is not None:
+        image = load_nifti(
+            source / job.nifti.image,
+            job.nifti.image,
+            max_voxels=limits.max_voxels,
+            max_bytes=limits.max_bytes,
+            allow_no_orientation=limits.allow_no_orientation,
+        )
+        save_nifti(image, image_path)
+        stand_in = np.broadcast_to(image.data.dtype.type(0), image.shape)  # no voxel memory
+        grid = Volume(stand_in, image.affine, image.modality, image.meta)
+        del image
+        if not job.nifti.label:
+            return grid, None
+        try:
+            label = load_label(
+                source / job.nifti.label,
+                job.nifti.label,
+                grid,
+                allowed_labels=job.allowed_labels,
+                max_voxels=limits.max_voxels,
+                max_bytes=limits.max_bytes,
+                allow_no_orientation=limits.allow_no_orientation,
+            )
+            save_nifti(label, label_path)
+        except BaseException:
+            image_path.unlink(missing_ok=True)  # a quarantined case leaves no image behind
+            raise
+        return grid, sorted(label.meta["label_values"])
+    image, label = load_case(job, source, limits, table)
+    save_nifti(image, image_path)
+    values = None
+    if label is not None:
+        save_nifti(label, label_path)
+        values = sorted(value_counts(label.data))
+    return image, values
+
+
 def _convert(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]) -> dict:
     """Convert one case and write its outputs; returns its manifest record."""
-    image, label = load_case(job, source, limits, table)
-
+    image, labels_present = _load_and_save(job, source, staging, limits, table)
     image_rel = f"images/{job.case_id}.nii.gz"
-    save_nifti(image, staging / image_rel)
-    label_rel = None
-    if label is not None:
-        label_rel = f"labels/{job.case_id}.nii.gz"
-        save_nifti(label, staging / label_rel)
+    label_rel = f"labels/{job.case_id}.nii.gz" if labels_present is not None else None
     modality = image.modality if image.modality != "unknown" else job.modality
     record = {
         "case_id": job.case_id,
@@ -419,9 +594,7 @@ def _convert(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, ta
         "spacing": [round(s, 6) for s in image.spacing],
         "affine": [[round(float(v), 6) for v in row] for row in image.affine],
         "dtype": str(image.data.dtype),
-        "labels_present": sorted(int(v) for v in set(label.data.ravel().tolist()))
-        if label is not None
-        else [],
+        "labels_present": labels_present or [],
         "source": {"kind": job.kind, "files": job.sources},
         # A partial DICOM series (accepted by IngestLimits.accept_partial_series): what it lacks.
         "partial": job.group.partial if job.group is not None else None,
@@ -431,6 +604,8 @@ def _convert(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, ta
             "label": _sha256_file(staging / label_rel) if label_rel else None,
         },
     }
+    if image.meta.get("affine_source") == "none":  # staged only when the config opts in
+        record["orientation"] = "unknown"
     with atomic_open(staging / RECORDS_DIR / f"{job.case_id}.json") as fh:
         json.dump(record, fh)
     return record
@@ -506,6 +681,7 @@ def _job_to_json(job: CaseJob) -> dict[str, Any]:
         "allowed_labels": sorted(job.allowed_labels) if job.allowed_labels is not None else None,
         "label_names": {str(k): v for k, v in job.label_names.items()},
         "modality": job.modality,
+        "volume_bytes": job.volume_bytes,
     }
 
 
@@ -542,6 +718,7 @@ def _job_from_json(data: dict[str, Any], source: Path, secret: bytes, limits: In
         allowed_labels=set(allowed) if allowed is not None else None,
         label_names={int(k): v for k, v in data["label_names"].items()},
         modality=data["modality"],
+        volume_bytes=int(data.get("volume_bytes", 0)),
     )
 
 
@@ -751,8 +928,12 @@ def ingest(
     """Validate and convert everything under `source` into the staging folder `staging`.
 
     Bad inputs are quarantined with a reason and the batch goes on. Input files are only read.
-    `workers` processes convert cases in parallel (default: the CPUs available, at most 8).
+    `workers` processes convert cases in parallel (default: the CPUs available, at most 8); with
+    `limits.memory_budget` set, cases run together only while the sum of their planned peaks
+    (`planned_peak_bytes` of each case's largest volume) fits the budget; a case larger than the
+    budget runs alone.
     """
+    limits = limits or IngestLimits()
     todo = plan_ingest(
         source, staging, secret_file=secret_file, limits=limits, progress=progress, keep_jobs=True
     ).todo
@@ -763,25 +944,58 @@ def ingest(
             convert_case(source, staging, case_id, secret_file=secret_file)
             bar.update(1)
     else:
+        staged = Path(staging).resolve()
+        peaks = {c: planned_peak_bytes(_planned_volume_bytes(staged, c)) for c in todo}
+        if limits.memory_budget is not None:
+            workers = max(1, min(workers, limits.memory_budget // min(peaks.values())))
+        pending = list(todo)
+        running: dict[Future, int] = {}
         # forkserver: safe when the caller has threads (Prefect, MLflow), cheaper than spawn.
         with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
-            staged = Path(staging).resolve()
-            futures = [
-                pool.submit(
-                    convert_case,
-                    source,
-                    staging,
-                    c,
-                    secret_file=secret_file,
-                    _job=_planned_job(staged, c),
-                )
-                for c in todo
-            ]
-            for future in futures:
-                future.result()
-                bar.update(1)
+            while pending or running:
+                for case_id in _admit(pending, peaks, running, workers, limits.memory_budget):
+                    future = pool.submit(
+                        convert_case,
+                        source,
+                        staging,
+                        case_id,
+                        secret_file=secret_file,
+                        _job=_planned_job(staged, case_id),
+                    )
+                    running[future] = peaks[case_id]
+                done, _ = wait(running, return_when=FIRST_COMPLETED)
+                for future in done:
+                    running.pop(future)
+                    future.result()
+                    bar.update(1)
     bar.close()
     return finalize_ingest(source, staging)
+
+
+def _planned_volume_bytes(staging: Path, case_id: str) -> int:
+    path = staging / PLAN_DIR / "jobs" / f"{case_id}.json"
+    return int(json.loads(path.read_text(encoding="utf-8")).get("volume_bytes", 0))
+
+
+def _admit(
+    pending: list[str], peaks: dict[str, int], running: dict[Future, int], workers: int, budget: int | None
+) -> list[str]:
+    """Take from `pending` (first fit, in order) the cases that may start now; removes them.
+
+    Within the budget the running cases' planned peaks sum to at most `budget`; with nothing
+    running one case always starts, so a case larger than the budget runs, alone.
+    """
+    admitted = []
+    used = sum(running.values())
+    for case_id in list(pending):
+        if len(running) + len(admitted) >= workers:
+            break
+        fits = budget is None or used + peaks[case_id] <= budget
+        if fits or (not running and not admitted):
+            admitted.append(case_id)
+            pending.remove(case_id)
+            used += peaks[case_id]
+    return admitted
 
 
 def _label_table(staging: Path, planner: CasePlanner) -> dict[str, int]:
@@ -813,7 +1027,9 @@ def _account(
     """Give every discovered file exactly one disposition and count them."""
     status: dict[str, str] = {}
     for err in rejected:
-        rels = err.details.get("files") or [err.path]
+        # "files": the discovered files the rejection covers; [] for a note about no file of its
+        # own (a dataset.json entry naming a file outside the dataset, a DICOMDIR's absent files).
+        rels = err.details.get("files", [err.path])
         kind = "ignored" if err.reason in IGNORED_REASONS else "quarantined"
         for rel in rels:
             status.setdefault(rel, kind)
@@ -828,7 +1044,9 @@ def _account(
     report.ignored = counts["ignored"]
     if counts["unaccounted"]:
         missing = [rel for rel in files if rel not in status]
-        log.error("ingest left %d files unaccounted for, e.g. %s", len(missing), missing[:3])
+        log.error(
+            "ingest left %d files unaccounted for, e.g. %s", len(missing), [printable(m) for m in missing[:3]]
+        )
     report.by_reason = dict(sorted(Counter(err.reason.value for err in rejected).items()))
     return report
 
@@ -840,14 +1058,17 @@ def _write_outputs(
     report: IngestReport,
     table: dict[str, int],
 ) -> None:
+    # Paths are written in their printable form: a name that is not valid UTF-8 shows its bytes
+    # as \xNN instead of breaking the JSON (or the tools that read it).
     with atomic_open(staging / MANIFEST) as fh:
         for case_id in sorted(records):
-            fh.write(json.dumps(records[case_id]) + "\n")
+            fh.write(json.dumps(printable_record(records[case_id])) + "\n")
     with atomic_open(staging / "quarantine.jsonl") as fh:
         for err in sorted(rejected, key=lambda e: (e.path, e.reason.value)):
             status = "ignored" if err.reason in IGNORED_REASONS else "quarantined"
-            fh.write(json.dumps({"status": status, **err.to_record()}, default=str) + "\n")
-    report_dict = asdict(report) | {"balanced": report.balanced}
+            record = json.loads(json.dumps({"status": status, **err.to_record()}, default=str))
+            fh.write(json.dumps(printable_record(record)) + "\n")
+    report_dict = asdict(report) | {"balanced": report.balanced, "clean": report.clean}
     write_text(staging / "ingest_report.json", json.dumps(report_dict, indent=2) + "\n")
     dataset = {
         "name": "unet-pipeline staging",

@@ -27,6 +27,7 @@ from pydicom.errors import InvalidDicomError
 from pydicom.uid import UID
 
 from pipeline.errors import InputRejected, Reason
+from pipeline.io.dicom_sniff import plausible_start
 from pipeline.io.dicom_syntax import (
     NATIVE,
     check_pixel_data,
@@ -273,7 +274,8 @@ def read_header(path: Path, root: Path, max_pixels: int, *, keep_damaged: bool =
             if size == 0:
                 raise InputRejected(Reason.NOT_DICOM, rel, "empty file (0 bytes).", {"file_size": 0})
             has_preamble = head[128:132] == b"DICM"
-            if not has_preamble and not looks_like_data_set(head, size):
+            # plausible_start: a raw voxel dump that happens to start with 08 00 is not DICOM.
+            if not has_preamble and not (looks_like_data_set(head, size) and plausible_start(head)):
                 raise InputRejected(
                     Reason.NOT_DICOM,
                     rel,

@@ -20,8 +20,9 @@ Multi-channel cases list their channel files in channel order. Only NIfTI datase
 
 Accounting: every file under imagesTr/, labelsTr/ and imagesTs/ ends up in exactly one case or
 in ``rejected`` (macOS ``._*`` resource forks and non-NIfTI files as NOT_DICOM, i.e. ignored);
-dataset.json entries that name absent files are in ``missing`` (their paths do not exist, so
-they are not discovered files). Files elsewhere in the dataset folder are the caller's.
+dataset.json entries that name absent files, or paths outside the dataset folder (absolute or
+climbing with '..': OUTSIDE_ROOT, never followed), are in ``missing`` (they are not files of the
+dataset). Files elsewhere in the dataset folder are the caller's.
 """
 
 from __future__ import annotations
@@ -60,7 +61,8 @@ class MsdDataset:
     file_ending: str  # ".nii.gz" or ".nii"
     cases: list[NiftiCase]  # training cases (with label) then test cases, each sorted by key
     rejected: list[InputRejected] = field(default_factory=list)  # one per existing file not in a case
-    missing: list[InputRejected] = field(default_factory=list)  # dataset.json entries naming absent files
+    # dataset.json entries naming absent files or paths outside the dataset (OUTSIDE_ROOT)
+    missing: list[InputRejected] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # disagreements that affect no single case
 
     @property
@@ -138,29 +140,58 @@ def _strip_ending(name: str, ending: str) -> str | None:
     return name[: -len(ending)] if name.endswith(ending) and len(name) > len(ending) else None
 
 
+class _Outside(Exception):
+    """A dataset.json path that leaves the dataset folder (absolute, or climbing with '..')."""
+
+
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
 def _listed_path(entry: Any, rel_json: str) -> PurePosixPath | None:
-    """A dataset.json path ("./imagesTr/x.nii.gz") as a clean relative path; None if unusable."""
+    """A dataset.json path ("./imagesTr/x.nii.gz") as a clean relative path; None if unusable.
+
+    Raises _Outside for an absolute path (POSIX, Windows drive or UNC) or one whose '..' climbs
+    out of the dataset folder: never followed. A '..' that stays inside ("a/../imagesTr/x") is
+    resolved by name, without touching the file system.
+    """
     if not isinstance(entry, str) or not entry or "\x00" in entry:
         return None
-    p = PurePosixPath(entry.replace("\\", "/"))
-    if p.is_absolute() or ".." in p.parts:
-        return None  # never follow a dataset.json outside its dataset
-    return PurePosixPath(*[part for part in p.parts if part != "."])
+    text = entry.replace("\\", "/")
+    if text.startswith("/") or _DRIVE.match(text):
+        raise _Outside(entry)
+    parts: list[str] = []
+    for part in PurePosixPath(text).parts:
+        if part == "..":
+            if not parts:
+                raise _Outside(entry)
+            parts.pop()
+        elif part != ".":
+            parts.append(part)
+    return PurePosixPath(*parts) if parts else None
 
 
 class _Reader:
     """Working state of one read: the files present and which of them are claimed."""
 
-    def __init__(self, root: Path, source_root: Path, ending: str, n_channels: int, rel_json: str):
+    def __init__(
+        self,
+        root: Path,
+        source_root: Path,
+        ending: str,
+        n_channels: int,
+        rel_json: str,
+        files: Iterable[Path] | None,
+    ):
         self.root, self.ending, self.n_channels, self.rel_json = root, ending, n_channels, rel_json
         self.prefix = PurePosixPath(root.relative_to(source_root).as_posix()) if root != source_root else None
+        if files is None:
+            files = [p for folder in FOLDERS if (root / folder).is_dir() for p in (root / folder).rglob("*")]
+            files = [p for p in files if p.is_file()]
         self.present: set[PurePosixPath] = set()
-        for folder in FOLDERS:
-            base = root / folder
-            if base.is_dir():
-                self.present |= {
-                    PurePosixPath(p.relative_to(root).as_posix()) for p in base.rglob("*") if p.is_file()
-                }
+        for p in files:
+            rel = PurePosixPath(Path(p).relative_to(root).as_posix())
+            if rel.parts[0] in FOLDERS and len(rel.parts) > 1:
+                self.present.add(rel)
         self.claimed: set[PurePosixPath] = set()
         self.cases: list[NiftiCase] = []
         self.rejected: list[InputRejected] = []
@@ -212,6 +243,23 @@ class _Reader:
             return [listed, listed.parent / f"{stem}_0000{self.ending}"]
         return [listed.parent / f"{stem}_{c:04d}{self.ending}" for c in range(self.n_channels)]
 
+    def outside(
+        self, what: str, entries: list[str], image: PurePosixPath | None, label: PurePosixPath | None
+    ) -> None:
+        """A list entry naming a path outside the dataset: listed (OUTSIDE_ROOT), its case refused."""
+        for entry in entries:
+            message = (
+                f"{what} names {entry!r}, a path outside the dataset folder (absolute, or climbing "
+                "with '..'); not followed. List files as ./imagesTr/NAME inside the dataset"
+            )
+            details = {"entry": entry, "listed_in": self.rel_json}
+            self.missing.append(InputRejected(Reason.OUTSIDE_ROOT, self.rel_json, message, details))
+        why = f"{what}: its other file is listed outside the dataset folder; the case is refused"
+        if label is not None:
+            self.reject(Reason.MISSING_LABEL_SOURCE, [label], why)
+        if image is not None:
+            self.reject(Reason.INVALID_DATASET, self.channel_files(image) or [image], why)
+
     # -- cases from dataset.json lists (MSD, nnU-Net v1) --
 
     def from_list(self, entries: list, split: str) -> None:
@@ -219,8 +267,18 @@ class _Reader:
             image_entry = entry.get("image") if isinstance(entry, dict) else entry
             label_entry = entry.get("label") if isinstance(entry, dict) else None
             what = f"dataset.json {split}[{n}]"
-            image = _listed_path(image_entry, self.rel_json)
-            label = _listed_path(label_entry, self.rel_json) if split == "training" else None
+            image, label, outside = None, None, []
+            try:
+                image = _listed_path(image_entry, self.rel_json)
+            except _Outside as exc:
+                outside.append(str(exc))
+            try:
+                label = _listed_path(label_entry, self.rel_json) if split == "training" else None
+            except _Outside as exc:
+                outside.append(str(exc))
+            if outside:
+                self.outside(what, outside, image, label)
+                continue
             if image is None or (split == "training" and label is None):
                 message = f"{what} is not a usable entry ({entry!r:.200}); expected paths inside the dataset"
                 self.missing.append(InputRejected(Reason.INVALID_DATASET, self.rel_json, message, {}))
@@ -335,10 +393,16 @@ class _Reader:
                 self.reject(Reason.INVALID_DATASET, [f], f"{why}; list it or remove it")
 
 
-def read_msd_dataset(root: Path, *, source_root: Path | None = None) -> MsdDataset:
+def read_msd_dataset(
+    root: Path, *, source_root: Path | None = None, files: Iterable[Path] | None = None
+) -> MsdDataset:
     """Read an MSD / nnU-Net raw dataset at ``root`` (see the module docstring for dialects).
 
-    Paths in the result are relative to ``source_root`` (default ``root``). Raises
+    Paths in the result are relative to ``source_root`` (default ``root``). ``files``: the
+    dataset's readable files as the caller screened them (absolute, under ``root``; links that
+    leave the source, FIFOs and the like already taken out); default: the regular files found
+    under imagesTr/, labelsTr/ and imagesTs/. dataset.json is read as UTF-8 with or without a
+    byte-order mark (UTF-16 and UTF-32 with a BOM too, as Windows editors write them). Raises
     InputRejected(INVALID_DATASET) on dataset.json itself when it cannot be understood (not
     JSON, no labels or channels, a non-NIfTI file ending); per-case problems are in ``rejected``.
     """
@@ -347,7 +411,8 @@ def read_msd_dataset(root: Path, *, source_root: Path | None = None) -> MsdDatas
     rel_json = (PurePosixPath(root.relative_to(source_root).as_posix()) / DATASET_JSON).as_posix()
     rel_json = rel_json.removeprefix("./")
     try:
-        meta = json.loads((root / DATASET_JSON).read_text(encoding="utf-8"))
+        # From bytes, json detects UTF-8/16/32 and skips a byte-order mark (a str would not).
+        meta = json.loads((root / DATASET_JSON).read_bytes())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise _dataset_error(rel_json, f"dataset.json cannot be read as JSON: {exc}") from exc
     if not isinstance(meta, dict):
@@ -368,7 +433,7 @@ def read_msd_dataset(root: Path, *, source_root: Path | None = None) -> MsdDatas
             "nnU-Net v2 'dataset' file lists are not supported; use the imagesTr/labelsTr layout",
         )
 
-    reader = _Reader(root, source_root, ending, len(channels), rel_json)
+    reader = _Reader(root, source_root, ending, len(channels), rel_json, files)
     has_lists = {}
     for split, images_dir, labels_dir in (("training", "imagesTr", "labelsTr"), ("test", "imagesTs", None)):
         entries = meta.get(split)

@@ -32,19 +32,19 @@ path relative to the root (POSIX separators), which is stable across runs and ma
 from __future__ import annotations
 
 import gzip
-import io
 import itertools
 import logging
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import BinaryIO
 
 import nibabel as nib
 import numpy as np
 from nibabel.spatialimages import HeaderDataError
 
 from pipeline.errors import InputRejected, Reason
+from pipeline.io.nifti_stream import NiftiStream, read_header_only
 from pipeline.io.volume import Volume
 
 log = logging.getLogger(__name__)
@@ -54,9 +54,8 @@ LABEL_SUFFIXES = ("_seg", "_label", "_labels", "_mask")
 LABEL_DIRS = ("labels", "masks", "segmentations")
 IMAGE_DIR = "images"
 
-# Bytes tolerated after the declared voxel data (some writers pad); anything longer is refused.
-TRAILING_MARGIN = 64 * 1024
-CHUNK = 1 << 20  # inflate 1 MiB at a time
+COUNT_CHUNK = 1 << 22  # voxels counted at a time (bounded temporaries)
+COUNT_PIECE = 1 << 18  # voxels widened to int64 at a time by bincount (2 MiB)
 DEFAULT_TOL_MM = 1e-3  # geometry agreement (qform/sform, image/label), as the issue's 1e-3 mm
 ORTHONORMAL_TOL = 1e-4  # |R^T R - I|; DICOM-derived cosines written with 6 decimals stay well under
 MAX_LABEL = 65535  # labels are stored as uint16 at most
@@ -77,227 +76,334 @@ def nifti_stem(name: str) -> str:
 
 
 # --------------------------------------------------------------------------------------------
-# Reading
-
-
-@dataclass
-class _Raw:
-    """Voxels as stored (scaled when the header says so, native byte order) plus geometry."""
-
-    data: np.ndarray  # 3D
-    affine: np.ndarray
-    meta: dict
+# Reading (streamed: pipeline.io.nifti_stream)
 
 
 def _reject(reason: Reason, rel: str, message: str, **details) -> InputRejected:
     return InputRejected(reason, rel, message, details)
 
 
-def _header_class(block: bytes, rel: str) -> type[nib.Nifti1Header]:
-    """NIfTI-1 or NIfTI-2 header class from sizeof_hdr (either byte order)."""
-    if len(block) < 4:
-        raise _reject(
-            Reason.TRUNCATED,
-            rel,
-            f"file holds {len(block)} bytes, shorter than a NIfTI header (348)",
-            found_bytes=len(block),
-            expected_bytes=348,
-        )
-    sizes = {int.from_bytes(block[:4], "little"), int.from_bytes(block[:4], "big")}
-    if 348 in sizes:
-        return nib.Nifti1Header
-    if 540 in sizes:
-        return nib.Nifti2Header
-    raise _reject(
-        Reason.UNREADABLE,
+def _scaling(hdr: nib.Nifti1Header) -> tuple[float, float] | None:
+    """(scl_slope, scl_inter) when the header scales its values, else None."""
+    slope, inter = hdr.get_slope_inter()
+    if slope is not None and (slope != 1 or (inter or 0) != 0):
+        return float(slope), float(inter or 0)
+    return None
+
+
+def _scale_into(chunk: np.ndarray, dst: np.ndarray, scale: tuple[float, float] | None) -> None:
+    """Write ``chunk`` (stored voxels) into ``dst``, scaled when ``scale`` says so.
+
+    Scaled integers are computed in float32 (float64 voxels in float64, then narrowed), as
+    ``astype(float32) * slope + inter`` would, but one chunk at a time."""
+    if scale is None:
+        dst[...] = chunk
+    elif chunk.dtype.kind == "f" and chunk.dtype.itemsize == 8:
+        dst[...] = chunk * scale[0] + scale[1]
+    else:
+        np.multiply(chunk, np.float32(scale[0]), out=dst, dtype=np.float32, casting="unsafe")
+        np.add(dst, np.float32(scale[1]), out=dst, dtype=np.float32, casting="unsafe")
+
+
+def _non_finite(rel: str, n_nan: int, n_inf: int, size: int) -> InputRejected:
+    return _reject(
+        Reason.NON_FINITE_VOXELS,
         rel,
-        "not a NIfTI file: the first 4 bytes should hold sizeof_hdr 348 (NIfTI-1) or 540 (NIfTI-2); "
-        "check the file was exported as NIfTI",
-        sizeof_hdr=int.from_bytes(block[:4], "little"),
+        f"{n_nan} NaN and {n_inf} infinite voxels of {size}; fix or mask them at the source",
+        nan_voxels=n_nan,
+        inf_voxels=n_inf,
+        voxels=size,
     )
 
 
-def _fill(stream: BinaryIO, buf: bytearray, upto: int) -> bytearray:
-    """Append from ``stream`` to ``buf`` until it holds ``upto`` bytes or the stream ends."""
-    while len(buf) < upto:
-        chunk = stream.read(min(CHUNK, upto - len(buf)))
-        if not chunk:
-            break
-        buf += chunk
-    return buf
-
-
-def _read_raw(path: Path, rel: str, *, max_voxels: int, max_bytes: int, tol_mm: float) -> _Raw:
-    path = Path(path)
-    with open(path, "rb") as fh:
-        gz = fh.read(2) == b"\x1f\x8b"  # sniff, don't trust the name
-    try:
-        opener = gzip.open if gz else open
-        with opener(path, "rb") as stream:
-            content = _fill(stream, bytearray(), 540)
-            head = bytes(content)
-            klass = _header_class(head, rel)
-            sizeof_hdr = klass.sizeof_hdr
-            if len(head) < sizeof_hdr:
-                raise _reject(
-                    Reason.TRUNCATED,
-                    rel,
-                    f"file ends after {len(head)} bytes, inside its {sizeof_hdr}-byte NIfTI header",
-                    found_bytes=len(head),
-                    expected_bytes=sizeof_hdr,
-                )
-            hdr = _parse_header(klass, head[:sizeof_hdr], rel)
-            shape, dtype, vox_offset = _check_header(hdr, rel, max_voxels=max_voxels, max_bytes=max_bytes)
-            n_vox = int(np.prod(shape))
-            expected = vox_offset + n_vox * dtype.itemsize
-            if gz:
-                # Inflate no further than the declared size plus a margin, plus one byte to tell
-                # "longer": a bomb stops here. Padding within the margin is tolerated.
-                limit = max(expected, min(expected + TRAILING_MARGIN, max_bytes))
-                _fill(stream, content, limit + 1)
-            else:
-                # An uncompressed file costs nothing past its declared size: trailing bytes are
-                # left unread, as nibabel does.
-                limit = expected
-                _fill(stream, content, expected)
-    except EOFError as exc:  # gzip stream cut before its end marker
-        raise _reject(
-            Reason.TRUNCATED,
-            rel,
-            f"gzip stream ends early ({exc}); the file was cut during copy or download",
-        ) from exc
-    except (gzip.BadGzipFile, zlib.error) as exc:
-        raise _reject(Reason.UNREADABLE, rel, f"corrupt gzip stream: {exc}") from exc
-    if len(content) > limit:
-        raise _reject(
-            Reason.TOO_LARGE,
-            rel,
-            f"{'decompressed stream' if gz else 'file'} is longer than its header declares "
-            f"({expected} bytes + {limit - expected} allowed padding); refused without reading further "
-            "(possible gzip bomb)",
-            declared_bytes=expected,
-            read_bytes_at_least=len(content),
-        )
-    if len(content) < expected:
-        raise _reject(
-            Reason.TRUNCATED,
-            rel,
-            f"header declares {expected} bytes ({'x'.join(map(str, shape))} voxels of {dtype.name}) but the "
-            f"{'decompressed stream' if gz else 'file'} holds {len(content)}",
-            expected_bytes=expected,
-            found_bytes=len(content),
-        )
-
-    data = np.frombuffer(content, dtype=dtype, count=n_vox, offset=vox_offset)
-    data = data.reshape(shape, order="F").astype(dtype.newbyteorder("="), copy=True)
-    data = data.reshape(shape[:3], order="F")  # drop trailing singleton dims (checked above)
-    slope, inter = hdr.get_slope_inter()
-    if slope is not None and (slope != 1 or (inter or 0) != 0):
-        # Scaled integers become float32 (float64 stays float64 until load_nifti narrows it).
-        work = np.float64 if data.dtype == np.float64 else np.float32
-        data = data.astype(work) * work(slope) + work(inter or 0)
-    if data.dtype.kind == "f":
-        n_nan = int(np.isnan(data).sum())
-        n_inf = int(np.isinf(data).sum())
-        if n_nan or n_inf:
-            raise _reject(
-                Reason.NON_FINITE_VOXELS,
-                rel,
-                f"{n_nan} NaN and {n_inf} infinite voxels of {data.size}; fix or mask them at the source",
-                nan_voxels=n_nan,
-                inf_voxels=n_inf,
-                voxels=int(data.size),
-            )
-    affine, source = _check_affine(hdr, shape[:3], rel, tol_mm=tol_mm)
-    meta = {
+def _meta(nifti: NiftiStream, source: str) -> dict:
+    return {
         "affine_source": source,
-        "nifti_version": 2 if klass is nib.Nifti2Header else 1,
-        "stored_dtype": dtype.newbyteorder("=").name,
-        "gzip": gz,
+        "nifti_version": 2 if nifti.klass is nib.Nifti2Header else 1,
+        "stored_dtype": nifti.dtype.newbyteorder("=").name,
+        "gzip": nifti.gz,
     }
-    return _Raw(data, affine, meta)
 
 
-def _parse_header(klass: type[nib.Nifti1Header], block: bytes, rel: str) -> nib.Nifti1Header:
+def load_nifti(
+    path: Path,
+    rel: str,
+    *,
+    max_voxels: int,
+    max_bytes: int,
+    tol_mm: float = DEFAULT_TOL_MM,
+    allow_no_orientation: bool = False,
+) -> Volume:
+    """Read a 3D NIfTI image (.nii or .nii.gz) after checking it; raise InputRejected otherwise.
+
+    Float images come back float32, integer images keep their integer type (scaled integers,
+    scl_slope != 1 or scl_inter != 0, become float32). ``max_voxels`` and ``max_bytes`` bound the
+    header-declared size, checked before any voxel buffer is allocated; ``tol_mm`` is the largest
+    qform/sform disagreement accepted; ``allow_no_orientation`` accepts qform_code = sform_code = 0
+    (the pixdim-only affine, ``meta["affine_source"] == "none"``). Reasons: UNREADABLE, TRUNCATED,
+    TOO_LARGE, UNSUPPORTED_DIMENSIONS, NON_FINITE_VOXELS, NON_ORTHONORMAL_AFFINE,
+    QFORM_SFORM_MISMATCH, NO_ORIENTATION, ANALYZE_FORMAT.
+
+    Memory: the returned array plus one chunk (the voxels are streamed into it).
+    """
+    nifti = NiftiStream(Path(path), rel, max_voxels=max_voxels, max_bytes=max_bytes)
+    affine, source = _check_affine(
+        nifti.header, nifti.shape, rel, tol_mm=tol_mm, allow_no_orientation=allow_no_orientation
+    )
+    scale = _scaling(nifti.header)
+    out_dtype = np.dtype(np.float32) if scale or nifti.dtype.kind == "f" else nifti.dtype.newbyteorder("=")
+    out = np.empty(nifti.n_voxels, dtype=out_dtype)
+    n_nan = n_inf = 0
+    for start, chunk in nifti.chunks():
+        dst = out[start : start + chunk.size]
+        _scale_into(chunk, dst, scale)
+        if out_dtype.kind == "f":
+            n_nan += int(np.count_nonzero(np.isnan(dst)))
+            n_inf += int(np.count_nonzero(np.isinf(dst)))
+    if n_nan or n_inf:
+        raise _non_finite(rel, n_nan, n_inf, nifti.n_voxels)
+    data = out.reshape(nifti.shape, order="F")  # a view: trailing dimensions of 1 dropped
+    return Volume(data, affine, meta=_meta(nifti, source))
+
+
+def _counts_1d(data: np.ndarray) -> dict[int, int]:
+    """{value: count} of a 1-D integer array; bincount over pieces (it widens to int64)."""
+    lo, hi = int(data.min()), int(data.max())
+    if hi - lo <= 1 << 20:
+        counts = np.zeros(hi - lo + 1, np.int64)
+        for start in range(0, data.size, COUNT_PIECE):
+            counts += np.bincount(
+                data[start : start + COUNT_PIECE].astype(np.int64) - lo, minlength=counts.size
+            )
+        return {lo + int(v): int(counts[v]) for v in np.flatnonzero(counts)}
+    values, counts = np.unique(data, return_counts=True)
+    return dict(zip((int(v) for v in values), (int(c) for c in counts), strict=True))
+
+
+def value_counts(data: np.ndarray) -> dict[int, int]:
+    """{value: voxel count} of an integer array, counted slab by slab (bounded temporaries)."""
+    total: Counter[int] = Counter()
+    if data.size == 0:
+        return {}
+    if data.ndim <= 1:
+        flat = data.reshape(-1)
+        for start in range(0, flat.size, COUNT_CHUNK):
+            total.update(_counts_1d(flat[start : start + COUNT_CHUNK]))
+        return dict(total)
+    per_slab = max(1, data.size // data.shape[-1])
+    step = max(1, COUNT_CHUNK // per_slab)
+    for k in range(0, data.shape[-1], step):
+        total.update(_counts_1d(np.ravel(data[..., k : k + step])))
+    return dict(total)
+
+
+@dataclass
+class _LabelStats:
+    """What one pass over a label map found: value counts, and what makes it unusable."""
+
+    counts: Counter = field(default_factory=Counter)
+    n_nan: int = 0
+    n_inf: int = 0
+    n_fractional: int = 0
+    examples: list[float] = field(default_factory=list)  # the smallest fractional values
+
+    def add(self, values: np.ndarray) -> None:
+        if values.dtype.kind == "f":
+            nan, inf = np.isnan(values), np.isinf(values)
+            self.n_nan += int(np.count_nonzero(nan))
+            self.n_inf += int(np.count_nonzero(inf))
+            finite = values[~(nan | inf)] if self.n_nan or self.n_inf else values
+            fractional = finite != np.round(finite)
+            n_bad = int(np.count_nonzero(fractional))
+            if n_bad:
+                self.n_fractional += n_bad
+                self.examples = sorted({*self.examples, *np.unique(finite[fractional])[:5].tolist()})[:5]
+                finite = finite[~fractional]
+            # clip: no overflow on absurd values (they are reported as unexpected)
+            values = np.clip(finite, -(2**62), 2**62).astype(np.int64)
+        if values.size:
+            self.counts.update(_counts_1d(values))
+
+
+def _label_values(chunk: np.ndarray, scale: tuple[float, float] | None) -> np.ndarray:
+    if scale is None:
+        return chunk
+    work = np.empty(chunk.shape, np.float64 if chunk.dtype.itemsize == 8 else np.float32)
+    _scale_into(chunk, work, scale)
+    return work
+
+
+def load_label(
+    path: Path,
+    rel: str,
+    image: Volume,
+    *,
+    allowed_labels: set[int] | None,
+    max_voxels: int,
+    max_bytes: int,
+    tol_mm: float = DEFAULT_TOL_MM,
+    allow_no_orientation: bool = False,
+) -> Volume:
+    """Read the label map of ``image`` and check it against the image and the declared labels.
+
+    Returns uint8 (uint16 when a label exceeds 255) on the image's grid: the image's affine is
+    used (the label's own agrees within ``tol_mm`` at every corner). Only the image's shape,
+    affine and modality are used (its voxels may already be released). ``allowed_labels`` comes
+    from dataset.json (None: any value 0..65535). Reasons: everything ``load_nifti`` raises, plus
+    LABEL_GEOMETRY_MISMATCH, NON_INTEGER_LABELS, UNEXPECTED_LABELS.
+
+    Memory: the returned array plus one chunk. A label stored in one byte is read once; wider
+    or scaled ones twice (checked and counted first, then copied into the narrowest type).
+    """
+    nifti = NiftiStream(Path(path), rel, max_voxels=max_voxels, max_bytes=max_bytes)
+    if nifti.shape != image.shape:
+        raise _reject(
+            Reason.LABEL_GEOMETRY_MISMATCH,
+            rel,
+            f"label shape {list(nifti.shape)} differs from image shape {list(image.shape)}",
+            label_shape=list(nifti.shape),
+            image_shape=list(image.shape),
+        )
+    affine, source = _check_affine(
+        nifti.header, nifti.shape, rel, tol_mm=tol_mm, allow_no_orientation=allow_no_orientation
+    )
+    diff = corner_distance_mm(affine, image.affine, image.shape)
+    if diff > tol_mm:
+        raise _reject(
+            Reason.LABEL_GEOMETRY_MISMATCH,
+            rel,
+            f"label and image affines place the volume's corners up to {diff:.4g} mm apart "
+            f"(tolerance {tol_mm} mm); the label was saved on another grid",
+            max_corner_difference_mm=diff,
+            tolerance_mm=tol_mm,
+            label_affine=np.asarray(affine).round(6).tolist(),
+            image_affine=image.affine.round(6).tolist(),
+        )
+    scale = _scaling(nifti.header)
+    one_pass = scale is None and nifti.dtype.kind in "iub" and nifti.dtype.itemsize == 1
+    out = np.empty(nifti.n_voxels, np.uint8) if one_pass else None
+    stats = _LabelStats()
+    for start, chunk in nifti.chunks():
+        stats.add(_label_values(chunk, scale))
+        if out is not None:
+            out[start : start + chunk.size] = chunk.view(np.uint8)  # negatives are rejected below
+    if stats.n_nan or stats.n_inf:
+        raise _non_finite(rel, stats.n_nan, stats.n_inf, nifti.n_voxels)
+    if stats.n_fractional:
+        examples = [round(float(v), 6) for v in stats.examples]
+        raise _reject(
+            Reason.NON_INTEGER_LABELS,
+            rel,
+            f"{stats.n_fractional} voxels hold non-integer values (e.g. {examples}); a label map holds "
+            "class numbers only (was it resampled with linear interpolation?)",
+            non_integer_voxels=stats.n_fractional,
+            examples=examples,
+        )
+    counts = stats.counts
+    allowed = None if allowed_labels is None else {int(v) for v in allowed_labels}
+    unexpected = sorted(
+        v for v in counts if not 0 <= v <= MAX_LABEL or (allowed is not None and v not in allowed)
+    )
+    if unexpected:
+        expected = f"0..{MAX_LABEL}" if allowed is None else sorted(allowed)
+        raise _reject(
+            Reason.UNEXPECTED_LABELS,
+            rel,
+            f"label values {unexpected[:20]} are not declared (expected {expected}); "
+            "declare them in dataset.json 'labels' or fix the label map",
+            unexpected=unexpected[:100],
+            voxel_counts={str(v): counts[v] for v in unexpected[:100]},
+            allowed=None if allowed is None else sorted(allowed),
+        )
+    if out is None:
+        out = np.empty(nifti.n_voxels, np.uint8 if max(counts) <= 255 else np.uint16)
+        for start, chunk in nifti.chunks():
+            out[start : start + chunk.size] = _label_values(chunk, scale)
+    meta = {**_meta(nifti, source), "label_values": sorted(counts)}
+    data = out.reshape(nifti.shape, order="F")
+    return Volume(data, np.asarray(image.affine, float).copy(), modality=image.modality, meta=meta)
+
+
+def planned_nifti_bytes(path: Path) -> int:
+    """Bytes the decoded volume of a NIfTI file will hold (header only; 0 when unreadable).
+
+    For memory planning: float32 when the file stores floats or scales its values."""
     try:
-        hdr = klass.from_fileobj(io.BytesIO(block), check=False)
-    except (ValueError, HeaderDataError) as exc:
-        raise _reject(Reason.UNREADABLE, rel, f"NIfTI header cannot be parsed: {exc}") from exc
-    magic = bytes(hdr["magic"])
-    if magic.startswith((b"ni1", b"ni2")):
-        raise _reject(
-            Reason.UNREADABLE,
-            rel,
-            "this is the header of a .hdr/.img pair; convert it to a single .nii/.nii.gz file",
-            magic=magic.decode("latin-1").strip("\x00"),
-        )
-    if not magic.startswith((b"n+1", b"n+2")):
-        raise _reject(
-            Reason.UNREADABLE,
-            rel,
-            "NIfTI magic string missing: expected 'n+1' or 'n+2'",
-            magic=magic.decode("latin-1", "replace").strip("\x00"),
-        )
-    return hdr
-
-
-def _check_header(
-    hdr: nib.Nifti1Header, rel: str, *, max_voxels: int, max_bytes: int
-) -> tuple[tuple[int, ...], np.dtype, int]:
-    """Shape, on-disk dtype and voxel offset, after the checks that need no voxels."""
-    dim = [int(d) for d in hdr["dim"]]
-    ndim = dim[0]
-    if not 1 <= ndim <= 7 or any(d < 1 for d in dim[1 : ndim + 1]):
-        raise _reject(Reason.UNREADABLE, rel, f"invalid dim field {dim[: ndim + 1] if ndim >= 0 else dim}")
-    shape = tuple(dim[1 : ndim + 1])
-    if ndim < 3 or any(d != 1 for d in shape[3:]):
-        raise _reject(
-            Reason.UNSUPPORTED_DIMENSIONS,
-            rel,
-            f"expected a 3D image (a trailing 4th dimension of 1 is allowed), found shape {list(shape)}; "
-            "split 4D series into one 3D file per volume or channel (nnU-Net's _0000, _0001 naming)",
-            shape=list(shape),
-        )
-    try:
+        hdr = read_header_only(Path(path), "")
+        n = int(np.prod([int(d) for d in hdr["dim"][1 : int(hdr["dim"][0]) + 1]], dtype=np.int64))
         dtype = hdr.get_data_dtype()
-    except (KeyError, HeaderDataError) as exc:
-        raise _reject(Reason.UNREADABLE, rel, f"unknown NIfTI datatype code {int(hdr['datatype'])}") from exc
-    if dtype.kind not in "iuf" or dtype.itemsize > 8:
-        raise _reject(
-            Reason.UNREADABLE,
-            rel,
-            f"datatype {dtype} is not a scalar integer or float image; convert to int16 or float32",
-            datatype=str(dtype),
+    except (InputRejected, OSError, ValueError, KeyError, HeaderDataError):
+        return 0
+    scaled = _scaling(hdr) is not None
+    return n * (4 if scaled or dtype.kind == "f" else dtype.itemsize)
+
+
+# --------------------------------------------------------------------------------------------
+# Analyze 7.5 and NIfTI pairs (.hdr + .img): not read, listed with their own reason
+
+ANALYZE_HEADER = (".hdr", ".hdr.gz")
+ANALYZE_IMAGE = (".img", ".img.gz")
+
+
+def _pair_stem(name: str, suffixes: tuple[str, ...]) -> str | None:
+    lower = name.lower()
+    for suffix in suffixes:
+        if lower.endswith(suffix):
+            return name[: -len(suffix)]
+    return None
+
+
+def _pair_header(path: Path) -> bytes | None:
+    """The 348 header bytes of a .hdr (plain or gzipped) when sizeof_hdr says 348, else None."""
+    try:
+        with open(path, "rb") as fh:
+            gz = fh.read(2) == b"\x1f\x8b"
+        with (gzip.open if gz else open)(path, "rb") as fh:
+            head = fh.read(348)
+    except (OSError, EOFError, zlib.error):
+        return None
+    sizes = {int.from_bytes(head[:4], "little"), int.from_bytes(head[:4], "big")}
+    return head if len(head) == 348 and 348 in sizes else None
+
+
+def analyze_files(files: list[Path], root: Path) -> tuple[set[Path], list[InputRejected]]:
+    """The .hdr/.img pairs among ``files`` (Analyze 7.5 or NIfTI-1 pairs), each file rejected.
+
+    A ``.hdr`` is one when its first 4 bytes hold sizeof_hdr 348 (either byte order); its
+    ``.img`` partner (same stem, any case) is rejected with it. A ``.img`` without such a header
+    is left to the other readers. Returns (the files taken, their rejections: ANALYZE_FORMAT).
+    """
+    root = Path(root)
+    images: dict[tuple[Path, str], Path] = {}
+    for p in files:
+        stem = _pair_stem(p.name, ANALYZE_IMAGE)
+        if stem is not None:
+            images[(p.parent, stem.lower())] = p
+    taken: set[Path] = set()
+    rejected: list[InputRejected] = []
+    for p in files:
+        stem = _pair_stem(p.name, ANALYZE_HEADER)
+        if stem is None:
+            continue
+        head = _pair_header(p)
+        if head is None:
+            continue  # not an Analyze header: the other readers report it
+        nifti_pair = head[344:347] == b"ni1"
+        what = "a NIfTI-1 .hdr/.img pair" if nifti_pair else "an Analyze 7.5 .hdr/.img pair"
+        why = "" if nifti_pair else " (Analyze has no reliable orientation: left and right are a guess)"
+        partner = images.get((p.parent, stem.lower()))
+        pair = [p] + ([partner] if partner is not None else [])
+        message = (
+            f"{what}{why}; this pipeline reads single-file NIfTI: convert it to .nii.gz with its "
+            "orientation checked (e.g. dcm2niix from the original DICOM, or nibabel)"
+            + ("" if partner is not None else "; its .img voxel file is missing")
         )
-    n_vox = int(np.prod(shape, dtype=np.int64))
-    if n_vox > max_voxels:
-        raise _reject(
-            Reason.TOO_LARGE,
-            rel,
-            f"header declares {n_vox} voxels ({'x'.join(map(str, shape))}), over the limit of {max_voxels}",
-            voxels=n_vox,
-            max_voxels=max_voxels,
-            shape=list(shape),
-        )
-    vox_offset = int(hdr["vox_offset"])
-    if vox_offset < hdr.sizeof_hdr:
-        raise _reject(
-            Reason.UNREADABLE,
-            rel,
-            f"vox_offset {vox_offset} points inside the {hdr.sizeof_hdr}-byte header",
-            vox_offset=vox_offset,
-        )
-    expected = vox_offset + n_vox * dtype.itemsize
-    if expected > max_bytes:
-        raise _reject(
-            Reason.TOO_LARGE,
-            rel,
-            f"header declares {expected} bytes of image data, over the limit of {max_bytes}",
-            bytes=expected,
-            max_bytes=max_bytes,
-            shape=list(shape),
-        )
-    return shape, dtype, vox_offset
+        for f in pair:
+            taken.add(f)
+            rel = _rel(f, root).as_posix()
+            names = [_rel(x, root).as_posix() for x in pair]
+            rejected.append(_reject(Reason.ANALYZE_FORMAT, rel, message, pair=names))
+    return taken, rejected
 
 
 def _corners(shape: tuple[int, ...]) -> np.ndarray:
@@ -312,13 +418,25 @@ def corner_distance_mm(a: np.ndarray, b: np.ndarray, shape: tuple[int, ...]) -> 
     return float(np.max(np.linalg.norm((a @ c - b @ c)[:3], axis=0)))
 
 
-def _check_affine(hdr: nib.Nifti1Header, shape: tuple[int, ...], rel: str, *, tol_mm: float):
+def _check_affine(
+    hdr: nib.Nifti1Header, shape: tuple[int, ...], rel: str, *, tol_mm: float, allow_no_orientation: bool
+):
     qform, qcode = hdr.get_qform(coded=True)
     sform, scode = hdr.get_sform(coded=True)
     if scode:
         affine, source = sform, "sform"
     elif qcode:
         affine, source = qform, "qform"
+    elif not allow_no_orientation:
+        raise _reject(
+            Reason.NO_ORIENTATION,
+            rel,
+            "qform_code and sform_code are both 0: the file does not say how its axes lie in the "
+            "patient, so left and right would be a guess. Re-export it with its orientation (qform or "
+            "sform code > 0), or set ingest.allow_no_orientation to stage it marked 'orientation unknown'",
+            qform_code=0,
+            sform_code=0,
+        )
     else:
         affine, source = hdr.get_base_affine(), "none"
         log.warning("%s: qform_code and sform_code are both 0; orientation is unknown (pixdim only)", rel)
@@ -363,108 +481,6 @@ def _check_affine(hdr: nib.Nifti1Header, shape: tuple[int, ...], rel: str, *, to
                 sform_code=int(scode),
             )
     return np.asarray(affine, float), source
-
-
-def load_nifti(
-    path: Path, rel: str, *, max_voxels: int, max_bytes: int, tol_mm: float = DEFAULT_TOL_MM
-) -> Volume:
-    """Read a 3D NIfTI image (.nii or .nii.gz) after checking it; raise InputRejected otherwise.
-
-    Float images come back float32, integer images keep their integer type (scaled integers,
-    scl_slope != 1 or scl_inter != 0, become float32). ``max_voxels`` and ``max_bytes`` bound the
-    header-declared size, checked before any voxel buffer is allocated; ``tol_mm`` is the largest
-    qform/sform disagreement accepted. Reasons: UNREADABLE, TRUNCATED, TOO_LARGE,
-    UNSUPPORTED_DIMENSIONS, NON_FINITE_VOXELS, NON_ORTHONORMAL_AFFINE, QFORM_SFORM_MISMATCH.
-    """
-    raw = _read_raw(Path(path), rel, max_voxels=max_voxels, max_bytes=max_bytes, tol_mm=tol_mm)
-    data = raw.data
-    if data.dtype.kind == "f" and data.dtype != np.float32:
-        data = data.astype(np.float32)
-    return Volume(data, raw.affine, meta=raw.meta)
-
-
-def _value_counts(data: np.ndarray) -> dict[int, int]:
-    """{value: voxel count} of an integer array; bincount when the range is small (fast)."""
-    lo, hi = int(data.min()), int(data.max())
-    if hi - lo <= 1 << 20:
-        counts = np.bincount(data.ravel().astype(np.int64) - lo)
-        return {lo + int(v): int(counts[v]) for v in np.flatnonzero(counts)}
-    values, counts = np.unique(data, return_counts=True)
-    return dict(zip((int(v) for v in values), (int(c) for c in counts), strict=True))
-
-
-def load_label(
-    path: Path,
-    rel: str,
-    image: Volume,
-    *,
-    allowed_labels: set[int] | None,
-    max_voxels: int,
-    max_bytes: int,
-    tol_mm: float = DEFAULT_TOL_MM,
-) -> Volume:
-    """Read the label map of ``image`` and check it against the image and the declared labels.
-
-    Returns uint8 (uint16 when a label exceeds 255) on the image's grid: the image's affine is
-    used (the label's own agrees within ``tol_mm`` at every corner). ``allowed_labels`` comes
-    from dataset.json (None: any value 0..65535). Reasons: everything ``load_nifti`` raises, plus
-    LABEL_GEOMETRY_MISMATCH, NON_INTEGER_LABELS, UNEXPECTED_LABELS.
-    """
-    raw = _read_raw(Path(path), rel, max_voxels=max_voxels, max_bytes=max_bytes, tol_mm=tol_mm)
-    if raw.data.shape != image.shape:
-        raise _reject(
-            Reason.LABEL_GEOMETRY_MISMATCH,
-            rel,
-            f"label shape {list(raw.data.shape)} differs from image shape {list(image.shape)}",
-            label_shape=list(raw.data.shape),
-            image_shape=list(image.shape),
-        )
-    diff = corner_distance_mm(raw.affine, image.affine, image.shape)
-    if diff > tol_mm:
-        raise _reject(
-            Reason.LABEL_GEOMETRY_MISMATCH,
-            rel,
-            f"label and image affines place the volume's corners up to {diff:.4g} mm apart "
-            f"(tolerance {tol_mm} mm); the label was saved on another grid",
-            max_corner_difference_mm=diff,
-            tolerance_mm=tol_mm,
-            label_affine=raw.affine.round(6).tolist(),
-            image_affine=image.affine.round(6).tolist(),
-        )
-    data = raw.data
-    if data.dtype.kind == "f":
-        fractional = data != np.round(data)
-        n_bad = int(fractional.sum())
-        if n_bad:
-            examples = sorted({round(float(v), 6) for v in np.unique(data[fractional])[:5]})
-            raise _reject(
-                Reason.NON_INTEGER_LABELS,
-                rel,
-                f"{n_bad} voxels hold non-integer values (e.g. {examples}); a label map holds class "
-                "numbers only (was it resampled with linear interpolation?)",
-                non_integer_voxels=n_bad,
-                examples=examples,
-            )
-        data = np.clip(data, -(2**62), 2**62).astype(np.int64)  # clip: no overflow on absurd values
-    counts = _value_counts(data)
-    allowed = None if allowed_labels is None else {int(v) for v in allowed_labels}
-    unexpected = sorted(
-        v for v in counts if not 0 <= v <= MAX_LABEL or (allowed is not None and v not in allowed)
-    )
-    if unexpected:
-        expected = f"0..{MAX_LABEL}" if allowed is None else sorted(allowed)
-        raise _reject(
-            Reason.UNEXPECTED_LABELS,
-            rel,
-            f"label values {unexpected[:20]} are not declared (expected {expected}); "
-            "declare them in dataset.json 'labels' or fix the label map",
-            unexpected=unexpected[:100],
-            voxel_counts={str(v): counts[v] for v in unexpected[:100]},
-            allowed=None if allowed is None else sorted(allowed),
-        )
-    out_dtype = np.uint8 if max(counts) <= 255 else np.uint16
-    meta = {**raw.meta, "label_values": sorted(counts)}
-    return Volume(data.astype(out_dtype), image.affine.copy(), modality=image.modality, meta=meta)
 
 
 # --------------------------------------------------------------------------------------------

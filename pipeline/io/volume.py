@@ -45,10 +45,16 @@ class Volume:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))  # type: ignore[return-value]
 
     def to_nifti(self) -> nib.Nifti1Image:
-        """A NIfTI-1 image whose qform and sform are both this affine (code 1, scanner)."""
+        """A NIfTI-1 image whose qform and sform are both this affine (code 1, scanner).
+
+        A volume whose orientation is unknown (``meta["affine_source"] == "none"``: a NIfTI
+        without qform/sform codes, staged by opt-in) keeps codes 0, so no reader takes its
+        pixdim-only affine for a known orientation.
+        """
+        code = 0 if self.meta.get("affine_source") == "none" else 1
         img = nib.Nifti1Image(self.data, self.affine)
-        img.set_qform(self.affine, code=1)
-        img.set_sform(self.affine, code=1)
+        img.set_qform(self.affine, code=code)
+        img.set_sform(self.affine, code=code)
         img.header.set_xyzt_units("mm", "sec")
         return img
 

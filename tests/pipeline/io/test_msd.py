@@ -288,3 +288,76 @@ def test_is_msd_dataset(tmp_path, files, expected):
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text("{}")
     assert is_msd_dataset(tmp_path) is expected
+
+
+@pytest.mark.parametrize("encoding", ["utf-8", "utf-8-sig", "utf-16", "utf-32"])
+def test_dataset_json_with_or_without_a_byte_order_mark(tmp_path, encoding):
+    files = ["imagesTr/liver_0.nii.gz", "labelsTr/liver_0.nii.gz", "imagesTr/liver_1.nii.gz"]
+    files += ["labelsTr/liver_1.nii.gz", "imagesTs/liver_9.nii.gz"]
+    root = make(tmp_path / "Task03_Liver", {}, files)
+    meta = {**MSD_JSON, "name": "Leber (Übung)"}  # a non-ASCII name too
+    (root / "dataset.json").write_bytes(json.dumps(meta, ensure_ascii=False).encode(encoding))
+    ds = read_msd_dataset(root)
+    assert ds.name == "Leber (Übung)"
+    assert len(ds.cases) == 3 and ds.rejected == [] and ds.missing == []
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        "../Task04/imagesTr/x.nii.gz",
+        "./imagesTr/../../x.nii.gz",
+        "/data/Task03_Liver/imagesTr/liver_0.nii.gz",  # absolute, even where it would land inside
+        "C:\\data\\imagesTr\\liver_0.nii.gz",
+        "\\\\server\\share\\liver_0.nii.gz",
+    ],
+)
+def test_entries_outside_the_dataset_are_outside_root_and_never_read(tmp_path, entry):
+    meta = {
+        **MSD_JSON,
+        "training": [
+            {"image": "./imagesTr/liver_0.nii.gz", "label": "./labelsTr/liver_0.nii.gz"},
+            {"image": entry, "label": "./labelsTr/liver_1.nii.gz"},
+            {"image": "./imagesTr/liver_2.nii.gz", "label": entry},
+        ],
+        "test": [],
+    }
+    files = ["imagesTr/liver_0.nii.gz", "labelsTr/liver_0.nii.gz", "labelsTr/liver_1.nii.gz"]
+    files += ["imagesTr/liver_2.nii.gz"]
+    root = make(tmp_path / "Task03_Liver", meta, files)
+    ds = read_msd_dataset(root)
+    assert [c.key for c in ds.cases] == ["imagesTr/liver_0.nii.gz"]
+    outside = [m for m in ds.missing if m.reason == Reason.OUTSIDE_ROOT]
+    assert [(m.path, m.details["entry"]) for m in outside] == [("dataset.json", entry)] * 2
+    assert "training[1]" in outside[0].message and "training[2]" in outside[1].message
+    assert {(r.path, r.reason) for r in ds.rejected} == {
+        ("labelsTr/liver_1.nii.gz", Reason.MISSING_LABEL_SOURCE),
+        ("imagesTr/liver_2.nii.gz", Reason.INVALID_DATASET),
+    }
+    accounted(ds, root)
+
+
+def test_dot_dot_that_stays_inside_is_resolved_by_name(tmp_path):
+    meta = {
+        **MSD_JSON,
+        "training": [
+            {"image": "imagesTs/../imagesTr/liver_0.nii.gz", "label": "./labelsTr/./liver_0.nii.gz"}
+        ],
+        "test": [],
+    }
+    root = make(tmp_path / "T", meta, ["imagesTr/liver_0.nii.gz", "labelsTr/liver_0.nii.gz"])
+    ds = read_msd_dataset(root)
+    assert [(c.image, c.label) for c in ds.cases] == [("imagesTr/liver_0.nii.gz", "labelsTr/liver_0.nii.gz")]
+
+
+def test_only_the_screened_files_are_present(tmp_path):
+    """A file the caller screened out (a link leaving the source) is absent, not read."""
+    files = ["imagesTr/liver_0.nii.gz", "labelsTr/liver_0.nii.gz", "imagesTr/liver_1.nii.gz"]
+    files += ["labelsTr/liver_1.nii.gz", "imagesTs/liver_9.nii.gz"]
+    root = make(tmp_path / "Task03_Liver", MSD_JSON, files)
+    screened = [root / f for f in files if f != "imagesTr/liver_1.nii.gz"]
+    ds = read_msd_dataset(root, files=screened)
+    assert [c.key for c in ds.cases] == ["imagesTr/liver_0.nii.gz", "imagesTs/liver_9.nii.gz"]
+    assert {(r.path, r.reason) for r in ds.rejected} == {
+        ("labelsTr/liver_1.nii.gz", Reason.MISSING_LABEL_SOURCE)
+    }

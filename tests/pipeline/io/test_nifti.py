@@ -118,7 +118,7 @@ def test_affine_choice_is_sform_then_qform(tmp_path, qcode, scode, source):
     path = write(
         tmp_path / "a.nii", np.zeros((3, 4, 5), np.int16), qform=qform, sform=sform, qcode=qcode, scode=scode
     )
-    vol = load_nifti(path, "a.nii", **LIMITS)
+    vol = load_nifti(path, "a.nii", **LIMITS, allow_no_orientation=source == "none")
     assert vol.meta["affine_source"] == source
     expected = {"sform": sform, "qform": qform}.get(source, nib.load(path).header.get_base_affine())
     np.testing.assert_allclose(vol.affine, expected, atol=1e-5)
@@ -232,13 +232,13 @@ def test_garbage_with_a_nifti_name(tmp_path, name, content, reason):
     rejected(info, reason, name)
 
 
-def test_header_image_pair_is_unreadable(tmp_path):
+def test_header_image_pair_named_nii_is_analyze_format(tmp_path):
     img = nib.Nifti1Pair(np.zeros((2, 2, 2), np.uint8), AFFINE)
     nib.save(img, tmp_path / "pair.img")
     (tmp_path / "pair.nii").write_bytes((tmp_path / "pair.hdr").read_bytes())
     with pytest.raises(Exception) as info:
         load_nifti(tmp_path / "pair.nii", "pair.nii", **LIMITS)
-    assert rejected(info, Reason.UNREADABLE, "pair.nii") == {"magic": "ni1"}
+    assert rejected(info, Reason.ANALYZE_FORMAT, "pair.nii") == {"magic": "ni1"}
 
 
 def test_nifti2_is_read(tmp_path):
@@ -520,3 +520,160 @@ def test_pairing_rejections(tmp_path):
     ghost = next(r for r in rejections if r.path == "labels/ghost.nii.gz")
     assert ghost.details == {"expected_image": "images/ghost.nii.gz (or .nii)"}
     assert len(rejections) == len(got)  # every file once
+
+
+# ---------------------------------------------------------------------------------------------
+# orientation, Analyze pairs, streaming
+
+
+def test_no_orientation_is_refused_unless_opted_in(tmp_path):
+    data = np.arange(60, dtype=np.int16).reshape(3, 4, 5)
+    path = write(tmp_path / "a.nii.gz", data, qcode=0, scode=0)
+    with pytest.raises(Exception) as info:
+        load_nifti(path, "a.nii.gz", **LIMITS)
+    assert rejected(info, Reason.NO_ORIENTATION, "a.nii.gz") == {"qform_code": 0, "sform_code": 0}
+    vol = load_nifti(path, "a.nii.gz", **LIMITS, allow_no_orientation=True)
+    assert vol.meta["affine_source"] == "none"
+    np.testing.assert_array_equal(vol.data, data)
+
+
+def test_label_without_orientation_is_refused_too(tmp_path, image):
+    data = np.zeros(image.shape, np.uint8)
+    path = write(tmp_path / "lab.nii.gz", data, qcode=0, scode=0)
+    with pytest.raises(Exception) as info:
+        load_label(path, "lab.nii.gz", image, allowed_labels=None, **LIMITS)
+    rejected(info, Reason.NO_ORIENTATION, "lab.nii.gz")
+
+
+def test_staged_volume_without_orientation_keeps_codes_zero(tmp_path):
+    from pipeline.io.volume import save_nifti
+
+    path = write(tmp_path / "a.nii.gz", np.ones((3, 4, 5), np.int16), qcode=0, scode=0)
+    vol = load_nifti(path, "a.nii.gz", **LIMITS, allow_no_orientation=True)
+    save_nifti(vol, tmp_path / "out.nii.gz")
+    hdr = nib.load(tmp_path / "out.nii.gz").header
+    assert (int(hdr["qform_code"]), int(hdr["sform_code"])) == (0, 0)  # never a guess written as known
+
+
+@pytest.mark.parametrize("kind", ["analyze", "nifti_pair"])
+def test_hdr_img_pairs_are_analyze_format(tmp_path, kind):
+    from pipeline.io.nifti import analyze_files
+
+    data = np.zeros((4, 5, 6), np.int16)
+    klass = nib.AnalyzeImage if kind == "analyze" else nib.Nifti1Pair
+    nib.save(klass(data, AFFINE), tmp_path / "scan.hdr")
+    (tmp_path / "lone.hdr").write_bytes(b"not a header at all, a text file\n" * 20)
+    (tmp_path / "other.img").write_bytes(b"\0" * 100)  # no header beside it: left to the others
+    files = sorted(tmp_path.iterdir())
+    taken, rejections = analyze_files(files, tmp_path)
+    assert taken == {tmp_path / "scan.hdr", tmp_path / "scan.img"}
+    assert {(r.path, r.reason) for r in rejections} == {
+        ("scan.hdr", Reason.ANALYZE_FORMAT),
+        ("scan.img", Reason.ANALYZE_FORMAT),
+    }
+    assert ("NIfTI-1" if kind == "nifti_pair" else "Analyze 7.5") in rejections[0].message
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+@pytest.mark.parametrize(
+    ("stored", "slope", "byteorder"),
+    [
+        (np.int16, None, "<"),
+        (np.int16, (0.5, -1000.0), ">"),
+        (np.uint8, (2.0, 1.0), "<"),
+        (np.float64, (3.0, 0.25), "<"),
+        (np.float64, None, ">"),
+        (np.int32, (1.5, 0.0), "<"),
+    ],
+)
+def test_streamed_read_equals_the_formula_across_chunks(
+    tmp_path, monkeypatch, suffix, stored, slope, byteorder
+):
+    """Chunks of 96 bytes (not a multiple of a row), a header extension before the voxels, either
+    byte order: values as ``stored * slope + inter`` in float32 (float64 for float64 voxels)."""
+    from pipeline.io import nifti_stream
+
+    monkeypatch.setattr(nifti_stream, "CHUNK_BYTES", 96)
+    rng = np.random.default_rng(5)
+    data = rng.integers(0, 200, size=(33, 37, 5)).astype(stored)
+    hdr = nib.Nifti1Header()
+    hdr.set_data_shape(data.shape)
+    hdr.set_data_dtype(stored)
+    hdr.set_qform(AFFINE, code=1)
+    if slope is not None:
+        hdr["scl_slope"], hdr["scl_inter"] = slope
+    hdr.set_data_offset(352 + 48)
+    order = ">" if byteorder == ">" else "<"
+    if order == ">":
+        hdr = hdr.as_byteswapped(">")
+    extension = np.array([48, 6], dtype=f"{order}i4").tobytes() + b"a comment before the voxels".ljust(40)
+    voxels = data.astype(data.dtype.newbyteorder(order)).tobytes(order="F")
+    whole = hdr.binaryblock + b"\x01\0\0\0" + extension + voxels
+    (tmp_path / f"s{suffix}").write_bytes(gzip.compress(whole) if suffix == ".nii.gz" else whole)
+    if slope is not None:
+        work = np.float64 if stored == np.float64 else np.float32
+        expected = data.astype(work) * work(slope[0]) + work(slope[1])
+    else:
+        expected = data
+    vol = load_nifti(tmp_path / f"s{suffix}", f"s{suffix}", **LIMITS)
+    out = np.float32 if slope is not None or stored == np.float64 else stored
+    assert vol.data.dtype == out and vol.data.dtype.isnative
+    np.testing.assert_array_equal(vol.data, expected.astype(out))
+    assert vol.data.flags.f_contiguous
+
+
+def test_reading_holds_the_output_and_one_chunk(tmp_path):
+    """A scaled int16 image becomes float32: the peak is that array plus a chunk, not 2-3 copies."""
+    from pipeline.io.nifti_stream import CHUNK_BYTES
+
+    data = np.broadcast_to((np.arange(256, dtype=np.int16) % 97)[:, None, None], (256, 256, 64)).copy()
+    img = nib.Nifti1Image(data, AFFINE)
+    img.set_qform(AFFINE, code=1)
+    img.header.set_slope_inter(0.5, -10.0)
+    nib.save(img, tmp_path / "big.nii.gz")
+    out_bytes = data.size * 4
+    del data, img
+    tracemalloc.start()
+    try:
+        vol = load_nifti(tmp_path / "big.nii.gz", "big.nii.gz", **LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert vol.data.nbytes == out_bytes
+    assert peak <= out_bytes + 3 * CHUNK_BYTES, (
+        f"peak {peak / 2**20:.1f} MiB for a {out_bytes / 2**20:.0f} MiB volume"
+    )
+
+
+@pytest.mark.parametrize("stored", [np.uint8, np.int16, np.float32])
+def test_label_reading_holds_the_output_and_one_chunk(tmp_path, stored):
+    from pipeline.io.nifti_stream import CHUNK_BYTES
+
+    shape = (256, 256, 48)
+    data = np.zeros(shape, stored)
+    data[40:90, 50:120, 3:40] = 2
+    label = write(tmp_path / "lab.nii.gz", data)
+    grid = Volume(np.broadcast_to(np.float32(0), shape), AFFINE)  # the image's grid, no voxels
+    del data
+    tracemalloc.start()
+    try:
+        vol = load_label(label, "lab.nii.gz", grid, allowed_labels={0, 1, 2}, **LIMITS)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert vol.data.dtype == np.uint8 and vol.meta["label_values"] == [0, 2]
+    # int16 and float32 chunks are widened to int64 while counted: a few chunks, never a volume
+    assert peak <= vol.data.nbytes + 6 * CHUNK_BYTES, f"peak {peak / 2**20:.1f} MiB"
+
+
+def test_value_counts_is_exact_on_any_layout():
+    from pipeline.io.nifti import value_counts
+
+    rng = np.random.default_rng(2)
+    data = rng.integers(0, 4, size=(40, 30, 20)).astype(np.uint16)
+    expected = {int(v): int(c) for v, c in zip(*np.unique(data, return_counts=True), strict=True)}
+    assert value_counts(data) == expected
+    assert value_counts(np.asfortranarray(data)) == expected
+    assert value_counts(data[:, ::2, :]) == {
+        int(v): int(c) for v, c in zip(*np.unique(data[:, ::2, :], return_counts=True), strict=True)
+    }
