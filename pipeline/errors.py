@@ -54,6 +54,12 @@ class Reason(StrEnum):
     INVALID_DATASET = "INVALID_DATASET"  # a dataset.json that does not describe the files present
     # prediction
     PREDICTION_FAILED = "PREDICTION_FAILED"  # an unclassified failure while predicting a valid case
+    # PACS (pull and push)
+    PACS_UNREACHABLE = "PACS_UNREACHABLE"  # no answer from the PACS (down, wrong host or port, TLS failure)
+    PACS_REFUSED = "PACS_REFUSED"  # the PACS answered with an error (credentials, permissions, bad query)
+    PACS_INCOMPLETE_SERIES = "PACS_INCOMPLETE_SERIES"  # fewer instances delivered than the PACS listed
+    PUSH_UNREACHABLE = "PUSH_UNREACHABLE"  # the push destination did not answer; a rerun retries the push
+    PUSH_REFUSED = "PUSH_REFUSED"  # the push destination refused the object; a rerun retries the push
 
 
 # Reasons that mean "not an input at all" rather than "a bad input": listed as ignored.
