@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import platform
 import sys
+from collections import Counter
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Annotated
@@ -191,7 +192,9 @@ def setup_logging(verbose: bool) -> None:
 
 @app.command("ingest")
 def ingest_command(
-    source: Annotated[Path, typer.Argument(help="DICOM folder tree, NIfTI files or an MSD dataset.")],
+    source: Annotated[
+        str, typer.Argument(help="DICOM folder tree, NIfTI files, an MSD dataset or a PACS URL (see README).")
+    ],
     out: Annotated[Path, typer.Option("--out", help="Staging folder to write (made if absent).")],
     secret_file: Annotated[
         Path | None, typer.Option(help="Site secret keying case IDs (default: <workdir>/site-secret).")
@@ -215,6 +218,7 @@ def ingest_command(
         Path | None,
         typer.Option(help="YAML configuration: its `ingest` and `data` sections (see `config --show`)."),
     ] = None,
+    ca_bundle: Annotated[Path | None, typer.Option(help="PEM CA bundle to verify a PACS's TLS.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each step.")] = False,
 ) -> None:
     """Validate and convert a source into a staging dataset; quarantine what is wrong, with reasons.
@@ -229,6 +233,7 @@ def ingest_command(
     from pipeline.ingest import IngestLimits, ingest
 
     setup_logging(verbose)
+    folder = _pull_source(source, out, secret_file, ca_bundle, include_derived=True)
     try:
         cfg = load_config(config)
         if accept_partial_series is None:
@@ -238,7 +243,7 @@ def ingest_command(
             overrides["max_pixels_per_file"] = max_pixels
         limits = IngestLimits.from_config(cfg.ingest, **overrides)
         report = ingest(
-            source,
+            folder,
             out,
             secret_file=secret_file,
             workers=workers,
@@ -354,7 +359,9 @@ def evaluate_command(
 
 @app.command("predict")
 def predict_command(
-    source: Annotated[Path, typer.Argument(help="DICOM tree, NIfTI files, MSD dataset or staging folder.")],
+    source: Annotated[
+        str, typer.Argument(help="DICOM tree, NIfTI files, MSD dataset, staging folder or a PACS URL.")
+    ],
     model: Annotated[str, typer.Option(help="models:/NAME@ALIAS, models:/NAME/VERSION, runs:/..., folder.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder (reruns skip done cases).")],
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -366,20 +373,34 @@ def predict_command(
     secret_file: Annotated[
         Path | None, typer.Option(help="Site secret keying case IDs (default: <workdir>/site-secret).")
     ] = None,
+    push: Annotated[
+        str | None,
+        typer.Option(
+            help="Send each case's DICOM SEG to dicomweb+http(s)://... (STOW-RS) or dimse://AET@HOST:PORT."
+        ),
+    ] = None,
+    push_sr: Annotated[
+        bool, typer.Option(help="With --push, also send an SR of the volumes (TID 1500).")
+    ] = False,
+    ca_bundle: Annotated[Path | None, typer.Option(help="PEM CA bundle to verify a PACS's TLS.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each case.")] = False,
 ) -> None:
     """Segment every case of SOURCE; masks, DICOM SEG, QC, results.csv and report.html in OUT.
 
-    Exit code 0 when every case is ok, 1 when some are quarantined or failed, 2 when none is ok.
+    Exit code 0 when every case is ok (and pushed), 1 when some are quarantined or failed (or a
+    PACS series was incomplete, or a push failed), 2 when none is ok.
     """
     import sys
 
     from pipeline.inference import ModelLoadError, predict
 
     setup_logging(verbose)
+    if push:
+        _check_push_url(push)
+    folder = _pull_source(source, out, secret_file, ca_bundle, include_derived=False)
     try:
         summary = predict(
-            source,
+            folder,
             model,
             out,
             device=device,
@@ -395,6 +416,101 @@ def predict_command(
         f"predict: {summary.count('ok')} ok ({summary.processed} predicted, {summary.skipped} done earlier), "
         f"{summary.count('quarantined')} quarantined, {summary.count('failed')} failed"
     )
+    code = summary.exit_code
+    if push and summary.count("ok"):
+        code = max(code, _push_results(summary, push, ca_bundle, push_sr))
+    if (summary.out / "pull_report.json").is_file() and _pull_incomplete(summary.out):
+        code = max(code, 1)
     typer.echo(f"  results: {summary.out / 'results.csv'}")
     typer.echo(f"  report:  {summary.out / 'report.html'}")
-    raise typer.Exit(code=summary.exit_code)
+    raise typer.Exit(code=code)
+
+
+# ------------------------------------------------------------------------------------------
+# PACS sources and push (pipeline.pacs): a URL source becomes a spool folder before the folder
+# code path; credentials only from the environment (UNET_PACS_*, UNET_PUSH_*).
+
+
+def _pacs_credentials(ca_bundle: Path | None, push: bool = False):
+    from dataclasses import replace
+
+    from pipeline.pacs.common import PULL_PREFIX, PUSH_PREFIX, Credentials
+
+    try:
+        creds = Credentials.from_env(PUSH_PREFIX, fallback=PULL_PREFIX) if push else Credentials.from_env()
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    return replace(creds, ca_bundle=str(ca_bundle)) if ca_bundle else creds
+
+
+def _check_push_url(push: str) -> None:
+    from pipeline.pacs.push import destination
+
+    try:
+        destination(push)
+    except ValueError as exc:
+        typer.echo(f"error: --push: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+
+
+def _pull_source(
+    source: str, out: Path, secret_file: Path | None, ca_bundle: Path | None, *, include_derived: bool
+) -> Path:
+    """A folder as is; a PACS URL pulled into OUT/.spool/ (the folder of its complete series)."""
+    from pipeline.pacs.common import PacsError
+    from pipeline.pacs.pull import resolve_source
+    from pipeline.pacs.url import is_pacs_url
+
+    if not is_pacs_url(source):
+        return Path(source)
+    try:
+        folder, report = resolve_source(
+            source,
+            out,
+            secret_file=secret_file,
+            credentials=_pacs_credentials(ca_bundle),
+            include_derived=include_derived,
+        )
+    except (PacsError, ValueError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    counts = report.to_json()["counts"]
+    typer.echo(
+        f"pull: {counts['series_found']} series found: {counts['series_complete']} complete, "
+        f"{counts['series_incomplete']} incomplete, {counts['series_skipped']} skipped; "
+        f"{counts['instances_fetched']} instances fetched, {counts['instances_reused']} already spooled "
+        f"({report.bytes / 1e6:.1f} MB in {report.seconds:.1f} s)"
+    )
+    for record in report.quarantine():
+        typer.echo(f"  {record['reason']:<24} {record['path']}: {record['message']}")
+    return folder
+
+
+def _pull_incomplete(out: Path) -> bool:
+    import json
+
+    report = json.loads((out / "pull_report.json").read_text(encoding="utf-8"))
+    return bool(report["counts"]["series_incomplete"])
+
+
+def _push_results(summary, push: str, ca_bundle: Path | None, with_sr: bool) -> int:
+    """Push the ok cases, refresh results.csv's push columns; 1 when any push failed, else 0."""
+    from pipeline.inference import finalize_batch
+    from pipeline.pacs.push import push_batch
+    from pipeline.pacs.record import PushStatus
+
+    ok = [r.case_id for r in summary.results if r.status == "ok"]
+    report = push_batch(
+        summary.out, push, ok, credentials=_pacs_credentials(ca_bundle, push=True), with_sr=with_sr
+    )
+    finalize_batch(summary.out)  # results.csv gains the push columns from the push records
+    failed = report.count(PushStatus.PUSH_FAILED)
+    typer.echo(
+        f"push: {report.count(PushStatus.PUSHED)} cases stored at {report.destination} "
+        f"({report.to_json()['pushed_now']} objects sent now), {failed} push_failed"
+    )
+    reasons = Counter(c["reason"] for c in report.cases.values() if c["status"] == PushStatus.PUSH_FAILED)
+    for reason, n in reasons.items():
+        typer.echo(f"  {reason:<24} {n} (a rerun retries them)")
+    return 1 if failed else 0

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.io.atomic import atomic_open, atomic_path, write_text
 from pipeline.io.volume import Volume, save_nifti
+from pipeline.pacs.record import push_cells, push_columns
 
 # The per-case QC picture and the batch report have modules of their own; the batch writes all
 # its outputs through this module, so they are re-exported here.
@@ -166,7 +167,8 @@ def result_columns(label_list: Sequence[str], with_sources: bool = True) -> list
     ]
     for name in label_list:
         cols += [f"{name}_ml", f"{name}_voxels"]
-    return [*cols, "seconds"]
+    # push state (pipeline.pacs.record); the pushed UIDs stay in OUT's copy only
+    return [*cols, "seconds", *push_columns(with_uids=with_sources)]
 
 
 def write_results_csv(
@@ -177,7 +179,10 @@ def write_results_csv(
     model_version: str,
     *,
     with_sources: bool = True,
+    case_root: Path | None = None,
 ) -> Path:
+    """`case_root`: the folder holding the case folders (OUT), whose push records fill the push
+    columns; None leaves them blank."""
     with atomic_open(path) as fh:
         writer = csv.writer(fh, lineterminator="\n")
         writer.writerow(result_columns(label_list, with_sources))
@@ -187,7 +192,12 @@ def write_results_csv(
             for name in label_list:
                 ok = r.status == "ok"
                 row += [r.volumes_ml.get(name, "") if ok else "", r.voxels.get(name, "") if ok else ""]
-            writer.writerow([*row, f"{r.seconds:.3f}" if r.status == "ok" else ""])
+            push = (
+                push_cells(case_root / r.case_id, with_sources)
+                if case_root is not None and r.case_id
+                else [""] * len(push_columns(with_sources))
+            )
+            writer.writerow([*row, f"{r.seconds:.3f}" if r.status == "ok" else "", *push])
     return path
 
 

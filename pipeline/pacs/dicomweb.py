@@ -121,9 +121,7 @@ def search_series(url: PacsUrl, query: dict[str, str], credentials: Credentials 
     return [r for r in refs if r.study_uid and r.series_uid]
 
 
-def pull_series(
-    url: PacsUrl, ref: SeriesRef, spool: Spool, credentials: Credentials | None
-) -> SeriesPull:
+def pull_series(url: PacsUrl, ref: SeriesRef, spool: Spool, credentials: Credentials | None) -> SeriesPull:
     """Retrieve one series into the spool with WADO-RS; resumable (see pipeline.pacs.spool).
 
     A series whose complete folder already holds as many instances as the PACS lists costs no
@@ -171,7 +169,9 @@ def pull_series(
     return result
 
 
-def _stream_series(client, ref: SeriesRef, folder, spool: Spool, missing: set[str], result: SeriesPull) -> None:
+def _stream_series(
+    client, ref: SeriesRef, folder, spool: Spool, missing: set[str], result: SeriesPull
+) -> None:
     """Fetch a whole series as one streamed multipart response, one instance in memory at a time.
 
     A stream that breaks off (or an error status) leaves the rest to the per-instance requests.
@@ -184,8 +184,11 @@ def _stream_series(client, ref: SeriesRef, folder, spool: Spool, missing: set[st
                 result.fetched += 1
                 missing.discard(sop)
     except (requests.RequestException, ValueError, EOFError) as exc:
-        log.info("series %s: streamed retrieval stopped (%s); fetching instance by instance",
-                 result.key, type(exc).__name__)
+        log.info(
+            "series %s: streamed retrieval stopped (%s); fetching instance by instance",
+            result.key,
+            type(exc).__name__,
+        )
 
 
 def store(url: PacsUrl, datasets: Sequence, credentials: Credentials | None) -> list[str]:

@@ -54,8 +54,9 @@ def pull(
     search_s = time.perf_counter() - t0
     wanted = [r for r in refs if include_derived or r.modality.upper() not in protocol.DERIVED_MODALITIES]
     skipped = [
-        SeriesPull(key=spool.series_key(r.study_uid, r.series_uid), modality=r.modality,
-                   status=SeriesStatus.SKIPPED)
+        SeriesPull(
+            key=spool.series_key(r.study_uid, r.series_uid), modality=r.modality, status=SeriesStatus.SKIPPED
+        )
         for r in refs
         if r not in wanted
     ]

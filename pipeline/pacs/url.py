@@ -48,7 +48,9 @@ class PacsUrl:
     def describe(self) -> str:
         """Protocol, host, port and path (AE title for DIMSE) and the query's keys, never its values:
         a query may hold an accession number or a patient ID."""
-        where = self.http_url if self.protocol == "dicomweb" else f"dimse://{self.aet}@{self.host}:{self.port}"
+        where = (
+            self.http_url if self.protocol == "dicomweb" else f"dimse://{self.aet}@{self.host}:{self.port}"
+        )
         keys = f" (query keys: {', '.join(sorted(self.query))})" if self.query else ""
         return where + keys
 

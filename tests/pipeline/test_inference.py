@@ -145,6 +145,9 @@ def test_results_csv_columns_exactly_as_the_issue_lists(setup, dicom_run):
         "model_version",
         *per_label,
         "seconds",
+        "push_status",  # blank unless the batch was pushed (pipeline.pacs)
+        "push_reason",
+        "pushed_sop_instance_uids",
     ]
     for row in _rows(out):
         if row["status"] == "ok":

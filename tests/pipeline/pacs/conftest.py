@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.pipeline.pacs.orthanc import ORTHANC_BIN, SKIP_REASON, USER, PASSWORD, start_orthanc
+from tests.pipeline.pacs.orthanc import ORTHANC_BIN, PASSWORD, SKIP_REASON, USER, start_orthanc
 from tests.pipeline.predict_fixture import make_predict_setup
 
 

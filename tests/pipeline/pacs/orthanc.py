@@ -23,9 +23,7 @@ ORTHANC_BIN = shutil.which("Orthanc") or (
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
 USER, PASSWORD = "pipeline", "orthanc-test-password"
 ORTHANC_AET = "ORTHANC"
-SKIP_REASON = (
-    "Orthanc is not installed (Debian packages orthanc and orthanc-dicomweb; .ci/run installs them)"
-)
+SKIP_REASON = "Orthanc is not installed (Debian packages orthanc and orthanc-dicomweb; .ci/run installs them)"
 
 
 def free_port() -> int:
@@ -129,6 +127,7 @@ def start_orthanc(root: Path, modalities: dict[str, list] | None = None) -> Orth
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"},
         "StorageCompression": False,
+        "MaximumStorageCacheSize": 0,  # read from disk every time: a test may remove a stored file
         "HttpCompressionEnabled": False,
     }
     (root / "orthanc.json").write_text(json.dumps(config, indent=2))
