@@ -60,9 +60,10 @@ def make_session(credentials: Credentials | None) -> requests.Session:
 def make_client(url: PacsUrl, credentials: Credentials | None):
     from dicomweb_client.api import DICOMwebClient
 
-    # dicomweb-client logs UIDs and request URLs (whose query may hold an accession number)
-    # at INFO and DEBUG: keep identifiers out of our logs.
-    logging.getLogger("dicomweb_client").setLevel(logging.WARNING)
+    # dicomweb-client (INFO, DEBUG) and urllib3 (DEBUG) log request URLs, whose paths hold
+    # study and series UIDs and whose queries may hold an accession number: keep them out.
+    for name in ("dicomweb_client", "urllib3.connectionpool"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     return DICOMwebClient(url.http_url, session=make_session(credentials), timeout=TIMEOUT_S)
 
 
@@ -127,8 +128,10 @@ def pull_series(url: PacsUrl, ref: SeriesRef, spool: Spool, credentials: Credent
     A series whose complete folder already holds as many instances as the PACS lists costs no
     retrieval. Otherwise the instances are listed (QIDO-RS), the intact ones kept, and the rest
     fetched: the whole series in one streamed multipart response when nothing is spooled yet,
-    instance by instance otherwise (and after a stream broke off). Never raises for the series:
-    a PACS that stops answering or does not deliver every instance gives an incomplete series.
+    instance by instance otherwise (and after a stream broke off). A PACS that cannot list the
+    instances (some answer 500 when a stored file is lost) is asked for the whole series and
+    held to the count its series search gave. Never raises for the series: a PACS that stops
+    answering or does not deliver every instance gives an incomplete series with the reason.
     """
     t0 = time.perf_counter()
     key = spool.series_key(ref.study_uid, ref.series_uid)
@@ -137,52 +140,71 @@ def pull_series(url: PacsUrl, ref: SeriesRef, spool: Spool, credentials: Credent
         result.status, result.listed, result.reused = SeriesStatus.COMPLETE, ref.n_instances, ref.n_instances
         return result
     client = make_client(url, credentials)
+    folder = spool.open_partial(key)
+    why = ""
     try:
-        listed = client.search_for_instances(
-            ref.study_uid, ref.series_uid, fields=["SOPInstanceUID"], get_remaining=True
-        )
-        sops = sorted({str(_value(i, _SOP_UID)) for i in listed if _value(i, _SOP_UID)})
-        folder = spool.open_partial(key)
-        result.listed = len(sops)
-        missing = {s for s in sops if not spool.intact(folder, s)}
-        result.reused = len(sops) - len(missing)
-        if missing and len(missing) == len(sops):
-            _stream_series(client, ref, folder, spool, missing, result)
-        for sop in sorted(missing):
-            try:
-                dataset = client.retrieve_instance(ref.study_uid, ref.series_uid, sop, media_types=AS_STORED)
-            except requests.HTTPError:
-                continue  # this instance is not delivered: counted below
-            result.bytes += spool.write_instance(folder, dataset)
-            result.fetched += 1
-            missing.discard(sop)
+        try:
+            listed = client.search_for_instances(
+                ref.study_uid, ref.series_uid, fields=["SOPInstanceUID"], get_remaining=True
+            )
+            sops: list[str] | None = sorted({str(_value(i, _SOP_UID)) for i in listed if _value(i, _SOP_UID)})
+        except requests.HTTPError as exc:
+            if exc.response is not None and exc.response.status_code in (401, 403):
+                raise
+            sops, why = None, f"it could not list them: {classify(exc, url).message}"
+        if sops is None:  # whole series, counted against the series search
+            result.listed = ref.n_instances or 0
+            result.reused = sum(1 for _ in folder.glob("*.dcm"))
+            _stream_series(client, ref, folder, spool, None, result)
+            missing_n = result.listed - result.reused - result.fetched
+        else:
+            result.listed = len(sops)
+            missing = {s for s in sops if not spool.intact(folder, s)}
+            result.reused = len(sops) - len(missing)
+            if missing and len(missing) == len(sops):
+                _stream_series(client, ref, folder, spool, missing, result)
+            for sop in sorted(missing):
+                try:
+                    dataset = client.retrieve_instance(
+                        ref.study_uid, ref.series_uid, sop, media_types=AS_STORED
+                    )
+                except requests.HTTPError as exc:
+                    why = f"{classify(exc, url).message} for an instance"
+                    continue  # this instance is not delivered: counted below
+                result.bytes += spool.write_instance(folder, dataset)
+                result.fetched += 1
+                missing.discard(sop)
+            missing_n = len(missing)
     except (requests.RequestException, ValueError) as exc:
         err = classify(exc, url)
-        result.reason = err.reason.value
+        result.reason = err.reason.value  # unreachable mid-pull, or credentials refused
         result.seconds = round(time.perf_counter() - t0, 3)
         return incomplete(result, result.listed - result.reused - result.fetched, err.message)
     result.seconds = round(time.perf_counter() - t0, 3)
-    if missing or not sops:
-        return incomplete(result, len(missing), "" if sops else "the PACS lists no instance")
+    if missing_n > 0 or result.listed == 0:
+        return incomplete(result, max(missing_n, 0), why or ("" if result.listed else "the PACS lists none"))
     spool.finish(key)
     result.status = SeriesStatus.COMPLETE
     return result
 
 
 def _stream_series(
-    client, ref: SeriesRef, folder, spool: Spool, missing: set[str], result: SeriesPull
+    client, ref: SeriesRef, folder, spool: Spool, missing: set[str] | None, result: SeriesPull
 ) -> None:
     """Fetch a whole series as one streamed multipart response, one instance in memory at a time.
 
-    A stream that breaks off (or an error status) leaves the rest to the per-instance requests.
+    `missing`: the SOP Instance UIDs to keep (None: every instance not spooled yet). A stream
+    that breaks off (or an error status) leaves the rest to the per-instance requests.
     """
     try:
         for dataset in client.iter_series(ref.study_uid, ref.series_uid, media_types=AS_STORED):
             sop = str(getattr(dataset, "SOPInstanceUID", ""))
-            if sop in missing:
+            wanted = sop in missing if missing is not None else not spool.intact(folder, sop)
+            if wanted:
                 result.bytes += spool.write_instance(folder, dataset)
                 result.fetched += 1
-                missing.discard(sop)
+                if missing is not None:
+                    missing.discard(sop)
     except (requests.RequestException, ValueError, EOFError) as exc:
         log.info(
             "series %s: streamed retrieval stopped (%s); fetching instance by instance",

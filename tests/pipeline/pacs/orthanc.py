@@ -127,6 +127,7 @@ def start_orthanc(root: Path, modalities: dict[str, list] | None = None) -> Orth
         "Plugins": [DICOMWEB_PLUGIN],
         "DicomWeb": {"Enable": True, "Root": "/dicom-web/", "StudiesMetadata": "Full"},
         "StorageCompression": False,
+        "StorageAccessOnFind": "Never",  # searches answer from the index, as large PACSes do
         "MaximumStorageCacheSize": 0,  # read from disk every time: a test may remove a stored file
         "HttpCompressionEnabled": False,
     }

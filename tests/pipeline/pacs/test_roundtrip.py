@@ -156,13 +156,16 @@ def test_push_to_a_down_or_refusing_pacs_is_push_failed_and_a_rerun_pushes(
     assert len(orthanc.instances(modality="SEG")) == len(rows)
 
 
-def test_a_partial_series_is_quarantined_and_the_next_pull_fetches_only_what_is_missing(
+def test_a_series_the_pacs_cannot_fully_deliver_is_quarantined_and_pulled_once_it_can(
     pacs_setup, orthanc, pacs_env, tmp_path
 ):
     files = demo_image_files(pacs_setup)
     orthanc.upload(files)
-    victim = orthanc.instances()[0]
-    stored = orthanc.storage_file(victim["id"])
+    # One instance from the middle of a series: Orthanc's DICOMweb plugin reads a series' first
+    # instance to answer a series search, so losing that one fails the whole search instead.
+    listed = orthanc.instances()
+    series = [i for i in listed if i["series"] == listed[0]["series"]]
+    stored = orthanc.storage_file(series[len(series) // 2]["id"])
     kept = tmp_path / "kept.dcm"
     shutil.move(stored, kept)  # the PACS lists the instance but cannot deliver it
     out = tmp_path / "out"
@@ -175,18 +178,20 @@ def test_a_partial_series_is_quarantined_and_the_next_pull_fetches_only_what_is_
     report = json.loads((out / "pull_report.json").read_text())
     counts = report["counts"]
     assert counts["series_incomplete"] == 1 and counts["series_complete"] == n_cases - 1
-    assert counts["instances_missing"] == 1
+    assert counts["instances_listed"] == len(files)
     assert counts["instances_listed"] == counts["instances_fetched"] + counts["instances_missing"]
     (record,) = report["quarantine"]
-    assert record["reason"] == "PACS_INCOMPLETE_SERIES" and record["received"] == record["listed"] - 1
+    assert record["reason"] == "PACS_INCOMPLETE_SERIES"
+    assert record["listed"] == len(series) and record["received"] < record["listed"]
     assert len(_rows(out)) == n_cases - 1  # the incomplete series never reaches predict
 
     shutil.move(kept, stored)  # the PACS recovers
     again = _predict(pacs_setup, orthanc.dicomweb_url, out)
     assert again.exit_code == 0, again.output
     counts = json.loads((out / "pull_report.json").read_text())["counts"]
-    assert counts["instances_fetched"] == 1 and counts["instances_reused"] == len(files) - 1
-    assert len(_rows(out)) == n_cases
+    assert counts["series_complete"] == n_cases and counts["instances_missing"] == 0
+    assert counts["instances_reused"] == len(files) - len(series) + record["received"]
+    assert {r["status"] for r in _rows(out)} == {"ok"} and len(_rows(out)) == n_cases
 
 
 @pytest.mark.parametrize(
