@@ -1,0 +1,165 @@
+"""pacs_batch_flow: pull matching studies from a PACS, segment them, push the DICOM SEGs back.
+
+pull (QIDO-RS/C-FIND search with relative dates resolved now in the site's time zone, WADO-RS or
+C-MOVE into OUT/.spool/; retried: network I/O) -> batch_inference_flow on the spool's complete
+series (a subflow: the same ingest rules, per-case tasks and MLflow record as a folder batch) ->
+push-case per ok case (STOW-RS or C-STORE; a refusing or down PACS is the case's `push_failed`
+record, retried by the next run, never a second push of a stored case) -> finalize (results.csv
+gains the push columns).
+
+Credentials come from the worker's environment (UNET_PACS_*, UNET_PUSH_*) or from Prefect Secret
+blocks named by `credentials_block` / `push_credentials_block`, whose value is JSON
+{"username": ..., "password": ...} or {"token": ...}. Only the block's name travels as a
+parameter; the secret is read inside the task and never logged, returned or stored.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, Failed
+
+from flows.inference import batch_inference_flow, finalize_task
+from pipeline.pacs.common import PULL_PREFIX, PUSH_PREFIX, Credentials
+from pipeline.pacs.pull import resolve_source
+from pipeline.pacs.push import push_case
+from pipeline.pacs.record import PushStatus
+
+
+def _credentials(block: str | None, *, push: bool) -> Credentials:
+    """From the named Secret block, else the environment (push falls back to the pull variables)."""
+    if not block:
+        return Credentials.from_env(PUSH_PREFIX, fallback=PULL_PREFIX) if push else Credentials.from_env()
+    from prefect.blocks.system import Secret
+
+    value: Any = Secret.load(block).get()
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError:
+            raise ValueError(
+                f"Secret block {block!r} is not JSON: store {{'username', 'password'}} or {{'token'}}"
+            ) from None
+    if not isinstance(value, dict):
+        raise ValueError(f"Secret block {block!r} must hold a JSON object with username/password or token")
+    return Credentials.from_mapping(value)
+
+
+@task(name="pacs-pull", retries=2, retry_delay_seconds=[30, 120], tags=["io", "pacs"], cache_policy=NO_CACHE)
+def pull_task(
+    source: str, out: str, secret_file: str | None, site_timezone: str | None, credentials_block: str | None
+) -> dict:
+    """Search and retrieve into OUT/.spool/; the pull report without identifiers (and the folder)."""
+    folder, report = resolve_source(
+        source,
+        out,
+        secret_file=secret_file,
+        credentials=_credentials(credentials_block, push=False),
+        timezone=site_timezone,
+        include_derived=False,
+    )
+    data = report.to_json() if report else {"folder": str(folder), "counts": {}, "seconds": 0.0}
+    data.pop("series", None)  # per-series detail stays in OUT/pull_report.json
+    return data
+
+
+@task(
+    name="pacs-push-case",
+    task_run_name="push-{case_id}",
+    retries=0,  # a failure is recorded on the case and retried by the next run
+    tags=["io", "pacs"],
+    cache_policy=NO_CACHE,
+)
+def push_case_task(out: str, case_id: str, destination: str, block: str | None, with_sr: bool) -> dict:
+    return push_case(out, case_id, destination, credentials=_credentials(block, push=True), with_sr=with_sr)
+
+
+@flow(name="pacs-batch", log_prints=False, validate_parameters=True)
+def pacs_batch_flow(
+    source: str,
+    out: str,
+    push: str | None = None,
+    model_uri: str = "models:/unet-seg@champion",
+    device: str = "auto",
+    batch_size: int | None = None,
+    case_timeout_s: float = 1800.0,
+    secret_file: str | None = None,
+    site_timezone: str | None = None,
+    credentials_block: str | None = None,
+    push_credentials_block: str | None = None,
+    push_sr: bool = False,
+    mlflow_experiment: str | None = "batch-inference",
+) -> dict:
+    """Pull SOURCE (a PACS URL whose query may say StudyDate=yesterday), predict, push to PUSH.
+
+    `site_timezone` (IANA name; default $UNET_SITE_TIMEZONE or the machine's zone) resolves the
+    query's relative dates when the run starts. The final state is Failed when a case failed or
+    a push failed (the masks are written either way; the next run pushes what is missing).
+    """
+    logger = get_run_logger()
+    t0 = time.perf_counter()
+    pulled = pull_task(source, out, secret_file, site_timezone, credentials_block)
+    t_pull = time.perf_counter() - t0
+    inference_state = batch_inference_flow(
+        pulled["folder"],
+        out,
+        model_uri=model_uri,
+        device=device,
+        batch_size=batch_size,
+        case_timeout_s=case_timeout_s,
+        secret_file=secret_file,
+        mlflow_experiment=mlflow_experiment,
+        return_state=True,
+    )
+    inference = inference_state.result(raise_on_failure=False)
+    if not isinstance(inference, dict):  # the subflow broke before its summary (model refused...)
+        return Failed(message=f"batch inference did not run: {inference_state.message}")
+    t_predict = time.perf_counter() - t0 - t_pull
+    pushed: list[dict] = []
+    if push:
+        ok = [row["case"] for row in inference["rows"] if row["status"] == "ok"]
+        futures = [push_case_task.submit(out, c, push, push_credentials_block, push_sr) for c in ok]
+        pushed = [f.result() for f in futures]
+        inference = finalize_task(out)  # results.csv gains the push columns
+    t_push = time.perf_counter() - t0 - t_pull - t_predict
+    failed_push = sum(p["status"] == PushStatus.PUSH_FAILED for p in pushed)
+    counts = pulled.get("counts", {})
+    summary = {
+        "pull": {k: v for k, v in pulled.items() if k != "folder"},
+        "inference": {k: v for k, v in inference.items() if k != "rows"},
+        "push": {
+            "destination_given": bool(push),
+            "pushed": sum(p["status"] == PushStatus.PUSHED for p in pushed),
+            "pushed_now": sum(p["pushed_now"] for p in pushed),
+            "push_failed": failed_push,
+            "reasons": sorted({p["reason"] for p in pushed if p["reason"]}),
+        },
+        "seconds": {"pull": round(t_pull, 3), "predict": round(t_predict, 3), "push": round(t_push, 3)},
+    }
+    create_markdown_artifact(
+        key="pacs-batch-summary",
+        markdown=(
+            "# PACS batch\n\n| series found | complete | incomplete | cases ok | failed | pushed | "
+            "push_failed |\n|---|---|---|---|---|---|---|\n"
+            f"| {counts.get('series_found', 0)} | {counts.get('series_complete', 0)} | "
+            f"{counts.get('series_incomplete', 0)} | {inference['ok']} | {inference['failed']} | "
+            f"{summary['push']['pushed']} | {failed_push} |\n\n"
+            f"Pull {t_pull:.1f} s, predict {t_predict:.1f} s, push {t_push:.1f} s. "
+            f"Details: `{out}/pull_report.json`, `{out}/results.csv`.\n"
+        ),
+    )
+    message = (
+        f"{counts.get('series_complete', 0)} series pulled "
+        f"({counts.get('series_incomplete', 0)} incomplete), "
+        f"{inference['ok']} cases ok, {inference['failed']} failed, "
+        f"{summary['push']['pushed']} pushed, {failed_push} push_failed"
+    )
+    logger.info("pacs batch: %s", message)
+    if inference["failed"] or failed_push:
+        return Failed(message=message, data=summary)
+    return Completed(message=message, data=summary)
