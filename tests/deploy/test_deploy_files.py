@@ -20,6 +20,7 @@ EXPECTED_DEPLOYMENTS = {
     "nightly-batch-inference": ("flows/inference.py:batch_inference_flow", "gpu-pool"),
     "weekly-retraining": ("flows/train.py:train_flow", "gpu-pool"),
     "ingest-on-demand": ("flows/ingest.py:ingest_flow", "cpu-pool"),
+    "nightly-pacs-batch": ("flows/pacs.py:pacs_batch_flow", "gpu-pool"),
 }
 
 

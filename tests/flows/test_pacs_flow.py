@@ -150,3 +150,23 @@ def test_a_down_push_destination_fails_the_run_but_keeps_the_masks(
         rows = list(csv.DictReader(fh))
     assert {r["status"] for r in rows} == {"ok"} and {r["push_status"] for r in rows} == {"push_failed"}
     assert all((out / r["case_id"] / "seg.nii.gz").is_file() for r in rows)
+
+
+def test_the_nightly_pacs_deployment_resolves_dates_in_its_schedule_time_zone():
+    from pathlib import Path
+
+    import yaml
+    from prefect.client.schemas.schedules import CronSchedule
+
+    from pipeline.pacs.push import destination
+    from pipeline.pacs.url import parse_pacs_url
+
+    root = Path(__file__).resolve().parents[2]
+    deployments = yaml.safe_load((root / "deploy" / "prefect.yaml").read_text())["deployments"]
+    (pacs,) = [d for d in deployments if d["name"] == "nightly-pacs-batch"]
+    (schedule,) = pacs["schedules"]
+    CronSchedule(cron=schedule["cron"], timezone=schedule["timezone"])
+    params = pacs["parameters"]
+    assert params["site_timezone"] == schedule["timezone"]
+    assert parse_pacs_url(params["source"]).query["StudyDate"] == "yesterday"
+    destination(params["push"])  # a valid push destination, no credentials in it
