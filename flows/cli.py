@@ -95,5 +95,80 @@ def demo(
     (workdir / "demo_summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
 
 
+@app.command("listen")
+def listen(
+    aet: Annotated[str, typer.Option(help="Our AE title (the senders' destination).")],
+    port: Annotated[int, typer.Option(help="TCP port to listen on.")],
+    out: Annotated[Path, typer.Option("--out", help="INCOMING folder: receiving/ and studies/ in it.")],
+    quiet: Annotated[
+        float, typer.Option(help="Seconds without an instance before a study is complete.")
+    ] = 30.0,
+    allow: Annotated[
+        list[str] | None, typer.Option(help="Calling AE title allowed to send (repeat; default: any).")
+    ] = None,
+    bind: Annotated[str, typer.Option(help="Address to bind (default: every interface).")] = "",
+    deployment: Annotated[
+        str | None,
+        typer.Option(help="Deployment to run per complete study (FLOW/DEPLOYMENT), e.g. batch-inference/..."),
+    ] = None,
+    results: Annotated[
+        Path | None, typer.Option(help="With --deployment: the runs' out folder (one sub-folder per study).")
+    ] = None,
+    secret_file: Annotated[
+        Path | None,
+        typer.Option(help="Site secret keying the study folders (default: <workdir>/site-secret)."),
+    ] = None,
+) -> None:
+    """A DICOM C-STORE SCP: files each study, and starts a deployment run when it is complete."""
+    import logging
+    import signal
+    import threading
+
+    from pipeline.config import Workdir
+    from pipeline.ingest import load_or_create_secret
+    from pipeline.pacs.listener import StudyListener
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if deployment and results is None:
+        typer.echo("error: --deployment needs --results (where the runs write)", err=True)
+        raise typer.Exit(code=2)
+
+    def start_run(folder: Path) -> None:
+        if not deployment:
+            typer.echo(f"study complete: {folder}")
+            return
+        from prefect.deployments import run_deployment
+
+        run = run_deployment(
+            deployment,
+            parameters={"source": str(folder), "out": str(results / folder.name)},
+            timeout=0,  # start it, do not wait: the listener keeps receiving
+        )
+        typer.echo(f"study complete: {folder} -> flow run {run.id} of {deployment}")
+
+    secret = load_or_create_secret(secret_file or Workdir.resolve().secret_file)
+    try:
+        listener = StudyListener(
+            out,
+            aet=aet,
+            port=port,
+            secret=secret,
+            quiet_s=quiet,
+            on_complete=start_run,
+            allowed_aets=allow or (),
+            bind=bind,
+        ).start()
+    except (ValueError, OSError) as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from exc
+    typer.echo(f"listening as {aet} on port {port}; files under {out.resolve()} (Ctrl-C stops)")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    stop.wait()
+    listener.stop()
+    typer.echo(f"stopped: {listener.received} instances received, {len(listener.completed)} studies complete")
+
+
 if __name__ == "__main__":
     app()

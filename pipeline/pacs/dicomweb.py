@@ -6,16 +6,16 @@ what to check; never the request URL (its query may hold an accession number) no
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 
 import requests
 
 from pipeline.errors import Reason
 from pipeline.pacs.common import Credentials, PacsError
-from pipeline.pacs.spool import SeriesPull, SeriesStatus, Spool, incomplete
+from pipeline.pacs.spool import SeriesPull, SeriesRef, SeriesStatus, Spool, incomplete
 from pipeline.pacs.url import PacsUrl
 
 log = logging.getLogger(__name__)
@@ -33,16 +33,6 @@ AS_STORED = (("application/dicom", "*"),)
 # Series that are not images to segment: left out of a predict pull (kept for ingest, where a
 # SEG is the label of the series it references).
 DERIVED_MODALITIES = frozenset({"SEG", "SR", "PR", "KO", "RTSTRUCT", "DOC", "REG", "OT"})
-
-
-@dataclass(frozen=True)
-class SeriesRef:
-    """One series a search found (UIDs stay in memory; reports carry its spool key)."""
-
-    study_uid: str
-    series_uid: str
-    modality: str
-    n_instances: int | None  # NumberOfSeriesRelatedInstances when the PACS gives it
 
 
 def make_session(credentials: Credentials | None) -> requests.Session:
@@ -120,6 +110,12 @@ def search_series(url: PacsUrl, query: dict[str, str], credentials: Credentials 
             )
         )
     return [r for r in refs if r.study_uid and r.series_uid]
+
+
+@contextlib.contextmanager
+def receiving() -> Iterator[None]:
+    """Nothing to run for a DICOMweb pull (DIMSE runs its C-MOVE destination here)."""
+    yield
 
 
 def pull_series(url: PacsUrl, ref: SeriesRef, spool: Spool, credentials: Credentials | None) -> SeriesPull:

@@ -8,16 +8,17 @@ must know our title's host and port (the `move_port`, default DEFAULT_MOVE_PORT)
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import ClassVar
 
 from pipeline.errors import Reason
 from pipeline.pacs.common import Credentials, PacsError, our_aet
-from pipeline.pacs.spool import SeriesPull, SeriesStatus, Spool, incomplete
+from pipeline.pacs.spool import SeriesPull, SeriesRef, SeriesStatus, Spool, incomplete
 from pipeline.pacs.url import PacsUrl
 
 log = logging.getLogger(__name__)
@@ -118,8 +119,6 @@ def search_series(url: PacsUrl, query: dict[str, str], credentials: Credentials 
     from pydicom import Dataset
     from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind as FIND
 
-    from pipeline.pacs.dicomweb import SeriesRef
-
     del credentials
     identifier = Dataset()
     identifier.QueryRetrieveLevel = "SERIES"
@@ -195,6 +194,16 @@ class _MoveReceiver:
         return 0x0000
 
 
+@contextlib.contextmanager
+def receiving() -> Iterator[None]:
+    """Run our storage SCP (the C-MOVE destination) for the duration of a pull."""
+    _MoveReceiver.start(int(os.environ.get(ENV_MOVE_PORT, DEFAULT_MOVE_PORT)))
+    try:
+        yield
+    finally:
+        _MoveReceiver.stop()
+
+
 def pull_series(url: PacsUrl, ref, spool: Spool, credentials: Credentials | None = None) -> SeriesPull:
     """C-MOVE one series to our storage SCP into the spool; resumable like the DICOMweb pull
     (only a series with missing instances is moved again: C-MOVE moves whole series)."""
@@ -213,7 +222,6 @@ def pull_series(url: PacsUrl, ref, spool: Spool, credentials: Credentials | None
         missing = {s for s in sops if not spool.intact(folder, s)}
         result.reused = len(sops) - len(missing)
         if missing:
-            _MoveReceiver.start(int(os.environ.get(ENV_MOVE_PORT, DEFAULT_MOVE_PORT)))
             _MoveReceiver._folders[ref.series_uid] = (spool, folder, result)
             try:
                 _move(url, ref, MOVE)

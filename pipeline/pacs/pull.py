@@ -61,7 +61,10 @@ def pull(
         if r not in wanted
     ]
     spool.ready_folder()
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pacs-pull") as pool:
+    with (
+        protocol.receiving(),
+        ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="pacs-pull") as pool,
+    ):
         pulled = list(pool.map(lambda r: protocol.pull_series(url, r, spool, creds), wanted))
     report = PullReport(
         source=url.describe(),

@@ -42,6 +42,16 @@ class SeriesStatus:
     SKIPPED = "skipped"  # not an image series for this use (SEG, SR, PR... when predicting)
 
 
+@dataclass(frozen=True)
+class SeriesRef:
+    """One series a search found (UIDs stay in memory; reports carry its spool key)."""
+
+    study_uid: str
+    series_uid: str
+    modality: str
+    n_instances: int | None  # NumberOfSeriesRelatedInstances when the PACS gives it
+
+
 @dataclass
 class SeriesPull:
     """One series of a pull; nothing identifying (the key is an HMAC of its UIDs)."""

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import requests
 
-ORTHANC_BIN = shutil.which("Orthanc") or (
-    "/usr/sbin/Orthanc" if Path("/usr/sbin/Orthanc").is_file() else None
-)
 DICOMWEB_PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+# None (tests skipped) unless both the server and its DICOMweb plugin are installed.
+ORTHANC_BIN = (shutil.which("Orthanc") or "/usr/sbin/Orthanc") if Path(DICOMWEB_PLUGIN).is_file() else None
+if ORTHANC_BIN and not Path(ORTHANC_BIN).is_file():
+    ORTHANC_BIN = None
 USER, PASSWORD = "pipeline", "orthanc-test-password"
 ORTHANC_AET = "ORTHANC"
 SKIP_REASON = "Orthanc is not installed (Debian packages orthanc and orthanc-dicomweb; .ci/run installs them)"
