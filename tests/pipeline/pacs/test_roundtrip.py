@@ -18,6 +18,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import requests
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -281,3 +282,51 @@ def test_no_credentials_or_identifiers_in_logs_or_tables(pacs_setup, orthanc, pa
             assert identifier not in text
     for path in (out / ".spool").rglob("*"):
         assert not any(c.series_uid in str(path) or c.study_uid in str(path) for c in pacs_setup.demo.cases)
+
+
+def test_push_sr_sends_one_tid1500_report_per_case_with_the_volumes(pacs_setup, orthanc, pacs_env, tmp_path):
+    orthanc.upload(demo_image_files(pacs_setup))
+    out = tmp_path / "out"
+    args = ["--push", orthanc.dicomweb_url, "--push-sr"]
+    result = _predict(pacs_setup, orthanc.dicomweb_url + "?Modality=CT", out, *args)
+
+    assert result.exit_code == 0, result.output
+    rows = _rows(out)
+    segs = {str(s.SOPInstanceUID): s for s in _orthanc_segs(orthanc)}
+    srs = {
+        str(ds.SOPInstanceUID): ds
+        for ds in (
+            pydicom.dcmread(io.BytesIO(orthanc.file(i["id"]))) for i in orthanc.instances(modality="SR")
+        )
+    }
+    assert len(srs) == len(rows) == len(segs)
+    names = {v: n for v, n in pacs_setup.plan.label_names.items() if v != 0}
+    for row in rows:
+        pushed = set(row["pushed_sop_instance_uids"].split(";"))
+        ((seg_uid,), (sr_uid,)) = (pushed & set(segs), pushed & set(srs))
+        report = hd.sr.srread(io.BytesIO(orthanc.file(_orthanc_id(orthanc, sr_uid))))
+        groups = report.content.get_volumetric_roi_measurement_groups()
+        assert len(groups) == len(names)
+        for group in groups:
+            segment = group.referenced_segment
+            assert segment.referenced_sop_instance_uid == seg_uid
+            (number,) = segment.referenced_segment_numbers
+            (volume,) = group.get_measurements()
+            assert (volume.name.meaning, volume.unit.value) == ("Volume", "mL")
+            assert volume.value == pytest.approx(float(row[f"{names[number]}_ml"]))
+            assert (
+                segment.source_series_for_segmentation.value
+                == segs[seg_uid].ReferencedSeriesSequence[0].SeriesInstanceUID
+            )
+
+    again = _predict(pacs_setup, orthanc.dicomweb_url + "?Modality=CT", out, *args)
+    assert again.exit_code == 0 and "(0 objects sent now)" in again.output, again.output
+    assert len(orthanc.instances(modality="SR")) == len(rows)
+
+
+def _orthanc_id(orthanc, sop_uid: str) -> str:
+    """Orthanc's ID of the instance with this SOP Instance UID."""
+    r = requests.post(f"{orthanc.base}/tools/lookup", data=sop_uid, auth=(USER, PASSWORD), timeout=30)
+    r.raise_for_status()
+    (found,) = [x for x in r.json() if x["Type"] == "Instance"]
+    return found["ID"]
