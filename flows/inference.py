@@ -26,6 +26,7 @@ from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 
 from flows.common import CaseTimeout, content_key, path_key, run_isolated
+from flows.pull import is_pacs_url, pull_task
 from pipeline.inference import (
     TRACKING_EXPERIMENT,
     BatchPlan,
@@ -155,6 +156,8 @@ def batch_inference_flow(
     recorded) on $MLFLOW_TRACKING_URI (default: the work directory's store).
     """
     logger = get_run_logger()
+    if is_pacs_url(source):  # pulled into OUT/.spool/ first (credentials from UNET_PACS_*)
+        source = pull_task(source, out, secret_file, None, None)["folder"]
     plan = prepare_task(source, out, model_uri, device, batch_size, secret_file)
     todo = set(plan.todo)
     total = max(1, len(plan.case_ids))

@@ -7,6 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
 from flows.common import CaseTimeout, content_key, path_key, run_isolated
+from flows.pull import is_pacs_url, pull_task
 from pipeline.ingest import (
     CONVERTER_VERSION,
     IngestLimits,
@@ -76,12 +77,18 @@ def ingest_flow(
     secret_file: str | None = None,
     case_timeout_s: float = 1800.0,
     accept_partial_series: bool = False,
+    credentials_block: str | None = None,
 ) -> dict:
     """Validate and convert SOURCE into the STAGING dataset; quarantined inputs are listed, not fatal.
 
     accept_partial_series: stage DICOM series that lost files, marked partial (see IngestLimits).
+    SOURCE may be a PACS URL (pulled into STAGING/.spool/ first; flows/pull.py).
     """
     logger = get_run_logger()
+    if is_pacs_url(source):
+        source = pull_task(source, staging, secret_file, None, credentials_block, include_derived=True)[
+            "folder"
+        ]
     plan = plan_task(source, staging, secret_file, accept_partial_series)
     todo = set(plan.todo)
     futures = [

@@ -15,9 +15,7 @@ parameter; the secret is read inside the task and never logged, returned or stor
 
 from __future__ import annotations
 
-import json
 import time
-from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
@@ -25,47 +23,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, Failed
 
 from flows.inference import batch_inference_flow, finalize_task
-from pipeline.pacs.common import PULL_PREFIX, PUSH_PREFIX, Credentials
-from pipeline.pacs.pull import resolve_source
+from flows.pull import credentials, pull_task
 from pipeline.pacs.push import push_case
 from pipeline.pacs.record import PushStatus
-
-
-def _credentials(block: str | None, *, push: bool) -> Credentials:
-    """From the named Secret block, else the environment (push falls back to the pull variables)."""
-    if not block:
-        return Credentials.from_env(PUSH_PREFIX, fallback=PULL_PREFIX) if push else Credentials.from_env()
-    from prefect.blocks.system import Secret
-
-    value: Any = Secret.load(block).get()
-    if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError:
-            raise ValueError(
-                f"Secret block {block!r} is not JSON: store {{'username', 'password'}} or {{'token'}}"
-            ) from None
-    if not isinstance(value, dict):
-        raise ValueError(f"Secret block {block!r} must hold a JSON object with username/password or token")
-    return Credentials.from_mapping(value)
-
-
-@task(name="pacs-pull", retries=2, retry_delay_seconds=[30, 120], tags=["io", "pacs"], cache_policy=NO_CACHE)
-def pull_task(
-    source: str, out: str, secret_file: str | None, site_timezone: str | None, credentials_block: str | None
-) -> dict:
-    """Search and retrieve into OUT/.spool/; the pull report without identifiers (and the folder)."""
-    folder, report = resolve_source(
-        source,
-        out,
-        secret_file=secret_file,
-        credentials=_credentials(credentials_block, push=False),
-        timezone=site_timezone,
-        include_derived=False,
-    )
-    data = report.to_json() if report else {"folder": str(folder), "counts": {}, "seconds": 0.0}
-    data.pop("series", None)  # per-series detail stays in OUT/pull_report.json
-    return data
 
 
 @task(
@@ -76,7 +36,7 @@ def pull_task(
     cache_policy=NO_CACHE,
 )
 def push_case_task(out: str, case_id: str, destination: str, block: str | None, with_sr: bool) -> dict:
-    return push_case(out, case_id, destination, credentials=_credentials(block, push=True), with_sr=with_sr)
+    return push_case(out, case_id, destination, credentials=credentials(block, push=True), with_sr=with_sr)
 
 
 @flow(name="pacs-batch", log_prints=False, validate_parameters=True)

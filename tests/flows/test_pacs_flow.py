@@ -170,3 +170,18 @@ def test_the_nightly_pacs_deployment_resolves_dates_in_its_schedule_time_zone():
     assert params["site_timezone"] == schedule["timezone"]
     assert parse_pacs_url(params["source"]).query["StudyDate"] == "yesterday"
     destination(params["push"])  # a valid push destination, no credentials in it
+
+
+def test_ingest_flow_takes_a_dicomweb_source(prefect_api, orthanc, tmp_path, monkeypatch):
+    import flows.ingest
+
+    monkeypatch.setenv("UNET_PACS_USERNAME", USER)
+    monkeypatch.setenv("UNET_PACS_PASSWORD", PASSWORD)
+    setup = make_predict_setup(tmp_path / "setup", n_cases=2, size=32)
+    files = [setup.demo.dicom_root / f for c in setup.demo.cases for f in c.dicom_files]
+    orthanc.upload(files)
+    orthanc.upload([setup.demo.dicom_root / c.seg for c in setup.demo.cases])  # labels travel too
+    report = flows.ingest.ingest_flow(orthanc.dicomweb_url, str(tmp_path / "staging"), str(setup.secret))
+    assert report["cases"] == 2 and report["quarantined"] == 0
+    assert report["discovered"] == len(files) + 2 == report["accepted"]
+    assert len(list((tmp_path / "staging" / "labels").glob("*.nii.gz"))) == 2
