@@ -40,7 +40,11 @@ def prefect_api(tmp_path_factory):
             prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
             prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
         }
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness():
+        # A loaded 2-core CI machine may need more than the default 30 s to start the API.
+        with (
+            prefect.settings.temporary_settings(updates=updates),
+            prefect_test_harness(server_startup_timeout=120),
+        ):
             yield flows.pacs
 
 
