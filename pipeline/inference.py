@@ -914,9 +914,7 @@ def finalize_batch(out: str | Path) -> PredictSummary:
     cases, results, quarantine = _collect_results(out, meta)
     summary = PredictSummary(out=out, results=results, ignored=meta["ignored"])
     label_list = _label_list(meta)
-    export.write_results_csv(
-        out / "results.csv", results, label_list, m["name"], m["version"], case_root=out
-    )
+    export.write_results_csv(out / "results.csv", results, label_list, m["name"], m["version"], case_root=out)
     export.write_jsonl(out / "quarantine.jsonl", quarantine)
     model_dir = Path(meta["model_dir"])
     read = {n: json.loads((model_dir / f"{n}.json").read_text(encoding="utf-8")) for n in ("plan", "config")}
