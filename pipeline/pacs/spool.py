@@ -90,11 +90,6 @@ class PullReport:
     def bytes(self) -> int:
         return sum(s.bytes for s in self.series)
 
-    @property
-    def transfer_seconds(self) -> float:
-        """Wall time spent searching and retrieving (series run in parallel, so not a sum)."""
-        return self.seconds
-
     def quarantine(self) -> list[dict[str, Any]]:
         """One record per incomplete series, like ingest's quarantine.jsonl lines."""
         return [
