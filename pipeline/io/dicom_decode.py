@@ -6,8 +6,11 @@ exception that stops a batch: hospital archives hold files that no decoder accep
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import numpy as np
 import pydicom
@@ -59,37 +62,11 @@ def require_decoder(transfer_syntax: str, rel: str) -> None:
     )
 
 
-def decode_stored(path: str | Path, rel: str, transfer_syntax: str | None = None) -> np.ndarray:
-    """Stored values of every frame of one DICOM file: (frames, rows, columns[, samples]).
-
-    No rescale, no photometric change: what the encoder was given. The decoder is checked first
-    (MISSING_DECODER); a short or cut pixel stream is TRUNCATED, anything else UNREADABLE.
-    `transfer_syntax`: the effective syntax found by the header pass; without it, a file whose
-    meta does not name its syntax (or that has no meta) is decoded in the syntax its data show.
-    """
+@contextlib.contextmanager
+def _decode_errors(rel: str) -> Iterator[None]:
+    """Map whatever reading or decoding one file raises to that file's InputRejected."""
     try:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            # force: data sets without preamble or file meta are read like any other.
-            ds = pydicom.dcmread(path, force=True)
-        # pydicom reads a cut encapsulated stream with only a warning; for us it is a refusal.
-        cut = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
-        if cut:
-            raise InputRejected(
-                Reason.TRUNCATED,
-                rel,
-                f"the file ends inside its pixel data ({show(cut[0], 120)}); re-export or re-copy it.",
-            )
-        declared = str(ds.file_meta.get("TransferSyntaxUID", "")).strip() or None
-        if declared is None:
-            if transfer_syntax is None:
-                with open(path, "rb") as fh:
-                    transfer_syntax = detect_transfer_syntax(fh, None, rel)
-            # pydicom decodes by the file meta's syntax: give it the one the data are written in.
-            ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
-        require_decoder(transfer_syntax or str(declared), rel)
-        pixels = np.asarray(ds.pixel_array)
-        n_frames = int(ds.get("NumberOfFrames") or 1)
+        yield
     except InputRejected:
         raise
     except (EOFError, ValueError) as exc:
@@ -109,17 +86,58 @@ def decode_stored(path: str | Path, rel: str, transfer_syntax: str | None = None
             rel,
             f"pixel data cannot be decoded: {type(exc).__name__}: {show(str(exc), 200)}",
         ) from None
+
+
+def _read_dataset(path: str | Path, rel: str, transfer_syntax: str | None) -> pydicom.Dataset:
+    """The file's data set, its meta naming the syntax its pixel data are written in.
+
+    Call inside `_decode_errors`. Raises TRUNCATED for a cut encapsulated stream and
+    MISSING_DECODER when no decoder for the syntax is installed.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        # force: data sets without preamble or file meta are read like any other.
+        ds = pydicom.dcmread(path, force=True)
+    # pydicom reads a cut encapsulated stream with only a warning; for us it is a refusal.
+    cut = [str(w.message) for w in caught if "End of file reached" in str(w.message)]
+    if cut:
+        raise InputRejected(
+            Reason.TRUNCATED,
+            rel,
+            f"the file ends inside its pixel data ({show(cut[0], 120)}); re-export or re-copy it.",
+        )
+    declared = str(ds.file_meta.get("TransferSyntaxUID", "")).strip() or None
+    if declared is None:
+        if transfer_syntax is None:
+            with open(path, "rb") as fh:
+                transfer_syntax = detect_transfer_syntax(fh, None, rel)
+        # pydicom decodes by the file meta's syntax: give it the one the data are written in.
+        ds.file_meta.TransferSyntaxUID = UID(transfer_syntax)
+    require_decoder(transfer_syntax or str(declared), rel)
+    return ds
+
+
+def decode_stored(path: str | Path, rel: str, transfer_syntax: str | None = None) -> np.ndarray:
+    """Stored values of every frame of one DICOM file: (frames, rows, columns[, samples]).
+
+    No rescale, no photometric change: what the encoder was given. The decoder is checked first
+    (MISSING_DECODER); a short or cut pixel stream is TRUNCATED, anything else UNREADABLE.
+    `transfer_syntax`: the effective syntax found by the header pass; without it, a file whose
+    meta does not name its syntax (or that has no meta) is decoded in the syntax its data show.
+    """
+    with _decode_errors(rel):
+        ds = _read_dataset(path, rel, transfer_syntax)
+        pixels = np.asarray(ds.pixel_array)
+        n_frames = int(ds.get("NumberOfFrames") or 1)
     return pixels[np.newaxis] if n_frames == 1 else pixels
 
 
-def _read_native(header: DicomHeader) -> np.ndarray | None:
-    """Stored values read straight from the file for the common native case, else None.
+def _native_dtype(header: DicomHeader) -> str | None:
+    """The numpy dtype of a file's stored values when they can be read straight from the file.
 
     Native syntax, one sample, 8 or 16 bits allocated: the pixel values are a plain array at the
     offset the header pass found, so pydicom's full re-parse of the file is skipped (most of a
-    conversion's time otherwise). Whenever the result could differ from pydicom's (bits stored
-    below bits allocated with values above them, a file changed since the scan) this returns
-    None and the caller decodes through pydicom.
+    conversion's time otherwise). None otherwise: the file is decoded through pydicom.
     """
     if (
         header.pixel_offset is None
@@ -130,15 +148,24 @@ def _read_native(header: DicomHeader) -> np.ndarray | None:
     ):
         return None
     endian = "<" if NATIVE[header.transfer_syntax][1] else ">"
-    dtype = (
+    return (
         endian
         + {(8, 0): "u1", (8, 1): "i1", (16, 0): "u2", (16, 1): "i2"}[
             (header.bits_allocated, header.pixel_representation)
         ]
     )
-    count = header.number_of_frames * header.rows * header.columns
+
+
+def _read_native_frame(header: DicomHeader, dtype: str, frame: int) -> np.ndarray | None:
+    """One frame's stored values read straight from the file, or None where pydicom must decide.
+
+    None when the result could differ from pydicom's: bits above BitsStored set (overlays), or a
+    file changed since the scan (shorter than its header said).
+    """
+    count = header.rows * header.columns
+    offset = header.pixel_offset + frame * count * np.dtype(dtype).itemsize  # type: ignore[operator]
     try:
-        pixels = np.fromfile(header.path, dtype=dtype, count=count, offset=header.pixel_offset)
+        pixels = np.fromfile(header.path, dtype=dtype, count=count, offset=offset)
     except (OSError, ValueError):
         return None
     if pixels.size != count:
@@ -146,20 +173,46 @@ def _read_native(header: DicomHeader) -> np.ndarray | None:
     if header.bits_stored < header.bits_allocated and int(pixels.max()) >= 1 << header.bits_stored:
         return None  # bits above BitsStored are set (overlays): let pydicom apply its rules
     pixels = pixels.astype(pixels.dtype.newbyteorder("="), copy=False)  # big endian: to native order
-    return pixels.reshape(header.number_of_frames, header.rows, header.columns)
+    return pixels.reshape(header.rows, header.columns)
 
 
-def decode_header(header: DicomHeader) -> np.ndarray:
-    """Stored values of one scanned file, checked against what its header declared at scan time."""
-    pixels = _read_native(header)
-    if pixels is None:
-        pixels = decode_stored(header.path, header.rel, header.transfer_syntax)
-    expected = (header.number_of_frames, header.rows, header.columns)
-    if pixels.shape != expected:
-        raise InputRejected(
-            Reason.UNREADABLE,
-            header.rel,
-            f"decoded pixel array has shape {pixels.shape}; the header declared {expected} "
-            "(frames, rows, columns) when scanned. Was the file replaced? Run ingest again.",
-        )
-    return pixels
+def iter_frames(header: DicomHeader, frames: Iterable[int]) -> Iterator[tuple[int, np.ndarray]]:
+    """(frame index, stored values (rows, columns)) for each of `frames` of one scanned file.
+
+    One frame at a time, so a caller that copies each into its output holds one frame, never the
+    whole file's pixels: native files are read frame by frame at the offset the header pass found,
+    others decoded frame by frame by pydicom. Frames come in ascending order. Each frame's shape
+    is checked against what the header declared at scan time (UNREADABLE if it changed); errors
+    are the file's InputRejected (MISSING_DECODER, TRUNCATED, UNREADABLE).
+    """
+    wanted = sorted(set(frames))
+    dtype = _native_dtype(header)
+    if dtype is not None:
+        while wanted:
+            pixels = _read_native_frame(header, dtype, wanted[0])
+            if pixels is None:
+                break  # this frame and the rest: through pydicom
+            yield wanted.pop(0), pixels
+    if not wanted:
+        return
+    with _decode_errors(header.rel):
+        ds = _read_dataset(header.path, header.rel, header.transfer_syntax)
+        declared = int(ds.get("NumberOfFrames") or 1)
+        frames_of = pydicom.pixels.iter_pixels(ds, indices=wanted)
+    if declared != header.number_of_frames:
+        _changed(header, f"{declared} frame(s)")
+    for frame in wanted:
+        with _decode_errors(header.rel):
+            pixels = np.asarray(next(frames_of))
+        if pixels.shape != (header.rows, header.columns):
+            _changed(header, f"frames of shape {pixels.shape}")
+        yield frame, pixels
+
+
+def _changed(header: DicomHeader, found: str) -> NoReturn:
+    raise InputRejected(
+        Reason.UNREADABLE,
+        header.rel,
+        f"decoded pixel data hold {found}; the header declared {header.number_of_frames} frame(s) of "
+        f"{header.rows} x {header.columns} when scanned. Was the file replaced? Run ingest again.",
+    )

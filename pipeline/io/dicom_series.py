@@ -20,7 +20,7 @@ import numpy as np
 from pydicom.uid import UID
 
 from pipeline.errors import InputRejected, Reason
-from pipeline.io.dicom_decode import decode_header, require_decoder
+from pipeline.io.dicom_decode import iter_frames, require_decoder
 from pipeline.io.dicom_header import DicomHeader, FrameGeometry, show
 from pipeline.io.dicom_instances import (
     POSITION_TOL_MM,
@@ -419,67 +419,117 @@ def _invert_monochrome1(stored: np.ndarray, header: DicomHeader) -> np.ndarray:
     return (2**header.bits_stored - 1) - values
 
 
-def load_series(group: SeriesGroup) -> Volume:
+# The output dtypes of an integer rescale, narrowest first (float64 holds integers beyond int32).
+_INTEGRAL_DTYPES = (np.int16, np.int32, np.float64)
+
+
+def _holds(dtype: type, lo: float, hi: float) -> bool:
+    if dtype is np.float64:
+        return True
+    info = np.iinfo(dtype)
+    return info.min <= lo and hi <= info.max
+
+
+class _Output:
+    """The volume's one array of the final dtype, filled slice by slice as frames are decoded.
+
+    The dtype rule needs every value (see `load_series`), so an integer volume starts as int16 and
+    is widened, once per step, when a slice's values leave it: while widening the old and the new
+    array coexist, 2 + 4 (or 4 + 8) bytes a voxel, 1.5x the final volume. Slices are written in
+    any order; `written` says which hold data (only those are copied when widening).
+    """
+
+    def __init__(self, n_slices: int, rows: int, cols: int, integral: bool) -> None:
+        self.integral = integral
+        self.array = np.empty((n_slices, rows, cols), np.int16 if integral else np.float32)
+        self.written = np.zeros(n_slices, bool)
+        self.lo, self.hi = math.inf, -math.inf
+
+    def put(self, k: int, stored: np.ndarray, slope: float, intercept: float) -> None:
+        """Rescale one slice's stored values into slice `k` (exact for an integer rescale)."""
+        s_lo, s_hi = int(stored.min()), int(stored.max())
+        ends = (s_lo * slope + intercept, s_hi * slope + intercept)
+        lo, hi = min(ends), max(ends)
+        self.lo, self.hi = min(self.lo, lo), max(self.hi, hi)
+        if self.integral and not _holds(self.array.dtype.type, self.lo, self.hi):
+            self._widen(next(t for t in _INTEGRAL_DTYPES if _holds(t, self.lo, self.hi)))
+        out = self.array[k]
+        if self.integral and slope == 1 and intercept == 0:
+            out[...] = stored  # the common identity rescale: a plain (safe) copy
+        elif self.integral:
+            # Exact integer arithmetic, then a narrowing that loses nothing (this slice's values
+            # lie in [lo, hi], which the array's dtype holds). int32 suffices when |stored * slope|
+            # <= |value| + |intercept| stays below 2**31, and is 7x faster than int64.
+            wide = np.int32 if max(abs(lo), abs(hi)) + abs(intercept) < 2**31 - 1 else np.int64
+            if slope == 1:
+                np.add(stored, wide(intercept), out=out, dtype=wide, casting="unsafe")
+            else:
+                out[...] = stored.astype(wide) * wide(slope) + wide(intercept)
+        else:
+            out[...] = stored.astype(np.float64) * slope + intercept
+        self.written[k] = True
+
+    def _widen(self, dtype: type) -> None:
+        wider = np.empty(self.array.shape, dtype)
+        for k in np.flatnonzero(self.written):  # slice by slice: no full-size temporary
+            wider[k] = self.array[k]
+        self.array = wider
+
+
+def series_voxels(group: SeriesGroup) -> int:
+    """Voxels of the volume a group makes (columns x rows x slices), from its headers."""
+    return group.headers[0].rows * group.headers[0].columns * len(group.frames)
+
+
+def load_series(group: SeriesGroup, *, max_voxels: int | None = None) -> Volume:
     """Decode an assembled group into a Volume of modality values (rescale applied per slice).
 
     dtype: when every slope and intercept is an integer, the smallest of int16 and int32 that holds
     the actual values exactly (float64 beyond int32); otherwise float32. MONOCHROME1 is inverted to
     MONOCHROME2 on stored values before rescale. The affine maps (column, row, slice) to RAS mm.
-    Raises InputRejected: MISSING_DECODER, TRUNCATED, UNREADABLE.
+    Memory: each frame is decoded and written straight into the one output array, so a
+    conversion holds the volume plus one file's frame (plus, for an integer volume whose values
+    outgrow int16 or int32, the narrower array while it is widened: 1.5x the volume at most;
+    a compressed or non-native multi-frame file also holds its encoded pixel data).
+    Raises InputRejected: TOO_LARGE (more than `max_voxels`, before any pixel is decoded),
+    MISSING_DECODER, TRUNCATED, UNREADABLE.
     """
+    voxels = series_voxels(group)
+    if max_voxels is not None and voxels > max_voxels:
+        raise _reject(
+            Reason.TOO_LARGE,
+            group.files,
+            f"the series makes a volume of {voxels} voxels ({' x '.join(map(str, group.shape))}), over "
+            f"the limit of {max_voxels}; raise ingest.memory_budget_gb (the limits follow from it).",
+            voxels=voxels,
+            max_voxels=max_voxels,
+            shape=list(group.shape),
+        )
     # Every decoder is checked before the first pixel is decoded, so a missing package is one error.
     for ts in dict.fromkeys(h.transfer_syntax for h in group.headers):
         require_decoder(ts, next(h.rel for h in group.headers if h.transfer_syntax == ts))
 
-    decoded: dict[int, np.ndarray] = {}
-    remaining = defaultdict(int)
-    for header_index, _ in group.frames:
-        remaining[header_index] += 1
-    frames: list[np.ndarray] = []
-    lo, hi, integral, inverted = math.inf, -math.inf, True, False
-    for header_index, frame in group.frames:
-        header = group.headers[header_index]
-        if header_index not in decoded:
-            decoded[header_index] = decode_header(header)
-        stored = decoded[header_index][frame]
-        remaining[header_index] -= 1
-        if not remaining[header_index]:
-            del decoded[header_index]  # keep at most one multi-frame file decoded at a time
-        if header.photometric == "MONOCHROME1":
-            stored, inverted = _invert_monochrome1(stored, header), True
-        geom = header.frames[frame]
-        slope, intercept = geom.rescale_slope, geom.rescale_intercept
-        integral = integral and float(slope).is_integer() and float(intercept).is_integer()
-        s_lo, s_hi = int(stored.min()), int(stored.max())
-        ends = (s_lo * slope + intercept, s_hi * slope + intercept)
-        lo, hi = min(lo, *ends), max(hi, *ends)
-        frames.append(stored)
-
-    if integral:
-        dtype = next(
-            (t for t in (np.int16, np.int32) if np.iinfo(t).min <= lo and hi <= np.iinfo(t).max), np.float64
-        )
-    else:
-        dtype = np.float32
+    geoms = [group.headers[i].frames[f] for i, f in group.frames]
+    integral = all(
+        float(g.rescale_slope).is_integer() and float(g.rescale_intercept).is_integer() for g in geoms
+    )
     rows, cols = group.headers[0].rows, group.headers[0].columns
-    out = np.empty((len(frames), rows, cols), dtype=dtype)
-    for k, ((header_index, frame), stored) in enumerate(zip(group.frames, frames, strict=True)):
-        geom = group.headers[header_index].frames[frame]
-        slope, intercept = geom.rescale_slope, geom.rescale_intercept
-        if integral and slope == 1 and intercept == 0:
-            out[k] = stored  # the common identity rescale: a plain (safe) copy
-        elif integral:
-            # Exact integer arithmetic, then a narrowing that loses nothing (every result lies in
-            # [lo, hi], which `dtype` holds). int32 suffices when |stored * slope| <= |value| +
-            # |intercept| stays below 2**31, and is 7x faster than int64 (one pass, no temporaries).
-            wide = np.int32 if max(abs(lo), abs(hi)) + abs(intercept) < 2**31 - 1 else np.int64
-            if slope == 1:
-                np.add(stored, wide(intercept), out=out[k], dtype=wide, casting="unsafe")
-            else:
-                out[k] = stored.astype(wide) * wide(slope) + wide(intercept)
-        else:
-            out[k] = stored.astype(np.float64) * slope + intercept
-        frames[k] = None  # type: ignore[call-overload]  # release each slice's stored copy as we go
+    output = _Output(len(group.frames), rows, cols, integral)
+    slot: dict[int, dict[int, int]] = defaultdict(dict)  # header index -> frame -> slice
+    for k, (header_index, frame) in enumerate(group.frames):
+        slot[header_index][frame] = k
+    inverted = False
+    # File by file, frame by frame: each file is opened once, whatever its frames' spatial order.
+    for header_index, slices in sorted(slot.items()):
+        header = group.headers[header_index]
+        for frame, stored in iter_frames(header, slices):
+            if header.photometric == "MONOCHROME1":
+                stored, inverted = _invert_monochrome1(stored, header), True
+            geom = header.frames[frame]
+            output.put(slices[frame], stored, geom.rescale_slope, geom.rescale_intercept)
+            del stored
+    out = output.array
+    del output
 
     first = group.headers[0]
     geom = first.frames[group.frames[0][1]]
