@@ -44,6 +44,7 @@ from pipeline.io.dicom import (
     assemble_series,
     dicomdir_references,
     load_series,
+    planned_series_bytes,
     read_header,
 )
 from pipeline.io.manifest import MANIFEST
@@ -454,7 +455,7 @@ class CasePlanner:
                     group=group,
                     segs=segs,
                     modality=group.modality,
-                    volume_bytes=4 * sum(h.rows * h.columns * h.number_of_frames for h in group.headers),
+                    volume_bytes=planned_series_bytes(group),
                 )
             )
             matched.update(segs)
@@ -500,7 +501,7 @@ def load_case(
     if job.kind == "dicom":
         if job.group is None:
             raise ValueError(f"case {job.case_id}: a DICOM job without its series group")
-        image = load_series(job.group)
+        image = load_series(job.group, max_voxels=limits.max_voxels)
         for rel in job.segs:
             seg_label, names = read_seg_labels(source / rel, rel, job.group.headers, image)
             if table is not None:

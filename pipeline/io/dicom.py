@@ -20,7 +20,7 @@ from pipeline.io.dicom_header import (
     dicomdir_references,
     read_header,
 )
-from pipeline.io.dicom_series import SeriesGroup, assemble_series, load_series
+from pipeline.io.dicom_series import SeriesGroup, assemble_series, load_series, planned_series_bytes
 
 __all__ = [
     "MULTI_FRAME_CLASSES",
@@ -33,5 +33,6 @@ __all__ = [
     "decode_stored",
     "dicomdir_references",
     "load_series",
+    "planned_series_bytes",
     "read_header",
 ]

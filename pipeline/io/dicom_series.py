@@ -481,6 +481,35 @@ def series_voxels(group: SeriesGroup) -> int:
     return group.headers[0].rows * group.headers[0].columns * len(group.frames)
 
 
+def planned_series_bytes(group: SeriesGroup) -> int:
+    """Bytes of the volume `load_series` will make, from the headers (before any pixel is read).
+
+    The dtype the stored range allows (BitsStored, signedness, every slope and intercept): an
+    estimate for memory planning, exact unless pixels carry bits above BitsStored.
+    """
+    geoms = [group.headers[i].frames[f] for i, f in group.frames]
+    if not all(
+        float(g.rescale_slope).is_integer() and float(g.rescale_intercept).is_integer() for g in geoms
+    ):
+        return 4 * series_voxels(group)  # float32
+    lo, hi = math.inf, -math.inf
+    for h in group.headers:
+        bits = h.bits_stored
+        s_lo, s_hi = (
+            (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1) if h.pixel_representation == 1 else (0, 2**bits - 1)
+        )
+        if h.photometric == "MONOCHROME1":  # inverted within the same range (see _invert_monochrome1)
+            s_lo, s_hi = (-1 - s_hi, -1 - s_lo) if h.pixel_representation == 1 else (s_lo, s_hi)
+        for g in h.frames:
+            ends = (
+                s_lo * g.rescale_slope + g.rescale_intercept,
+                s_hi * g.rescale_slope + g.rescale_intercept,
+            )
+            lo, hi = min(lo, *ends), max(hi, *ends)
+    dtype = next(t for t in _INTEGRAL_DTYPES if _holds(t, lo, hi))
+    return np.dtype(dtype).itemsize * series_voxels(group)
+
+
 def load_series(group: SeriesGroup, *, max_voxels: int | None = None) -> Volume:
     """Decode an assembled group into a Volume of modality values (rescale applied per slice).
 

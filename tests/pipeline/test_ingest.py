@@ -610,6 +610,33 @@ def _tree_rss(pid: int) -> int:
     return total
 
 
+def _ingest_peak(source: Path, staging: Path, config: Path, secret: Path) -> int:
+    """Peak resident bytes of `unet-pipeline ingest` (the whole process tree), asserting exit 0."""
+    # The process's own high-water mark (VmHWM) catches a spike between samples. Not ru_maxrss:
+    # after fork + exec Linux reports the parent's (pytest's) peak there.
+    code = (
+        "import sys\nfrom pipeline.cli import app\ntry:\n    app()\nfinally:\n"
+        "    hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1]\n"
+        "    print('maxrss', int(hwm) * 1024, file=sys.stderr)\n"
+    )
+    args = ["ingest", str(source), "--out", str(staging), "--secret-file", str(secret)]
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, *args, "--config", str(config)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    peak = 0
+    while proc.poll() is None:
+        peak = max(peak, _tree_rss(proc.pid))
+        time.sleep(0.005)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, out + err
+    return max(peak, int(err.split("maxrss")[-1].split()[0]))
+
+
 @pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
 def test_peak_memory_of_an_ingest_at_the_voxel_limit(tmp_path):
     """A float32 volume exactly at the limit the budget sets, with its label: the whole process
@@ -631,29 +658,7 @@ def test_peak_memory_of_an_ingest_at_the_voxel_limit(tmp_path):
     config = tmp_path / "config.yaml"
     config.write_text(f"ingest:\n  memory_budget_gb: {budget / 2**30!r}\n")
     staging = tmp_path / "staging"
-    # The process's own high-water mark (VmHWM) catches a spike between samples. Not ru_maxrss:
-    # after fork + exec Linux reports the parent's (pytest's) peak there.
-    code = (
-        "import sys\nfrom pipeline.cli import app\ntry:\n    app()\nfinally:\n"
-        "    hwm = [x for x in open('/proc/self/status') if x.startswith('VmHWM')][0].split()[1]\n"
-        "    print('maxrss', int(hwm) * 1024, file=sys.stderr)\n"
-    )
-    args = ["ingest", str(source), "--out", str(staging), "--secret-file", str(tmp_path / "k")]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
-    proc = subprocess.Popen(
-        [sys.executable, "-c", code, *args, "--config", str(config)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-    )
-    peak = 0
-    while proc.poll() is None:
-        peak = max(peak, _tree_rss(proc.pid))
-        time.sleep(0.005)
-    out, err = proc.communicate()
-    assert proc.returncode == 0, out + err
-    peak = max(peak, int(err.split("maxrss")[-1].split()[0]))
+    peak = _ingest_peak(source, staging, config, tmp_path / "k")
     limits = json.loads((staging / ".plan" / "plan.json").read_text())["limits"]
     assert limits["max_voxels"] == voxels  # the default limit follows from the budget
     (record,) = read_manifest(staging)
@@ -661,6 +666,42 @@ def test_peak_memory_of_an_ingest_at_the_voxel_limit(tmp_path):
     bound = PEAK_FACTOR * volume_bytes + FIXED_OVERHEAD_BYTES
     ratio = (peak - FIXED_OVERHEAD_BYTES) / volume_bytes
     assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB ({ratio:.2f}x + overhead)"
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="reads VmHWM from /proc (Linux)")
+def test_peak_memory_of_a_dicom_series_at_the_voxel_limit(tmp_path):
+    """A CT series (12-bit stored, intercept -1024: an int16 volume) exactly at the voxel limit the
+    budget sets: the process tree's peak stays within PEAK_FACTOR x the volume + the fixed
+    overhead, and what the conversion adds to an ingest of a tiny series stays within
+    PEAK_FACTOR x the volume (decoding into one output array; it was 2x: every slice kept)."""
+    from pipeline.ingest import FIXED_OVERHEAD_BYTES, PEAK_FACTOR
+    from pipeline.synthetic.dicom import SeriesSpec, write_dicom_series
+
+    rows, cols, n = 512, 512, 256
+    voxels = rows * cols * n  # 2**26: 128 MiB as int16
+    spec = SeriesSpec(signed=False, bits_stored=12, rescale_intercept=-1024.0, slice_spacing=1.0, seed=5)
+    stored = (np.arange(n, dtype=np.uint16)[:, None, None] * 13 + np.arange(cols, dtype=np.uint16)) % 4096
+    write_dicom_series(np.broadcast_to(stored, (n, rows, cols)), tmp_path / "big" / "series", spec)
+    write_dicom_series(stored[:4, :16, :16], tmp_path / "tiny" / "series", spec)
+    volume_bytes = 2 * voxels
+    config = tmp_path / "config.yaml"
+    budget = FIXED_OVERHEAD_BYTES + int(PEAK_FACTOR * 4) * voxels  # makes `voxels` the limit
+    config.write_text(f"ingest:\n  memory_budget_gb: {budget / 2**30!r}\n")
+    base = _ingest_peak(tmp_path / "tiny", tmp_path / "staging_tiny", config, tmp_path / "k")
+    peak = _ingest_peak(tmp_path / "big", tmp_path / "staging", config, tmp_path / "k")
+    staging = tmp_path / "staging"
+    assert json.loads((staging / ".plan" / "plan.json").read_text())["limits"]["max_voxels"] == voxels
+    (record,) = read_manifest(staging)
+    assert record["dtype"] == "int16" and record["shape"] == [cols, rows, n]
+    staged = nib.load(staging / record["image"])
+    expected = np.broadcast_to(stored.astype(np.int16) - 1024, (n, rows, cols))
+    np.testing.assert_array_equal(np.asarray(staged.dataobj[:, :, ::85]).transpose(2, 1, 0), expected[::85])
+    bound = PEAK_FACTOR * volume_bytes + FIXED_OVERHEAD_BYTES
+    assert peak <= bound, f"peak {peak / 2**20:.0f} MiB > {bound / 2**20:.0f} MiB"
+    ratio = (peak - base) / volume_bytes
+    assert ratio <= PEAK_FACTOR, (
+        f"peak {peak / 2**20:.0f} MiB, tiny series {base / 2**20:.0f} MiB: {ratio:.2f}x"
+    )
 
 
 def test_limits_follow_from_the_budget():
