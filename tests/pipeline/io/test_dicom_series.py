@@ -215,3 +215,45 @@ def test_rejected_series_does_not_block_an_accepted_one(root):
     write_dicom_series(stored_volume(2), root / "short", SeriesSpec(seed=2))
     groups, rejected = scan(root)
     assert len(groups) == 1 and [r.reason for r in rejected] == [Reason.TOO_FEW_SLICES]
+
+
+@pytest.mark.parametrize(
+    ("slope", "intercept", "peak", "dtype"),
+    [
+        (1.0, -1024.0, 1000, "int16"),  # every slice fits int16: never widened
+        (1.0, -1024.0, 40000, "int32"),  # one slice leaves int16: widened once
+        (3.0, 7.0, 12000, "int32"),
+        (100000.0, 0.0, 60000, "float64"),  # beyond int32: integers held exactly as float64
+        (0.5, -10.0, 40000, "float32"),
+    ],
+)
+def test_values_exact_when_one_slice_widens_the_volume(root, slope, intercept, peak, dtype):
+    """The volume is filled slice by slice in file order, not spatial order; a slice whose values
+    need a wider dtype widens what came before without changing a value."""
+    from pipeline.io.dicom import planned_series_bytes
+
+    vol = stored_volume(7, seed=11, lo=0, hi=900)
+    vol[4, 3, 5] = peak  # one slice, in the middle of the stack, needs the widest dtype
+    names = [f"f{i}" for i in (5, 0, 6, 2, 1, 4, 3)]  # files read in an order unrelated to space
+    spec = SeriesSpec(signed=False, rescale_slope=slope, rescale_intercept=intercept, file_names=names)
+    write_dicom_series(vol, root, spec)
+    (group,), _ = scan(root)
+    volume = load_series(group)
+    assert str(volume.data.dtype) == dtype
+    np.testing.assert_array_equal(
+        volume.data, (vol.astype(np.float64) * slope + intercept).transpose(2, 1, 0)
+    )
+    assert planned_series_bytes(group) >= volume.data.nbytes  # planning never under-counts
+
+
+def test_a_series_over_the_voxel_limit_is_too_large_before_decoding(root):
+    write_dicom_series(stored_volume(5), root, SeriesSpec())
+    (group,), _ = scan(root)
+    voxels = 5 * 32 * 40
+    assert load_series(group, max_voxels=voxels).shape == (40, 32, 5)  # at the limit: accepted
+    for path in root.iterdir():
+        path.write_bytes(b"")  # nothing is read when the series is refused
+    with pytest.raises(Exception) as info:
+        load_series(group, max_voxels=voxels - 1)
+    assert info.value.reason == Reason.TOO_LARGE
+    assert info.value.details["voxels"] == voxels and len(info.value.details["files"]) == 5
