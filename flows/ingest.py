@@ -5,23 +5,26 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.futures import as_completed
 
 from flows.common import CaseTimeout, content_key, path_key, run_isolated
 from flows.pull import is_pacs_url, pull_task
 from pipeline.ingest import (
     CONVERTER_VERSION,
+    ConversionQueue,
     IngestLimits,
     IngestPlan,
     convert_case,
     finalize_ingest,
+    ingest_limits,
     plan_ingest,
 )
+from pipeline.system import available_cores
 
 
 @task(name="plan-ingest", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
-def plan_task(source: str, staging: str, secret_file: str | None, accept_partial_series: bool) -> IngestPlan:
+def plan_task(source: str, staging: str, secret_file: str | None, limits: IngestLimits) -> IngestPlan:
     """Header pass and validation (I/O: retried when a share hiccups)."""
-    limits = IngestLimits(accept_partial_series=accept_partial_series)
     return plan_ingest(source, staging, secret_file=secret_file, limits=limits)
 
 
@@ -76,29 +79,42 @@ def ingest_flow(
     staging: str,
     secret_file: str | None = None,
     case_timeout_s: float = 1800.0,
-    accept_partial_series: bool = False,
+    accept_partial_series: bool | None = None,
     credentials_block: str | None = None,
+    config: str | None = None,
 ) -> dict:
     """Validate and convert SOURCE into the STAGING dataset; quarantined inputs are listed, not fatal.
 
-    accept_partial_series: stage DICOM series that lost files, marked partial (see IngestLimits).
+    config: a YAML configuration read as `unet-pipeline ingest --config` reads it (its `ingest`
+    section: memory budget, allow_no_orientation; `data.accept_partial_series`).
+    accept_partial_series: stage DICOM series that lost files, marked partial (see IngestLimits);
+    None: as the config says.
     SOURCE may be a PACS URL (pulled into STAGING/.spool/ first; flows/pull.py).
     """
     logger = get_run_logger()
+    overrides = {} if accept_partial_series is None else {"accept_partial_series": accept_partial_series}
+    limits = ingest_limits(config, **overrides)
     if is_pacs_url(source):
         source = pull_task(source, staging, secret_file, None, credentials_block, include_derived=True)[
             "folder"
         ]
-    plan = plan_task(source, staging, secret_file, accept_partial_series)
+    plan = plan_task(source, staging, secret_file, limits)
     todo = set(plan.todo)
-    futures = [
-        # Cases whose outputs are missing or stale always run; the others may come from cache.
-        convert_task.with_options(refresh_cache=case_id in todo).submit(
-            source, staging, case_id, plan, secret_file, case_timeout_s
-        )
-        for case_id in plan.cases
-    ]
-    results = [f.result() for f in futures]
+    # Conversions start only while their planned memory fits the budget (and a core is free).
+    queue = ConversionQueue(staging, plan.cases, limits, available_cores(), todo=todo)
+    running, done = {}, {}
+    while queue.busy:
+        for case_id in queue.ready():
+            # Cases whose outputs are missing or stale always run; the others may come from cache.
+            future = convert_task.with_options(refresh_cache=case_id in todo).submit(
+                source, staging, case_id, plan, secret_file, case_timeout_s
+            )
+            running[future] = case_id
+        finished = next(as_completed(list(running)))
+        case_id = running.pop(finished)
+        queue.finished(case_id)
+        done[case_id] = finished.result()
+    results = [done[case_id] for case_id in plan.cases]
     report = finalize_task(source, staging)
     create_table_artifact(
         key="ingest-cases",

@@ -229,19 +229,18 @@ def ingest_command(
     """
     import sys
 
-    from pipeline.config import ConfigError, load_config
-    from pipeline.ingest import IngestLimits, ingest
+    from pipeline.config import ConfigError
+    from pipeline.ingest import ingest, ingest_limits
 
     setup_logging(verbose)
     folder = _pull_source(source, out, secret_file, ca_bundle, include_derived=True)
     try:
-        cfg = load_config(config)
-        if accept_partial_series is None:
-            accept_partial_series = cfg.data.accept_partial_series
-        overrides: dict = {"accept_partial_series": accept_partial_series}
+        overrides: dict = (
+            {} if accept_partial_series is None else {"accept_partial_series": accept_partial_series}
+        )
         if max_pixels:
             overrides["max_pixels_per_file"] = max_pixels
-        limits = IngestLimits.from_config(cfg.ingest, **overrides)
+        limits = ingest_limits(config, **overrides)
         report = ingest(
             folder,
             out,

@@ -118,6 +118,17 @@ class IngestLimits:
         return cls.for_budget(budget, **({"allow_no_orientation": section.allow_no_orientation} | overrides))
 
 
+def ingest_limits(config: str | Path | None = None, **overrides: Any) -> IngestLimits:
+    """The limits an ingest runs under, as the CLI and the ingest flow read them: the config's
+    `ingest` section (memory budget, allow_no_orientation) and `data.accept_partial_series`;
+    `overrides` (IngestLimits fields) win. Raises pipeline.config.ConfigError for a bad file."""
+    from pipeline.config import load_config
+
+    cfg = load_config(config)
+    partial = {"accept_partial_series": cfg.data.accept_partial_series}
+    return IngestLimits.from_config(cfg.ingest, **(partial | overrides))
+
+
 def default_memory_budget() -> int:
     """75 % of the memory this process may use (the machine's, or its container's limit)."""
     return int(0.75 * memory_bytes())
@@ -938,23 +949,19 @@ def ingest(
     todo = plan_ingest(
         source, staging, secret_file=secret_file, limits=limits, progress=progress, keep_jobs=True
     ).todo
-    workers = workers or min(8, available_cores())
     bar = tqdm(total=len(todo), desc="converting", unit="case", disable=not progress or not todo)
-    if workers <= 1 or len(todo) <= 1:
+    queue = ConversionQueue(staging, todo, limits, workers or min(8, available_cores()))
+    if queue.slots <= 1 or len(todo) <= 1:
         for case_id in todo:
             convert_case(source, staging, case_id, secret_file=secret_file)
             bar.update(1)
     else:
         staged = Path(staging).resolve()
-        peaks = {c: planned_peak_bytes(_planned_volume_bytes(staged, c)) for c in todo}
-        if limits.memory_budget is not None:
-            workers = max(1, min(workers, limits.memory_budget // min(peaks.values())))
-        pending = list(todo)
-        running: dict[Future, int] = {}
+        running: dict[Future, str] = {}
         # forkserver: safe when the caller has threads (Prefect, MLflow), cheaper than spawn.
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("forkserver")) as pool:
-            while pending or running:
-                for case_id in _admit(pending, peaks, running, workers, limits.memory_budget):
+        with ProcessPoolExecutor(max_workers=queue.slots, mp_context=get_context("forkserver")) as pool:
+            while queue.busy:
+                for case_id in queue.ready():
                     future = pool.submit(
                         convert_case,
                         source,
@@ -963,14 +970,65 @@ def ingest(
                         secret_file=secret_file,
                         _job=_planned_job(staged, case_id),
                     )
-                    running[future] = peaks[case_id]
+                    running[future] = case_id
                 done, _ = wait(running, return_when=FIRST_COMPLETED)
                 for future in done:
-                    running.pop(future)
+                    queue.finished(running.pop(future))
                     future.result()
                     bar.update(1)
     bar.close()
     return finalize_ingest(source, staging)
+
+
+class ConversionQueue:
+    """Which planned cases may convert now, for `ingest`'s process pool and the ingest flow's tasks.
+
+        queue = ConversionQueue(staging, case_ids, limits, slots)
+        while queue.busy:
+            for case_id in queue.ready(): start it
+            ... when one ends: queue.finished(case_id)
+
+    At most `slots` run at once (fewer when the budget cannot hold that many of the smallest);
+    with `limits.memory_budget` set, cases start only while the planned peaks of those running
+    (`planned_peak_bytes` of each case's largest volume, from the plan) fit the budget; a case
+    larger than the budget runs alone. Cases not in `todo` (given: the others are unchanged and
+    cost no conversion) plan no memory.
+    """
+
+    def __init__(
+        self,
+        staging: str | Path,
+        case_ids: list[str],
+        limits: IngestLimits,
+        slots: int,
+        todo: Iterable[str] | None = None,
+    ) -> None:
+        staged = Path(staging).resolve()
+        convert = set(case_ids if todo is None else todo)
+        self.peaks = {
+            c: planned_peak_bytes(_planned_volume_bytes(staged, c)) if c in convert else 0 for c in case_ids
+        }
+        self.pending = list(case_ids)
+        self.budget = limits.memory_budget
+        self.slots = max(1, slots)
+        if self.budget is not None and convert:
+            self.slots = max(1, min(self.slots, self.budget // min(v for v in self.peaks.values() if v)))
+        self.running: dict[str, int] = {}
+
+    @property
+    def busy(self) -> bool:
+        """Cases are waiting or running."""
+        return bool(self.pending or self.running)
+
+    def ready(self) -> list[str]:
+        """The cases that may start now (first fit, in order); they count as running."""
+        admitted = _admit(self.pending, self.peaks, self.running, self.slots, self.budget)
+        for case_id in admitted:
+            self.running[case_id] = self.peaks[case_id]
+        return admitted
+
+    def finished(self, case_id: str) -> None:
+        self.running.pop(case_id)
 
 
 def _planned_volume_bytes(staging: Path, case_id: str) -> int:
@@ -979,7 +1037,7 @@ def _planned_volume_bytes(staging: Path, case_id: str) -> int:
 
 
 def _admit(
-    pending: list[str], peaks: dict[str, int], running: dict[Future, int], workers: int, budget: int | None
+    pending: list[str], peaks: dict[str, int], running: Mapping[Any, int], workers: int, budget: int | None
 ) -> list[str]:
     """Take from `pending` (first fit, in order) the cases that may start now; removes them.
 

@@ -731,6 +731,55 @@ def test_parallel_conversions_fit_the_budget():
     assert _admit(["a", "b", "c"], peaks, {}, workers=2, budget=None) == ["a", "b"]  # workers bound it
 
 
+def test_the_conversion_queue_admits_by_planned_memory(tmp_path):
+    """The queue `ingest` and the ingest flow share: planned peaks from the plan's jobs."""
+    from pipeline.ingest import FIXED_OVERHEAD_BYTES, ConversionQueue, IngestLimits, planned_peak_bytes
+
+    jobs = tmp_path / ".plan" / "jobs"
+    jobs.mkdir(parents=True)
+    sizes = {"big": 600 * 2**20, "small1": 100 * 2**20, "small2": 100 * 2**20, "old": 900 * 2**20}
+    for case_id, size in sizes.items():
+        (jobs / f"{case_id}.json").write_text(json.dumps({"volume_bytes": size}))
+    peak = {c: planned_peak_bytes(v) for c, v in sizes.items()}
+    limits = IngestLimits(memory_budget=peak["big"] + peak["small1"])
+    queue = ConversionQueue(tmp_path, list(sizes), limits, slots=4, todo=["big", "small1", "small2"])
+    assert queue.peaks["old"] == 0  # unchanged since the last run: no conversion to plan for
+    assert queue.slots == 3 and queue.busy  # the budget holds three of the smallest case
+    assert queue.ready() == ["big", "small1", "old"]  # small2 would exceed the budget
+    assert queue.ready() == []
+    queue.finished("small1")
+    assert queue.ready() == ["small2"]
+    for case_id in ("big", "old", "small2"):
+        queue.finished(case_id)
+    assert not queue.busy
+    # Slots: no more than the budget holds of the smallest case, never fewer than one.
+    tight = IngestLimits(memory_budget=FIXED_OVERHEAD_BYTES)
+    assert ConversionQueue(tmp_path, ["small1", "small2"], tight, slots=4).slots == 1
+    assert ConversionQueue(tmp_path, ["small1"], IngestLimits(), slots=3).slots == 3  # no budget
+
+
+def test_ingest_limits_read_the_config_as_the_cli_does(tmp_path):
+    from pipeline.config import ConfigError
+    from pipeline.ingest import FIXED_OVERHEAD_BYTES, ingest_limits
+
+    config = tmp_path / "config.yaml"
+    budget = (FIXED_OVERHEAD_BYTES + 6 * 2**24) / 2**30
+    config.write_text(
+        f"ingest:\n  memory_budget_gb: {budget!r}\n  allow_no_orientation: true\n"
+        "data:\n  accept_partial_series: true\n"
+    )
+    limits = ingest_limits(config)
+    assert (limits.max_voxels, limits.memory_budget) == (2**24, FIXED_OVERHEAD_BYTES + 6 * 2**24)
+    assert limits.allow_no_orientation and limits.accept_partial_series
+    assert not ingest_limits(config, accept_partial_series=False).accept_partial_series  # overrides win
+    default = ingest_limits(None)
+    assert not (default.allow_no_orientation or default.accept_partial_series)
+    assert default.memory_budget is not None  # 75 % of this machine's memory
+    config.write_text("ingest:\n  memory_budgt_gb: 4\n")
+    with pytest.raises(ConfigError, match="memory_budgt_gb"):
+        ingest_limits(config)
+
+
 def test_ingest_under_a_tight_budget_converts_everything(tmp_path):
     from pipeline.ingest import FIXED_OVERHEAD_BYTES, IngestLimits
 
