@@ -1,0 +1,59 @@
+"""ingest_flow on Prefect's ephemeral API: the config is read as the CLI reads it, and the
+conversions run within its memory budget."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from pipeline.io.manifest import read_manifest
+from tests.pipeline import ingest_situations as situations
+
+
+@pytest.fixture(scope="module")
+def prefect_api(tmp_path_factory):
+    home = tmp_path_factory.mktemp("prefect-home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("PREFECT_HOME", str(home))
+        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+        mp.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
+        import prefect.settings
+        from prefect.testing.utilities import prefect_test_harness
+
+        import flows.ingest
+
+        updates = {
+            prefect.settings.PREFECT_HOME: str(home),
+            prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
+            prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
+        }
+        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(300):
+            yield flows.ingest
+
+
+def test_ingest_flow_reads_the_config_and_its_budget(prefect_api, tmp_path):
+    from pipeline.ingest import FIXED_OVERHEAD_BYTES
+
+    source = tmp_path / "source"
+    for i in range(3):
+        situations.good_nifti(source, f"n/ct_{i}.nii.gz")
+    situations.good_dicom(source)
+    situations.no_orientation(source)
+    budget = FIXED_OVERHEAD_BYTES + 6 * 2**20 + 1  # one case at a time
+    config = tmp_path / "config.yaml"
+    config.write_text(f"ingest:\n  memory_budget_gb: {budget / 2**30!r}\n  allow_no_orientation: true\n")
+    staging = tmp_path / "staging"
+    report = prefect_api.ingest_flow(
+        str(source), str(staging), secret_file=str(tmp_path / "k"), config=str(config)
+    )
+    assert report["cases"] == 5 and report["balanced"] and report["quarantined"] == 0
+    limits = json.loads((staging / ".plan" / "plan.json").read_text())["limits"]
+    assert limits["memory_budget"] == int(budget) and limits["allow_no_orientation"] is True
+    assert limits["max_voxels"] == 2**20  # the default limits follow from the config's budget
+    assert sum(r.get("orientation") == "unknown" for r in read_manifest(staging)) == 1
+    # Without the config, the same source refuses the file without orientation.
+    default = prefect_api.ingest_flow(
+        str(source), str(tmp_path / "staging2"), secret_file=str(tmp_path / "k")
+    )
+    assert default["cases"] == 4 and default["by_reason"] == {"NO_ORIENTATION": 1}
