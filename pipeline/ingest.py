@@ -502,6 +502,30 @@ def _remap_labels(label: Volume, names: dict[int, str], table: dict[str, int]) -
     return Volume(data, label.affine, "SEG", label.meta)
 
 
+def _seg_label(job: CaseJob, source: Path, grid: Volume, table: dict[str, int] | None) -> Volume | None:
+    """The label Volume of a DICOM case's SEGs on the image's grid (None without SEGs).
+
+    Only the image's shape, affine and modality are used: `grid` may be a stand-in without voxels.
+    """
+    label: Volume | None = None
+    for rel in job.segs:
+        seg_label, names = read_seg_labels(source / rel, rel, job.group.headers, grid)  # type: ignore[union-attr]
+        if table is not None:
+            seg_label = _remap_labels(seg_label, names, table)
+        if label is None:
+            label = seg_label
+        else:  # several SEGs for one series: later segments paint over earlier ones
+            label.data[seg_label.data > 0] = seg_label.data[seg_label.data > 0]
+    return label
+
+
+def _stand_in(image: Volume) -> Volume:
+    """The image's grid, dtype and facts with a zero-byte stand-in for its voxels."""
+    return Volume(
+        np.broadcast_to(image.data.dtype.type(0), image.shape), image.affine, image.modality, image.meta
+    )
+
+
 def load_case(
     job: CaseJob, source: Path, limits: IngestLimits, table: dict[str, int] | None = None
 ) -> tuple[Volume, Volume | None]:
@@ -515,15 +539,7 @@ def load_case(
         if job.group is None:
             raise ValueError(f"case {job.case_id}: a DICOM job without its series group")
         image = load_series(job.group, max_voxels=limits.max_voxels)
-        for rel in job.segs:
-            seg_label, names = read_seg_labels(source / rel, rel, job.group.headers, image)
-            if table is not None:
-                seg_label = _remap_labels(seg_label, names, table)
-            if label is None:
-                label = seg_label
-            else:  # several SEGs for one series: later segments paint over earlier ones
-                label.data[seg_label.data > 0] = seg_label.data[seg_label.data > 0]
-        return image, label
+        return image, _seg_label(job, source, image, table)
     if job.nifti is None:
         raise ValueError(f"case {job.case_id}: a NIfTI job without its files")
     image = load_nifti(
@@ -549,12 +565,26 @@ def load_case(
 def _load_and_save(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, table: dict[str, int]):
     """Decode the case and write its NIfTI outputs; returns (image geometry Volume, label values).
 
-    A NIfTI case holds one volume at a time: the image is written and released before its label
-    is read (the label needs only the image's grid), so the peak is the larger of the two, not
+    A case holds one volume at a time: the image is written and released before its label is
+    read (the label needs only the image's grid), so the peak is the larger of the two, not
     their sum. The returned Volume's data is a zero-byte stand-in of the image's shape and dtype.
     """
     image_path = staging / f"images/{job.case_id}.nii.gz"
     label_path = staging / f"labels/{job.case_id}.nii.gz"
+    if job.kind == "dicom" and job.group is not None:
+        image = load_series(job.group, max_voxels=limits.max_voxels)
+        save_nifti(image, image_path)
+        grid = _stand_in(image)
+        del image
+        if not job.segs:
+            return grid, None
+        try:
+            label = _seg_label(job, source, grid, table)
+            save_nifti(label, label_path)  # type: ignore[arg-type]
+        except BaseException:
+            image_path.unlink(missing_ok=True)  # a quarantined case leaves no image behind
+            raise
+        return grid, sorted(value_counts(label.data))  # type: ignore[union-attr]
     if job.kind == "nifti" and job.nifti is not None:
         image = load_nifti(
             source / job.nifti.image,
@@ -564,8 +594,7 @@ def _load_and_save(job: CaseJob, source: Path, staging: Path, limits: IngestLimi
             allow_no_orientation=limits.allow_no_orientation,
         )
         save_nifti(image, image_path)
-        stand_in = np.broadcast_to(image.data.dtype.type(0), image.shape)  # no voxel memory
-        grid = Volume(stand_in, image.affine, image.modality, image.meta)
+        grid = _stand_in(image)
         del image
         if not job.nifti.label:
             return grid, None
