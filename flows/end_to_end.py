@@ -41,7 +41,7 @@ def end_to_end_flow(
     logger = get_run_logger()
     root = Path(workdir)
     staging = str(root / "staging")
-    ingest = ingest_flow(source, staging, secret_file=secret_file)
+    ingest = ingest_flow(source, staging, secret_file=secret_file, config=config_file)
     train_view, test_view = holdout_task(staging, holdout_fraction, 0, str(root / "views"))
     trained = train_flow(
         train_view, config_file=config_file, register_as=register_as, config_overrides=config_overrides
