@@ -31,6 +31,7 @@ if TYPE_CHECKING:
     from pipeline.inference import CaseResult
     from pipeline.io.dicom import SeriesGroup
 
+log = logging.getLogger(__name__)
 
 # ------------------------------------------------------------------------------------------
 # Per case
@@ -69,9 +70,12 @@ def write_dicom_seg(
     One segment per model label (value k is segment k, labelled with the model's label name),
     algorithm type AUTOMATIC, identified by model name and version. Frames map to the source
     instances (or to the frames of one multi-frame source) slice by slice.
+
+    The patient and study modules are copied from the sources. Type 2 attributes they lack (or
+    hold in a form the SEG cannot carry, e.g. PatientSex "U") are given empty values, as the
+    standard allows (`seg_source`); the source files are only read.
     """
     import highdicom as hd
-    import pydicom
     from pydicom.sr.codedict import codes
 
     mask = np.asarray(mask, dtype=np.uint8)
@@ -80,10 +84,10 @@ def write_dicom_seg(
     per_slice = mask.transpose(2, 1, 0)  # (slice, row, column) in the series' spatial order
     header_ids = [h for h, _ in group.frames]
     if len(set(header_ids)) == len(header_ids) and all(f == 0 for _, f in group.frames):
-        sources = [pydicom.dcmread(group.headers[h].path, stop_before_pixels=True) for h in header_ids]
+        sources = [_read_source(group.headers[h].path) for h in header_ids]
         pixels = per_slice
     elif len(group.headers) == 1:  # one multi-frame image: SEG frames follow its frame order
-        sources = [pydicom.dcmread(group.headers[0].path, stop_before_pixels=True)]
+        sources = [_read_source(group.headers[0].path)]
         pixels = np.zeros((group.headers[0].number_of_frames, *per_slice.shape[1:]), np.uint8)
         for s, (_, f) in enumerate(group.frames):
             pixels[f] = per_slice[s]
@@ -113,6 +117,66 @@ def write_dicom_seg(
     with atomic_path(path) as tmp:
         seg.save_as(tmp, enforce_file_format=True)
     return path
+
+
+# Type 2 attributes of the Patient (C.7.1.1) and General Study (C.7.2.1) modules: required, but
+# may be empty. highdicom reads each of them from the first source without a default.
+TYPE2_PATIENT_STUDY = (
+    "PatientName",
+    "PatientID",
+    "PatientBirthDate",
+    "PatientSex",
+    "StudyDate",
+    "StudyTime",
+    "ReferringPhysicianName",
+    "StudyID",
+    "AccessionNumber",
+)
+# Values the SEG's own modules accept (PatientSex's enumerated values, PS3.3 C.7.1.1).
+_PATIENT_SEX = {"M", "F", "O"}
+
+
+def _read_source(path: str | Path):
+    """A source header as a dataset in memory (`force`: files without a preamble or file meta)."""
+    import pydicom
+
+    return seg_source(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+
+
+def seg_source(ds):
+    """`ds` (a dataset in memory, never written back) with every Type 2 patient and study
+    attribute the SEG copies present: absent or unusable ones become empty values.
+
+    Unusable: a PatientSex other than M/F/O, or a StudyDate, StudyTime or PatientBirthDate that
+    does not parse as DA/TM. The attribute's name is logged, never its value.
+    """
+    for keyword in TYPE2_PATIENT_STUDY:
+        present = keyword in ds
+        value = ds.get(keyword) if present else None
+        if present and value not in (None, "") and not _usable(keyword, value):
+            log.warning("source %s cannot be carried into the SEG: written empty", keyword)
+            present = False
+        if not present:
+            setattr(ds, keyword, "")
+        elif keyword == "PatientSex" and value:
+            ds.PatientSex = str(value).strip().upper()
+    return ds
+
+
+def _usable(keyword: str, value) -> bool:
+    """Whether the SEG writer can carry this Type 2 value (see `seg_source`)."""
+    from pydicom.valuerep import DA, TM
+
+    try:
+        if keyword == "PatientSex":
+            return str(value).strip().upper() in _PATIENT_SEX
+        if keyword in ("PatientBirthDate", "StudyDate"):
+            DA(value)
+        elif keyword == "StudyTime":
+            TM(value)
+    except (ValueError, TypeError, OverflowError):
+        return False
+    return True
 
 
 def _segmentation(hd, sources, pixels, descriptions, algorithm_name, algorithm_version, software_version):
@@ -153,15 +217,18 @@ def _quiet_highdicom() -> Iterator[None]:
 
 
 def result_columns(label_list: Sequence[str], with_sources: bool = True) -> list[str]:
-    """results.csv's columns: case, source, status, reason, model, then mL and voxels per label, seconds.
+    """results.csv's columns: case, source, status, reason, message, model, then mL and voxels per
+    label, seconds.
 
-    Without sources (the copy that leaves the site, e.g. to MLflow) there is no `source` column.
+    Without sources (the copy that leaves the site, e.g. to MLflow) there is no `source` column and
+    no `message` (a failure's message may quote a file name).
     """
     cols = [
         "case_id",
         *(["source"] if with_sources else []),
         "status",
         "reason",
+        *(["message"] if with_sources else []),
         "model_name",
         "model_version",
     ]
@@ -188,7 +255,8 @@ def write_results_csv(
         writer.writerow(result_columns(label_list, with_sources))
         for r in results:
             source = [r.source] if with_sources else []
-            row: list[Any] = [r.case_id, *source, r.status, r.reason, model_name, model_version]
+            message = [r.message] if with_sources else []
+            row: list[Any] = [r.case_id, *source, r.status, r.reason, *message, model_name, model_version]
             for name in label_list:
                 ok = r.status == "ok"
                 row += [r.volumes_ml.get(name, "") if ok else "", r.voxels.get(name, "") if ok else ""]

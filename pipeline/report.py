@@ -231,7 +231,8 @@ def write_report_html(
     parts.append("".join(f"<th>{esc(h)}</th>" for h in head) + "</tr></thead><tbody>")
     for r in results:
         flags = outliers.get(r.case_id, [])
-        message = str(getattr(r, "message", "") or "")
+        # A failure's message may quote a file name: only in the copy that stays on site.
+        message = str(getattr(r, "message", "") or "") if with_sources else ""
         cells = [
             f"<td>{esc(r.case_id)}</td>",
             *([f"<td>{esc(r.source)}</td>"] if with_sources else []),

@@ -47,3 +47,155 @@ def test_results_csv(tmp_path):
         rows = list(csv.DictReader(fh))
     assert list(rows[0]) == export.result_columns(["organ", "lesion"])
     assert rows[0]["model_version"] == "3" and rows[-1]["organ_ml"] == ""
+
+# ------------------------------------------------------------------------------------------
+# DICOM SEG from sources without Type 2 patient and study attributes
+
+
+def _series(tmp_path, modality: str = "CT", **patient):
+    """A 5-slice 33 x 37 DICOM series written with pydicom: (root, file paths)."""
+    from pipeline.synthetic.dicom import Patient, SeriesSpec, write_dicom_series
+
+    root = tmp_path / "src"
+    volume = np.random.default_rng(2).integers(-100, 100, (5, 33, 37)).astype(np.int16)
+    spec = (
+        SeriesSpec(modality=modality, patient=Patient(**patient))
+        if patient
+        else SeriesSpec(modality=modality)
+    )
+    paths = write_dicom_series(volume, root, spec)
+    return root, paths
+
+
+def _group(root, paths):
+    from pipeline.io.dicom import assemble_series, read_header
+
+    (group,), rejected = assemble_series([read_header(p, root, 2**28) for p in paths])
+    assert not rejected
+    return group
+
+
+def _strip(paths, keywords):
+    """Delete `keywords` from every file (the source as a de-identifier left it)."""
+    import pydicom
+
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        for keyword in keywords:
+            if keyword in ds:
+                delattr(ds, keyword)
+        ds.save_as(path, enforce_file_format=True)
+
+
+def _digests(paths):
+    import hashlib
+
+    return {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in paths}
+
+
+def _seg_mask(group):
+    mask = np.zeros(group.shape, np.uint8)
+    mask[5:20, 4:12, 1:4] = 1
+    mask[22:30, 20:30, 2] = 2
+    return mask
+
+
+def _check_seg(path, group, mask, paths, empty):
+    import highdicom as hd
+    import pydicom
+
+    seg = hd.seg.segread(path)
+    for keyword in empty:
+        assert keyword in seg and seg[keyword].value in (None, "", b""), keyword
+    src = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    assert seg.StudyInstanceUID == src.StudyInstanceUID
+    assert seg.FrameOfReferenceUID == src.FrameOfReferenceUID
+    for k, (h, _) in enumerate(group.frames):
+        uid = pydicom.dcmread(group.headers[h].path, stop_before_pixels=True).SOPInstanceUID
+        pixels = seg.get_pixels_by_source_instance([str(uid)], combine_segments=True, relabel=False)[0]
+        np.testing.assert_array_equal(pixels, mask[:, :, k].T)
+
+
+@pytest.mark.parametrize("keyword", list(export.TYPE2_PATIENT_STUDY))
+def test_seg_from_sources_lacking_one_type2_attribute(tmp_path, keyword):
+    root, paths = _series(tmp_path)
+    _strip(paths, [keyword])
+    group = _group(root, paths)
+    before = _digests(paths)
+    mask = _seg_mask(group)
+    out = export.write_dicom_seg(
+        tmp_path / "seg.dcm",
+        mask,
+        group,
+        NAMES,
+        algorithm_name="m",
+        algorithm_version="1",
+        software_version="t",
+    )
+    assert _digests(paths) == before  # the inputs are only read
+    _check_seg(out, group, mask, paths, empty=[keyword])
+
+
+def test_seg_from_sources_lacking_every_type2_attribute_and_with_unusable_values(tmp_path):
+    import pydicom
+
+    root, paths = _series(tmp_path, modality="MR", sex="U", birth_date="1970-01-01")
+    stripped = ["PatientName", "PatientID", "AccessionNumber", "StudyID", "ReferringPhysicianName"]
+    _strip(paths, stripped)
+    for path in paths:  # non-conformant values some exports carry
+        ds = pydicom.dcmread(path)
+        ds.StudyTime = "25:61"
+        ds.save_as(path, enforce_file_format=True)
+    group = _group(root, paths)
+    before = _digests(paths)
+    mask = _seg_mask(group)
+    out = export.write_dicom_seg(
+        tmp_path / "seg.dcm",
+        mask,
+        group,
+        NAMES,
+        algorithm_name="m",
+        algorithm_version="1",
+        software_version="t",
+    )
+    assert _digests(paths) == before
+    _check_seg(out, group, mask, paths, empty=[*stripped, "PatientSex", "PatientBirthDate", "StudyTime"])
+    assert pydicom.dcmread(out).PatientSex == ""
+
+
+def test_seg_keeps_the_sources_patient_and_study_values(tmp_path):
+    import highdicom as hd
+    import pydicom
+
+    root, paths = _series(tmp_path, sex="m")  # lower case: carried as "M"
+    group = _group(root, paths)
+    seg = hd.seg.segread(
+        export.write_dicom_seg(
+            tmp_path / "seg.dcm",
+            _seg_mask(group),
+            group,
+            NAMES,
+            algorithm_name="m",
+            algorithm_version="1",
+            software_version="t",
+        )
+    )
+    src = pydicom.dcmread(paths[0], stop_before_pixels=True)
+    for keyword in export.TYPE2_PATIENT_STUDY:
+        if keyword != "PatientSex":
+            assert str(seg[keyword].value) == str(src[keyword].value), keyword
+    assert seg.PatientSex == "M"
+
+
+def test_type2_list_covers_the_patient_and_general_study_modules():
+    """Our list against highdicom's copy of the standard's module tables."""
+    from highdicom._standard_utils import get_module_attribute_map
+
+    modules = get_module_attribute_map()
+    type2 = {
+        item["keyword"]
+        for key in ("patient", "general-study")
+        for item in modules[key]
+        if not item["path"] and item["type"] == "2"
+    }
+    assert type2 == set(export.TYPE2_PATIENT_STUDY)
