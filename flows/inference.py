@@ -27,9 +27,11 @@ from prefect.states import Completed, Failed
 
 from flows.common import CaseTimeout, content_key, path_key, run_isolated
 from flows.pull import is_pacs_url, pull_task
+from pipeline.errors import Reason
 from pipeline.inference import (
     TRACKING_EXPERIMENT,
     BatchPlan,
+    case_key,
     finalize_batch,
     predict_case,
     prepare_batch,
@@ -54,10 +56,12 @@ def prepare_task(
 
 
 def _case_key(context, parameters) -> str:
-    """Content key: the case's input bytes, the model weights, the options, the output folder."""
+    """The case key of its done-marker (`pipeline.inference.case_key`: input bytes, model, every
+    option that changes the outputs) and the output folder."""
     plan: BatchPlan = parameters["plan"]
     case_id = parameters["case_id"]
-    return content_key("predict", case_id, *plan.case_key(case_id), path_key(parameters["out"]))
+    key = case_key(plan.inputs_sha256[case_id], plan.settings)
+    return content_key("predict", case_id, key, path_key(parameters["out"]))
 
 
 @task(
@@ -80,7 +84,7 @@ def predict_case_task(out: str, case_id: str, plan: BatchPlan, timeout_s: float)
         return {
             "case_id": case_id,
             "status": "failed",
-            "reason": "TIMEOUT",
+            "reason": Reason.TIMEOUT.value,
             "seconds": timeout_s,
             "volumes": {},
         }

@@ -382,6 +382,10 @@ def predict_command(
         bool, typer.Option(help="With --push, also send an SR of the volumes (TID 1500).")
     ] = False,
     ca_bundle: Annotated[Path | None, typer.Option(help="PEM CA bundle to verify a PACS's TLS.")] = None,
+    memory_gb: Annotated[
+        float | None,
+        typer.Option(help="Memory for cases in flight, GB (default: half of the memory available).", min=0.1),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each case.")] = False,
 ) -> None:
     """Segment every case of SOURCE; masks, DICOM SEG, QC, results.csv and report.html in OUT.
@@ -391,9 +395,14 @@ def predict_command(
     """
     import sys
 
-    from pipeline.inference import ModelLoadError, predict
+    from pipeline.inference import ModelLoadError, check_out_folder, predict
 
     setup_logging(verbose)
+    try:
+        check_out_folder(out)  # before a pull or the model: a wrong --out costs nothing
+    except ValueError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(code=2) from None
     if push:
         _check_push_url(push)
     folder = _pull_source(source, out, secret_file, ca_bundle, include_derived=False)
@@ -407,10 +416,13 @@ def predict_command(
             postprocess_masks=postprocess,
             secret_file=secret_file,
             progress=sys.stderr.isatty(),
+            memory_budget=int(memory_gb * 2**30) if memory_gb else None,
         )
-    except (ModelLoadError, FileNotFoundError, ValueError, RuntimeError) as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=2) from exc
+    except (ModelLoadError, OSError, ValueError, RuntimeError) as exc:
+        # One line, no traceback: a bad argument or an OUT that cannot be written (a case's own
+        # failures never get here: they are its record).
+        typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
+        raise typer.Exit(code=2) from None
     typer.echo(
         f"predict: {summary.count('ok')} ok ({summary.processed} predicted, {summary.skipped} done earlier), "
         f"{summary.count('quarantined')} quarantined, {summary.count('failed')} failed"

@@ -53,7 +53,14 @@ class Reason(StrEnum):
     CONVERSION_FAILED = "CONVERSION_FAILED"  # an unclassified failure while converting a case
     INVALID_DATASET = "INVALID_DATASET"  # a dataset.json that does not describe the files present
     # prediction
-    PREDICTION_FAILED = "PREDICTION_FAILED"  # an unclassified failure while predicting a valid case
+    PREDICTION_FAILED = "PREDICTION_FAILED"  # preprocessing, the network or post-processing failed
+    READ_FAILED = "READ_FAILED"  # reading or decoding a planned case failed (not a refused input)
+    OUTPUT_WRITE_FAILED = "OUTPUT_WRITE_FAILED"  # the case folder or its NIfTI mask could not be written
+    SEG_WRITE_FAILED = "SEG_WRITE_FAILED"  # the DICOM SEG could not be built or written
+    QC_WRITE_FAILED = "QC_WRITE_FAILED"  # the QC picture could not be drawn or written
+    RECORD_WRITE_FAILED = "RECORD_WRITE_FAILED"  # the case's done-marker could not be written
+    TIMEOUT = "TIMEOUT"  # the case ran past its time limit; its worker process was killed
+    NO_RESULT = "NO_RESULT"  # a planned case left no record: its worker died or it never ran
     # PACS (pull and push)
     PACS_UNREACHABLE = "PACS_UNREACHABLE"  # no answer from the PACS (down, wrong host or port, TLS failure)
     PACS_REFUSED = "PACS_REFUSED"  # the PACS answered with an error (credentials, permissions, bad query)

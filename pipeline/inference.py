@@ -23,6 +23,7 @@ post-processing changed is redone; one bad case is quarantined (bad input) or fa
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fcntl
 import hashlib
@@ -35,7 +36,6 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -54,13 +54,23 @@ from pipeline.io.atomic import atomic_open, write_text
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
 from pipeline.model_store import LoadedModel, code_version
+from pipeline.predict_memory import Pending, default_budget, planned_case_bytes, prefetch
+from pipeline.predict_records import (
+    DONE_FILE,
+    OUTPUT_VERSION,
+    CaseFailed,
+    case_key,
+    clip_line,
+    one_line,
+    output_settings,
+    read_done_marker,
+    step,
+    write_done_marker,
+)
 from pipeline.runtime import autocast, configure_threads, prepare_model, resolve_precision, to_input
 
 log = logging.getLogger(__name__)
 
-# Bump when what a case's outputs contain changes, so reruns redo cases done by older code.
-OUTPUT_VERSION = "1"
-DONE_FILE = "done.json"
 MASK_FILE = "seg.nii.gz"
 SEG_FILE = "seg.dcm"
 QC_FILE = "qc.png"
@@ -223,15 +233,21 @@ def _staging_cases(staging: Path) -> list[PredictCase]:
     return cases
 
 
+def load_staged_volume(
+    path: Path, rel: str, modality: str | None, limits: IngestLimits | None = None
+) -> Volume:
+    """A staged image (NIfTI) as predict reads it; validation during training reads it the same way."""
+    limits = limits or IngestLimits()
+    volume = load_nifti(path, rel, max_voxels=limits.max_voxels, max_bytes=limits.max_bytes)
+    volume.modality = str(modality or "unknown").upper()
+    return volume
+
+
 def load_image(case: PredictCase, source: Path, limits: IngestLimits) -> Volume:
     """Decode one case's image (raises InputRejected for a bad input)."""
     if case.kind == "staging":
         assert case.image_path is not None
-        volume = load_nifti(
-            case.image_path, case.source, max_voxels=limits.max_voxels, max_bytes=limits.max_bytes
-        )
-        volume.modality = case.modality
-        return volume
+        return load_staged_volume(case.image_path, case.source, case.modality, limits)
     assert case.job is not None
     image, _ = load_case(case.job, source, limits)
     if image.modality == "unknown" and case.job.modality != "unknown":
@@ -253,9 +269,28 @@ class PredictOptions:
     precision: str = "auto"  # runtime.resolve_precision: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
 
-    def key(self) -> dict[str, Any]:
-        """What changes the mask (part of the done-marker)."""
-        return {"largest_component": self.largest_component, "fill_holes": self.fill_holes}
+    @classmethod
+    def from_config(
+        cls, infer: Any, *, batch_size: int | None = None, postprocess: bool | None = None
+    ) -> PredictOptions:
+        """The options of a config's infer section (`postprocess` overrides both clean-ups).
+
+        Predict and validation during training both build their options here, so the champion
+        gate scores what predict writes.
+        """
+        return cls(
+            batch_size=batch_size or infer.batch_size,
+            largest_component=infer.largest_component if postprocess is None else postprocess,
+            fill_holes=infer.fill_holes if postprocess is None else postprocess,
+        )
+
+    def mask_key(self) -> dict[str, Any]:
+        """What changes the mask (part of the case key); the batch size and layout do not."""
+        return {
+            "largest_component": self.largest_component,
+            "fill_holes": self.fill_holes,
+            "precision": self.precision,
+        }
 
 
 def segment_slices(
@@ -269,7 +304,8 @@ def segment_slices(
 ) -> torch.Tensor:
     """(S, 1, H, W) normalized slices -> (S, H, W) uint8 argmax labels on the CPU.
 
-    Only one batch of logits exists at a time: memory is bounded by the batch, not the volume.
+    The model must be in eval mode. Only one batch of logits exists at a time: memory is
+    bounded by the batch, not the volume.
     """
     n, _, h, w = slices.shape
     out = torch.empty((n, h, w), dtype=torch.uint8)
@@ -282,24 +318,31 @@ def segment_slices(
     return out
 
 
+# The one definition of "connected" for the largest-component clean-up, used by predict and by
+# validation during training: 26-connectivity (faces, edges and corners), so a structure that
+# narrows to a diagonal step on a thick-slice grid stays one component.
+COMPONENT_STRUCTURE = np.ones((3, 3, 3), bool)
+
+
 def postprocess(labels: np.ndarray, *, largest_component: bool, fill_holes: bool) -> np.ndarray:
-    """Per label value: keep its largest connected component (26-connected) and/or fill its holes.
+    """Per label value: keep its largest connected component (COMPONENT_STRUCTURE) and/or fill
+    its holes. Returns `labels` itself when neither is asked for, else a modified copy.
 
     Holes are filled with the label only where they are background, so a lesion inside an organ
-    keeps its own label.
+    keeps its own label. Ties between equally large components keep the first in scan order.
     """
     if not (largest_component or fill_holes):
         return labels
     labels = labels.copy()
-    structure = np.ones((3, 3, 3), bool)
     for value in (int(v) for v in np.unique(labels) if v != 0):
         mask = labels == value
         if largest_component:
-            components, n = ndimage.label(mask, structure=structure)
+            components, n = ndimage.label(mask, structure=COMPONENT_STRUCTURE)
             if n > 1:
                 sizes = np.bincount(components.ravel())
                 sizes[0] = 0
                 keep = components == int(np.argmax(sizes))
+                del components
                 labels[mask & ~keep] = 0
                 mask = keep
         if fill_holes:
@@ -308,20 +351,23 @@ def postprocess(labels: np.ndarray, *, largest_component: bool, fill_holes: bool
     return labels
 
 
-def predict_volume(
-    handle: ModelHandle,
-    volume: Volume,
+def predict_prepared(
+    model: torch.nn.Module,
+    slices: torch.Tensor,
+    info: Any,
     options: PredictOptions,
     *,
     device: torch.device,
-    prepared: tuple[torch.Tensor, Any] | None = None,
 ) -> np.ndarray:
-    """A uint8 label map on `volume`'s own grid (same shape; its affine applies)."""
-    from pipeline.transforms import preprocess_volume, restore_labels
+    """Preprocessed slices (`transforms.preprocess_volume`) -> post-processed uint8 labels on the
+    original grid: the one prediction path of predict and of validation during training.
 
-    slices, info = prepared or preprocess_volume(volume, _plan(handle))
+    `model` must be in eval mode on `device`.
+    """
+    from pipeline.transforms import restore_labels
+
     labels = segment_slices(
-        handle.loaded.model,
+        model,
         slices,
         device=device,
         batch_size=options.batch_size,
@@ -329,15 +375,46 @@ def predict_volume(
         channels_last=options.channels_last,
     )
     mask = restore_labels(labels, info)
-    if mask.shape != volume.shape:  # restore_labels' contract; checked because outputs rely on it
-        raise RuntimeError(f"restored mask shape {mask.shape} != image shape {volume.shape}")
+    del labels
+    if mask.shape != tuple(info.original_shape):  # restore_labels' contract; outputs rely on it
+        raise RuntimeError(f"restored mask shape {mask.shape} != image shape {tuple(info.original_shape)}")
     return postprocess(mask, largest_component=options.largest_component, fill_holes=options.fill_holes)
 
 
-def _plan(handle: ModelHandle):
+def predict_volume(
+    model: ModelHandle | LoadedModel,
+    volume: Volume,
+    options: PredictOptions | None = None,
+    *,
+    device: torch.device | None = None,
+    prepared: tuple[torch.Tensor, Any] | None = None,
+) -> np.ndarray:
+    """A uint8 label map on `volume`'s own grid (same shape; its affine applies).
+
+    `model` is a loaded model (`model_store.load_model_dir`, or `load_model`'s handle) with its
+    plan; its network is put in eval mode. `options` default to PredictOptions(); `device` to
+    the network's. `prepared` is `preprocess_volume(volume, plan)` when already computed.
+    """
+    from pipeline.transforms import preprocess_volume
+
+    loaded = model.loaded if isinstance(model, ModelHandle) else model
+    options = options or PredictOptions()
+    net = loaded.model.eval()
+    device = device or next(net.parameters()).device
+    slices, info = prepared or preprocess_volume(volume, _plan_of(loaded))
+    if tuple(info.original_shape) != tuple(volume.shape):
+        raise RuntimeError(f"preprocessed for shape {info.original_shape}, not the volume's {volume.shape}")
+    return predict_prepared(net, slices, info, options, device=device)
+
+
+def _plan_of(loaded: LoadedModel):
     from pipeline.plan import Plan
 
-    return Plan.from_dict(handle.loaded.plan)
+    return Plan.from_dict(loaded.plan)
+
+
+def _plan(handle: ModelHandle):
+    return _plan_of(handle.loaded)
 
 
 # ------------------------------------------------------------------------------------------
@@ -351,11 +428,12 @@ class CaseResult:
     case_id: str
     source: str
     status: str  # ok, quarantined, failed
-    reason: str = ""
+    reason: str = ""  # a Reason value for quarantined and failed cases
     volumes_ml: dict[str, float] = field(default_factory=dict)  # label name -> mL
     voxels: dict[str, int] = field(default_factory=dict)  # label name -> voxel count
     seconds: float = 0.0
     skipped: bool = False  # done by an earlier run with the same input and model
+    message: str = ""  # one line: why the case was quarantined or failed
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -388,28 +466,9 @@ class PredictSummary:
         return EXIT_OK if self.count("ok") == len(self.results) else EXIT_PARTIAL
 
 
-def _done_marker(out: Path, case: PredictCase, key: dict[str, Any]) -> dict | None:
-    """The earlier run's result for this case if its input, model and options are unchanged."""
-    path = out / case.case_id / DONE_FILE
-    try:
-        marker = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    expected = _marker_key(case, key)
-    if any(marker.get(k) != v for k, v in expected.items()):
-        return None
-    if not all((out / case.case_id / name).is_file() for name in marker.get("outputs", [])):
-        return None
-    return marker
-
-
-def _marker_key(case: PredictCase, key: dict[str, Any]) -> dict[str, Any]:
-    """What a done-marker must match: `key` is the batch's model and options (`_batch_key`)."""
-    return {"output_version": OUTPUT_VERSION, "inputs_sha256": case.inputs_sha256, **key}
-
-
-def _batch_key(model_sha256: str, model_version: str, options: PredictOptions) -> dict[str, Any]:
-    return {"model_sha256": model_sha256, "model_version": model_version, "postprocess": options.key()}
+def _done_marker(out: Path, case: PredictCase, settings: dict[str, Any]) -> dict | None:
+    """The earlier run's marker for this case if it is valid for the batch's `settings`."""
+    return read_done_marker(out / case.case_id, case_key(case.inputs_sha256, settings))
 
 
 def _clear_case(case_dir: Path) -> None:
@@ -426,8 +485,22 @@ def _volumes(mask: np.ndarray, spacing: tuple[float, ...], names: dict[int, str]
     return {k: round(n * voxel_ml, 4) for k, n in voxels.items()}, voxels
 
 
+def check_out_folder(out: str | Path) -> Path:
+    """`out` resolved, when it can be the output folder: an existing folder or a path that can be
+    made one. Raises ValueError naming the path when it (or a parent of it) is a file."""
+    out = Path(out).resolve()
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file, not a folder: give a folder (made if absent)")
+    for parent in out.parents:
+        if parent.exists():
+            if not parent.is_dir():
+                raise ValueError(f"--out {out} cannot be made: {parent} is a file, not a folder")
+            break
+    return out
+
+
 def _resolve_paths(source: str | Path, out: str | Path) -> tuple[Path, Path]:
-    source, out = Path(source).resolve(), Path(out).resolve()
+    source, out = Path(source).resolve(), check_out_folder(out)
     if not source.exists():
         raise FileNotFoundError(f"predict source {source} does not exist")
     if out == source or (source.is_dir() and source in out.parents):
@@ -463,13 +536,15 @@ class BatchPlan:
     model_sha256: str
     model_name: str
     model_version: str
-    options_sha256: str  # over everything that changes a case's outputs besides input and model
+    settings: dict[str, Any]  # predict_records.output_settings: all but the input a case depends on
+    options_sha256: str  # sha256 of `settings`
     model_run_id: str | None = None
     rejected: int = 0  # inputs quarantined while planning (no case ID)
+    case_bytes: dict[str, int] = field(default_factory=dict)  # case ID -> planned peak memory
 
-    def case_key(self, case_id: str) -> tuple[str, str, str]:
-        """(input sha256, model sha256, options sha256): what a case's outputs depend on."""
-        return self.inputs_sha256[case_id], self.model_sha256, self.options_sha256
+    def case_key(self, case_id: str) -> str:
+        """The case key (`predict_records.case_key`) of one planned case."""
+        return case_key(self.inputs_sha256[case_id], self.settings)
 
 
 def _plan_dir(out: Path) -> Path:
@@ -614,11 +689,7 @@ def _write_plan(
     except ValueError:  # a config from another code version: its infer section is advisory only
         log.warning("the model's training config does not validate here; using default infer options")
         infer = PipelineConfig().infer
-    options = PredictOptions(
-        batch_size=batch_size or infer.batch_size,
-        largest_component=infer.largest_component if postprocess_masks is None else postprocess_masks,
-        fill_holes=infer.fill_holes if postprocess_masks is None else postprocess_masks,
-    )
+    options = PredictOptions.from_config(infer, batch_size=batch_size, postprocess=postprocess_masks)
     limits = limits or IngestLimits()
     secret_path = Path(secret_file) if secret_file else Workdir.resolve().secret_file
     secret = load_or_create_secret(secret_path)
@@ -642,23 +713,21 @@ def _write_plan(
             continue
         quarantine.append({"status": "quarantined", **err.to_record()})
         where = _common_folder(files) if len(files) > 1 else err.path
-        rejected_results.append(CaseResult("", where, "quarantined", err.reason.value).to_json())
+        rejected_results.append(
+            CaseResult("", where, "quarantined", err.reason.value, message=clip_line(err.message)).to_json()
+        )
 
-    key = _batch_key(handle.sha256, handle.version, options)
+    settings = batch_settings(handle, options, write_seg=write_seg, write_qc=write_qc, limits=limits)
     shutil.rmtree(plan_dir / "failed", ignore_errors=True)
     todo = []
+    case_bytes = {}
+    target = float(handle.loaded.plan.get("target_spacing") or 1.0)
     for case in cases:
+        case_bytes[case.case_id] = planned_case_bytes(*_case_size(case, source), target_spacing=target)
         with atomic_open(plan_dir / "cases" / f"{case.case_id}.json") as fh:
-            json.dump(_case_to_json(case), fh)
-        if _done_marker(out, case, key) is None:
+            json.dump({**_case_to_json(case), "planned_bytes": case_bytes[case.case_id]}, fh)
+        if _done_marker(out, case, settings) is None:
             todo.append(case.case_id)
-    settings = {
-        "options": dataclasses.asdict(options),
-        "write_seg": write_seg,
-        "write_qc": write_qc,
-        "limits": dataclasses.asdict(limits),
-        "output_version": OUTPUT_VERSION,
-    }
     batch = {
         "source": str(source),
         "secret_file": str(secret_path.resolve()),
@@ -674,8 +743,14 @@ def _write_plan(
             "val_dice": handle.loaded.metadata.get("validation", {}).get("val_dice_mean"),
         },
         "model_dir": str(model_dir),
-        **settings,
+        "options": dataclasses.asdict(options),
+        "write_seg": write_seg,
+        "write_qc": write_qc,
+        "limits": dataclasses.asdict(limits),
+        "output_version": OUTPUT_VERSION,
+        "settings": settings,
         "options_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "case_bytes": case_bytes,
         "cases": [c.case_id for c in cases],
         "todo": todo,
         "quarantine": quarantine,
@@ -692,9 +767,34 @@ def _write_plan(
         model_sha256=handle.sha256,
         model_name=handle.name,
         model_version=handle.version,
+        settings=settings,
         options_sha256=batch["options_sha256"],
         model_run_id=handle.run_id,
         rejected=len(rejected_results),
+        case_bytes=case_bytes,
+    )
+
+
+def batch_settings(
+    handle: ModelHandle, options: PredictOptions, *, write_seg: bool, write_qc: bool, limits: IngestLimits
+) -> dict[str, Any]:
+    """`predict_records.output_settings` of a batch: the model's identity, plan and label names,
+    the mask options, which outputs are written and the input limits."""
+    plan_json = json.dumps(handle.loaded.plan, sort_keys=True, default=str)
+    plan_sha = hashlib.sha256(plan_json.encode()).hexdigest()
+    model = {
+        "name": handle.name,
+        "version": handle.version,
+        "sha256": handle.sha256,
+        "plan_sha256": plan_sha,
+        "label_names": {str(k): v for k, v in sorted(handle.label_names.items())},
+    }
+    return output_settings(
+        model=model,
+        mask_options=options.mask_key(),
+        write_seg=write_seg,
+        write_qc=write_qc,
+        limits=dataclasses.asdict(limits),
     )
 
 
@@ -755,7 +855,11 @@ class _Batch:
     options: PredictOptions
     device: torch.device
     limits: IngestLimits
-    key: dict[str, Any]
+    settings: dict[str, Any]  # predict_records.output_settings of the batch
+
+    def key(self, case: PredictCase) -> str:
+        """The case key of `case` in this batch."""
+        return case_key(case.inputs_sha256, self.settings)
 
     def case(self, case_id: str) -> PredictCase:
         path = _plan_dir(self.out) / "cases" / f"{case_id}.json"
@@ -795,7 +899,7 @@ def _open_batch(out: Path) -> _Batch:
         options=options,
         device=next(loaded.model.parameters()).device,
         limits=IngestLimits(**meta["limits"]),
-        key=_batch_key(m["sha256"], m["version"], options),
+        settings=meta["settings"],
     )
 
 
@@ -830,6 +934,7 @@ def _case_summary(result: CaseResult, status: str | None = None) -> dict[str, An
         "case_id": result.case_id,
         "status": status or result.status,
         "reason": result.reason,
+        "message": result.message,
         "seconds": result.seconds,
         "volumes": dict(result.volumes_ml),
     }
@@ -838,7 +943,8 @@ def _case_summary(result: CaseResult, status: str | None = None) -> dict[str, An
 def predict_case(out: str | Path, case_id: str) -> dict[str, Any]:
     """Step 2: run one planned case to its done-marker; returns its summary (nothing identifying).
 
-    {"case_id", "status": ok | quarantined | failed | skipped, "reason", "seconds", "volumes"}.
+    {"case_id", "status": ok | quarantined | failed | skipped, "reason", "message", "seconds",
+    "volumes"}.
     "skipped": a valid done-marker already stood (an earlier run, or the same case submitted
     twice: the per-case lock makes the second call wait and then find the first one's marker).
     Never raises for a bad case; raises ModelLoadError or FileNotFoundError when the batch
@@ -848,15 +954,10 @@ def predict_case(out: str | Path, case_id: str) -> dict[str, Any]:
     batch = _open_batch(out)
     case = batch.case(case_id)
     with _case_lock(out, case_id):
-        marker = _done_marker(out, case, batch.key)
+        marker = _done_marker(out, case, batch.settings)
         if marker is not None:
             return _case_summary(CaseResult(**marker["result"]), "skipped")
-        future: Future = Future()
-        try:
-            future.set_result(_load(batch, case))
-        except Exception as exc:  # noqa: BLE001  (classified by _run_case like a prefetch failure)
-            future.set_exception(exc)
-        return _case_summary(_run_case(case, future, batch))
+        return _case_summary(_run_case(case, Pending.run(lambda: _load(batch, case)), batch))
 
 
 def _label_list(meta: dict[str, Any]) -> list[str]:
@@ -869,9 +970,6 @@ def _collect_results(
     out: Path, meta: dict[str, Any]
 ) -> tuple[list[PredictCase], list[CaseResult], list[dict[str, Any]]]:
     """(planned cases, every result row, quarantine records) from the plan and the done-markers."""
-    m = meta["model"]
-    options = PredictOptions(**meta["options"])
-    key = _batch_key(m["sha256"], m["version"], options)
     todo = set(meta["todo"])
     quarantine: list[dict[str, Any]] = list(meta["quarantine"])
     results: list[CaseResult] = []
@@ -881,7 +979,7 @@ def _collect_results(
             json.loads((_plan_dir(out) / "cases" / f"{case_id}.json").read_text(encoding="utf-8"))
         )
         cases.append(case)
-        marker = _done_marker(out, case, key)
+        marker = _done_marker(out, case, meta["settings"])
         failed_path = _plan_dir(out) / "failed" / f"{case_id}.json"
         if marker is not None:
             results.append(CaseResult(**{**marker["result"], "skipped": case_id not in todo}))
@@ -893,11 +991,15 @@ def _collect_results(
                 "status": "failed",
                 "case_id": case_id,
                 "path": case.source,
-                "reason": Reason.PREDICTION_FAILED.value,
+                "reason": Reason.NO_RESULT.value,
                 "message": "no result: the case timed out, its worker died, or it was not run",
             }
         quarantine.append(record)
-        results.append(CaseResult(case_id, case.source, record["status"], record["reason"]))
+        results.append(
+            CaseResult(
+                case_id, case.source, record["status"], record["reason"], message=clip_line(record["message"])
+            )
+        )
     results += [CaseResult(**r) for r in meta["rejected_results"]]
     return cases, results, quarantine
 
@@ -1087,13 +1189,16 @@ def predict(
     write_qc: bool = True,
     progress: bool = False,
     on_case_done: Callable[[CaseResult], None] | None = None,
+    memory_budget: int | None = None,
 ) -> PredictSummary:
     """Predict every case under `source` with `model` into `out`; see the module docstring.
 
     `batch_size` and `postprocess_masks` default to the model's training config (infer section);
     `postprocess_masks=True` turns on both largest-component and hole filling, False turns both off.
     Raises ModelLoadError (before any case runs), FileNotFoundError or ValueError for bad arguments;
-    never for a bad case. The three steps in one process, the next case loading in the background.
+    never for a bad case. The three steps in one process, the next case loading in the background
+    while the planned peaks of both fit `memory_budget` bytes (default: half the memory available,
+    `predict_memory.default_budget`).
     """
     plan = prepare_batch(
         source,
@@ -1112,15 +1217,40 @@ def predict(
     if plan.todo:
         batch = _open_batch(out)
         todo = [batch.case(case_id) for case_id in plan.todo]
+        budget = memory_budget if memory_budget is not None else default_budget()
         bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
-        for case, future in _prefetch(todo, lambda c: _load(batch, c)):
+        cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
+        for case, pending in prefetch(todo, lambda c: _load(batch, c), cost=cost, budget=budget):
             with _case_lock(out, case.case_id):
-                result = _run_case(case, future, batch)
+                result = _run_case(case, pending, batch)
+            del pending
             if on_case_done is not None:
                 on_case_done(result)
             bar.update(1)
         bar.close()
     return finalize_batch(out)
+
+
+def _case_size(case: PredictCase, source: Path) -> tuple[int, tuple[float, ...]]:
+    """(voxels, spacing in mm) of a planned case from its headers; (0, ()) when unknown."""
+    import nibabel as nib
+
+    job = case.job
+    try:
+        if job is not None and job.group is not None:
+            spacing = np.linalg.norm(job.group.affine[:3, :3], axis=0)
+            return int(np.prod(job.group.shape)), tuple(float(s) for s in spacing)
+        if case.image_path is not None:
+            path = case.image_path
+        elif job is not None and job.nifti is not None:
+            path = source / job.nifti.image
+        else:
+            return 0, ()
+        header = nib.load(path).header  # the header only: no voxel is read
+        shape = header.get_data_shape()[:3]
+        return int(np.prod(shape)), tuple(float(z) for z in header.get_zooms()[:3])
+    except (OSError, ValueError, TypeError, nib.filebasedimages.ImageFileError):
+        return 0, ()  # an unreadable header: loading the case will say why
 
 
 @dataclass
@@ -1133,29 +1263,17 @@ class _Loaded:
 
 
 def _load(batch: _Batch, case: PredictCase) -> _Loaded:
+    """Read and preprocess one case; a refused input raises InputRejected, any other failure
+    CaseFailed with READ_FAILED (reading) or PREDICTION_FAILED (preprocessing)."""
     from pipeline.transforms import preprocess_volume
 
     t0 = time.perf_counter()
-    case = batch.job_for(case)
-    volume = load_image(case, batch.source, batch.limits)
-    slices, info = preprocess_volume(volume, _plan(batch.handle))
+    with step(Reason.READ_FAILED, "reading the image"):
+        case = batch.job_for(case)
+        volume = load_image(case, batch.source, batch.limits)
+    with step(Reason.PREDICTION_FAILED, "preprocessing"):
+        slices, info = preprocess_volume(volume, _plan(batch.handle))
     return _Loaded(case, volume, slices, info, time.perf_counter() - t0)
-
-
-def _prefetch(
-    cases: list[PredictCase], load: Callable[[PredictCase], _Loaded]
-) -> Iterator[tuple[PredictCase, Future]]:
-    """Yield (case, future of its loaded image) with the next case loading in the background."""
-    if not cases:
-        return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-load") as pool:
-        future = pool.submit(load, cases[0])
-        for i, case in enumerate(cases):
-            current = future
-            if i + 1 < len(cases):
-                # Submitted before the current case computes: at most two cases in memory.
-                future = pool.submit(load, cases[i + 1])
-            yield case, current
 
 
 def _record_failure(out: Path, case_id: str, record: dict[str, Any] | None) -> None:
@@ -1167,25 +1285,19 @@ def _record_failure(out: Path, case_id: str, record: dict[str, Any] | None) -> N
         json.dump(record, fh, default=str)
 
 
-def _run_case(case: PredictCase, future: Future, batch: _Batch) -> CaseResult:
-    """Run one case to its done-marker; a bad case becomes a quarantined or failed result,
-    recorded in OUT/.plan/failed/ for `finalize_batch`."""
+def _write_outputs(batch: _Batch, case: PredictCase, loaded: _Loaded, mask: np.ndarray) -> list[str]:
+    """Write the case's outputs, each in its own step; returns the names written."""
     from pipeline import export
 
-    handle, options, names = batch.handle, batch.options, batch.handle.label_names
+    handle, names = batch.handle, batch.handle.label_names
     case_dir = batch.out / case.case_id
-    t0 = time.perf_counter()
-    try:
+    with step(Reason.OUTPUT_WRITE_FAILED, "writing the NIfTI mask"):
         _clear_case(case_dir)
-        loaded: _Loaded = future.result()
-        case = loaded.case
-        mask = predict_volume(
-            handle, loaded.volume, options, device=batch.device, prepared=(loaded.slices, loaded.info)
-        )
-        outputs = [MASK_FILE]
         export.write_mask_nifti(case_dir / MASK_FILE, mask, loaded.volume.affine)
-        job = case.job
-        if batch.meta["write_seg"] and case.kind == "dicom" and job is not None and job.group is not None:
+    outputs = [MASK_FILE]
+    job = case.job
+    if batch.meta["write_seg"] and case.kind == "dicom" and job is not None and job.group is not None:
+        with step(Reason.SEG_WRITE_FAILED, "writing the DICOM SEG"):
             export.write_dicom_seg(
                 case_dir / SEG_FILE,
                 mask,
@@ -1195,8 +1307,9 @@ def _run_case(case: PredictCase, future: Future, batch: _Batch) -> CaseResult:
                 algorithm_version=handle.version,
                 software_version=code_version(),
             )
-            outputs.append(SEG_FILE)
-        if batch.meta["write_qc"]:
+        outputs.append(SEG_FILE)
+    if batch.meta["write_qc"]:
+        with step(Reason.QC_WRITE_FAILED, "drawing the QC picture"):
             export.write_qc_png(
                 case_dir / QC_FILE,
                 loaded.volume.data,
@@ -1206,8 +1319,29 @@ def _run_case(case: PredictCase, future: Future, batch: _Batch) -> CaseResult:
                 modality=loaded.volume.modality,
                 title=case.case_id,
             )
-            outputs.append(QC_FILE)
-        volumes_ml, voxels = _volumes(mask, loaded.volume.spacing, names)
+        outputs.append(QC_FILE)
+    return outputs
+
+
+def _run_case(case: PredictCase, pending: Pending, batch: _Batch) -> CaseResult:
+    """Run one case to its done-marker, step by step; a bad input becomes a quarantined result,
+    a failure in any step a failed one with the step's reason, recorded in OUT/.plan/failed/ for
+    `finalize_batch` (and the case's partial outputs removed). Never raises for the case."""
+    t0 = time.perf_counter()
+    try:
+        loaded: _Loaded = pending.take()
+        case = loaded.case
+        with step(Reason.PREDICTION_FAILED, "predicting"):
+            mask = predict_volume(
+                batch.handle,
+                loaded.volume,
+                batch.options,
+                device=batch.device,
+                prepared=(loaded.slices, loaded.info),
+            )
+            del loaded.slices  # the largest buffer left: not needed by the writers
+        outputs = _write_outputs(batch, case, loaded, mask)
+        volumes_ml, voxels = _volumes(mask, loaded.volume.spacing, batch.handle.label_names)
         result = CaseResult(
             case.case_id,
             case.source,
@@ -1216,28 +1350,46 @@ def _run_case(case: PredictCase, future: Future, batch: _Batch) -> CaseResult:
             voxels=voxels,
             seconds=round(loaded.seconds + time.perf_counter() - t0, 3),
         )
-        marker = {**_marker_key(case, batch.key), "outputs": outputs, "result": result.to_json()}
-        marker["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
-        _record_failure(batch.out, case.case_id, None)
-        with atomic_open(case_dir / DONE_FILE) as fh:  # last: the case is done only now
-            json.dump(marker, fh, indent=2)
+        with step(Reason.RECORD_WRITE_FAILED, "writing the done-marker"):
+            _record_failure(batch.out, case.case_id, None)
+            write_done_marker(  # last: the case is done only now
+                batch.out / case.case_id,
+                batch.key(case),
+                outputs,
+                result.to_json(),
+                inputs_sha256=case.inputs_sha256,
+                model_sha256=batch.handle.sha256,
+                model_version=batch.handle.version,
+                finished=datetime.now(UTC).isoformat(timespec="seconds"),
+            )
         log.info("case %s: ok in %.2f s", case.case_id, result.seconds)
         return result
     except InputRejected as err:
         err.details.setdefault("files", [case.source])
         record = {"status": "quarantined", "case_id": case.case_id, **err.to_record()}
-        _record_failure(batch.out, case.case_id, record)
         log.warning("case %s quarantined: %s", case.case_id, err.reason.value)
-        return CaseResult(case.case_id, case.source, "quarantined", err.reason.value)
-    except (OSError, ValueError, RuntimeError, MemoryError, KeyError, IndexError, TypeError) as exc:
-        # Not the input's fault as far as we know: keep the batch going, say what happened.
+        result = CaseResult(
+            case.case_id, case.source, "quarantined", err.reason.value, message=clip_line(err.message)
+        )
+    except Exception as exc:  # noqa: BLE001 - one case's failure, at any step, is that case's record
+        failed = exc if isinstance(exc, CaseFailed) else CaseFailed(Reason.PREDICTION_FAILED, one_line(exc))
         record = {
             "status": "failed",
             "case_id": case.case_id,
             "path": case.source,
-            "reason": Reason.PREDICTION_FAILED.value,
-            "message": f"prediction failed with {type(exc).__name__}: {exc}",
+            "reason": failed.reason.value,
+            "message": failed.message,
         }
+        # The type only: the message may quote a file name, and logs carry no identifiers.
+        cause = type(exc.__cause__ or exc).__name__
+        log.error("case %s failed: %s (%s)", case.case_id, failed.reason.value, cause)
+        result = CaseResult(case.case_id, case.source, "failed", failed.reason.value, message=failed.message)
+    # No mask of a case that is not done; when the case folder itself is the problem (a file in
+    # its place) there is nothing to clear.
+    with contextlib.suppress(OSError):
+        _clear_case(batch.out / case.case_id)
+    try:
         _record_failure(batch.out, case.case_id, record)
-        log.error("case %s failed: %s", case.case_id, type(exc).__name__)
-        return CaseResult(case.case_id, case.source, "failed", Reason.PREDICTION_FAILED.value)
+    except OSError as exc:  # finalize_batch then lists the case as NO_RESULT
+        log.error("case %s: its failure record could not be written (%s)", case.case_id, type(exc).__name__)
+    return result

@@ -19,10 +19,11 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, Workdir
+from pipeline.inference import PredictOptions
 from pipeline.io.manifest import read_manifest
 from pipeline.model_store import LoadedModel
 from pipeline.plan import Plan
-from pipeline.runtime import resolve_device, resolve_precision
+from pipeline.runtime import prepare_model, resolve_device
 from pipeline.training import TrainResult, _load_val_cases, train, validate
 
 log = logging.getLogger(__name__)
@@ -132,15 +133,11 @@ def evaluate_on_cases(
     cases = _load_val_cases(validation_rows(staging, case_ids), plan)
     device = resolve_device(config.train.device)
     metrics = validate(
-        loaded.model.to(device),
+        prepare_model(loaded.model, device, channels_last=True),  # as predict loads it
         cases,
         plan,
         device=device,
-        batch_size=config.infer.batch_size,
-        channels_last=True,  # inference layout: evaluation is a forward pass
-        amp_dtype=resolve_precision(config.train.precision, device),
-        largest_component=config.infer.largest_component,
-        fill_holes=config.infer.fill_holes,
+        options=PredictOptions.from_config(config.infer),
     )
     return float(metrics["val_dice_mean"])
 

@@ -2,7 +2,7 @@
 
 `train(staging, out_dir, config)` plans the dataset (or reloads the plan of a run it resumes),
 splits cases, trains with Dice + cross-entropy, validates every `val_every` epochs on whole
-validation volumes slice by slice through `preprocess_volume` (the inference path), keeps the best
+validation volumes through predict's own path (`inference.predict_prepared`), keeps the best
 weights by mean validation Dice, stops early or at the wall-clock budget, checkpoints every
 epoch and resumes from the last checkpoint after a crash. It ends by writing the model folder
 (`pipeline.model_store.save_model_dir`) and returns a `TrainResult`.
@@ -41,6 +41,7 @@ from tqdm.auto import tqdm
 
 from pipeline.config import PipelineConfig
 from pipeline.data import infinite_batches, loader_workers, make_loader, make_train_dataset, split_cases
+from pipeline.inference import PredictOptions
 from pipeline.io.atomic import atomic_path, write_text
 from pipeline.io.manifest import read_manifest
 from pipeline.metrics import mean_over_cases, segmentation_metrics
@@ -54,7 +55,7 @@ from pipeline.runtime import (
     to_input,
     training_channels_last,
 )
-from pipeline.transforms import postprocess_labels, preprocess_volume, restore_labels, train_transforms
+from pipeline.transforms import preprocess_volume, train_transforms
 from unet_model import UNet, UNetConfig
 
 log = logging.getLogger(__name__)
@@ -210,29 +211,6 @@ def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
         torch.save(state, tmp)
 
 
-@torch.inference_mode()
-def predict_slices(
-    model: nn.Module,
-    slices: torch.Tensor,
-    *,
-    device: torch.device,
-    batch_size: int = 16,
-    channels_last: bool = True,
-    amp_dtype: torch.dtype | None = None,
-) -> torch.Tensor:
-    """(S, 1, H, W) normalized slices -> (S, H, W) int64 label maps (argmax), on the CPU."""
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, slices.shape[0], batch_size):
-        x = to_input(slices[start : start + batch_size], device, channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        out.append(logits.argmax(dim=1).cpu())
-    model.train(was_training)
-    return torch.cat(out)
-
-
 @dataclass
 class _ValCase:
     case_id: str
@@ -243,9 +221,14 @@ class _ValCase:
 
 
 def _load_val_cases(rows: list[dict[str, Any]], plan: Plan) -> list[_ValCase]:
+    """Validation cases read and preprocessed exactly as predict reads a staging folder."""
+    from pipeline.inference import load_staged_volume
+
     cases = []
     for row in rows:
-        slices, info = preprocess_volume(row["image"], plan, row["modality"])
+        volume = load_staged_volume(Path(row["image"]), str(row["image"]), row.get("modality"))
+        slices, info = preprocess_volume(volume, plan)
+        del volume
         label_img = nib.load(row["label"])
         truth = np.asarray(label_img.dataobj).astype(np.uint8)
         spacing = tuple(float(s) for s in np.linalg.norm(label_img.affine[:3, :3], axis=0))
@@ -259,28 +242,25 @@ def validate(
     plan: Plan,
     *,
     device: torch.device,
-    batch_size: int,
-    channels_last: bool,
-    amp_dtype: torch.dtype | None,
-    largest_component: bool = False,
-    fill_holes: bool = False,
+    options: PredictOptions,
 ) -> dict[str, float]:
-    """Mean over whole validation volumes of Dice and HD95 per label, on the original grids,
-    after the same post-processing inference applies (the infer section)."""
+    """Mean over whole validation volumes of Dice and HD95 per label, on the original grids.
+
+    The prediction is predict's own (`inference.predict_prepared` with the infer section's
+    `options`: slice prediction, restoring to the source grid, post-processing), so the score is
+    the score of what predict writes; `metrics.segmentation_metrics` is what `evaluate` uses.
+    """
+    from pipeline.inference import predict_prepared
+
     per_case = []
-    for case in cases:
-        pred = predict_slices(
-            model,
-            case.slices,
-            device=device,
-            batch_size=batch_size,
-            channels_last=channels_last,
-            amp_dtype=amp_dtype,
-        )
-        volume = restore_labels(pred, case.info)
-        if largest_component or fill_holes:
-            volume = postprocess_labels(volume, largest_component=largest_component, fill_holes=fill_holes)
-        per_case.append(segmentation_metrics(volume, case.truth, plan.label_names, spacing=case.spacing))
+    was_training = model.training
+    model.eval()
+    try:
+        for case in cases:
+            volume = predict_prepared(model, case.slices, case.info, options, device=device)
+            per_case.append(segmentation_metrics(volume, case.truth, plan.label_names, spacing=case.spacing))
+    finally:
+        model.train(was_training)
     return {f"val_{k}": v for k, v in mean_over_cases(per_case).items()}
 
 
@@ -473,6 +453,7 @@ def train(
         )
         batches = infinite_batches(loader, sampler, start=start_epoch)
         val_cases = _load_val_cases([by_id[c] for c in split["val"]], plan)
+        val_options = PredictOptions.from_config(config.infer)  # what predict with this model does
 
     quiet = not dctx.main or not sys.stderr.isatty()
     bar = tqdm(total=tc.epochs, initial=start_epoch, desc="train", unit="epoch", disable=quiet, leave=True)
@@ -520,17 +501,7 @@ def train(
             stopped_reason = "time_budget"
         last_epoch = epoch + 1 >= tc.epochs
         if (epoch + 1) % tc.val_every == 0 or last_epoch or over_budget:
-            val = validate(
-                _unwrap(model),
-                val_cases,
-                plan,
-                device=device,
-                batch_size=config.infer.batch_size,
-                channels_last=channels_last,
-                amp_dtype=amp_dtype,
-                largest_component=config.infer.largest_component,
-                fill_holes=config.infer.fill_holes,
-            )
+            val = validate(_unwrap(model), val_cases, plan, device=device, options=val_options)
             metrics.update(val)
             if val["val_dice_mean"] > best_mean:
                 best_mean, best_epoch, best_metrics, stale = val["val_dice_mean"], epoch, val, 0

@@ -354,26 +354,3 @@ def restore_labels(labels: torch.Tensor | np.ndarray, info: PreprocessInfo) -> n
     labels = torch.as_tensor(labels)
     out = restore(labels[:, None].float(), info, mode="nearest")[0]
     return out.round().to(torch.uint8).numpy()
-
-
-def postprocess_labels(
-    labels: np.ndarray, *, largest_component: bool = False, fill_holes: bool = False
-) -> np.ndarray:
-    """The infer section's clean-up of a label volume, per label: keep the largest 3D connected
-    component and/or fill enclosed holes (scipy.ndimage; MONAI's KeepLargestConnectedComponent
-    works on tensors per channel, this keeps the label map as is)."""
-    from scipy import ndimage
-
-    out = np.array(labels, copy=True)
-    for value in (int(v) for v in np.unique(labels) if v != 0):
-        mask = out == value
-        if largest_component:
-            components, n = ndimage.label(mask)
-            if n > 1:
-                sizes = np.bincount(components.ravel())[1:]
-                out[mask & (components != 1 + int(np.argmax(sizes)))] = 0
-                mask = out == value
-        if fill_holes:
-            filled = ndimage.binary_fill_holes(mask)
-            out[filled & (out == 0)] = value
-    return out

@@ -141,6 +141,7 @@ def test_results_csv_columns_exactly_as_the_issue_lists(setup, dicom_run):
         "source",
         "status",
         "reason",
+        "message",
         "model_name",
         "model_version",
         *per_label,

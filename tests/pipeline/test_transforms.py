@@ -91,18 +91,6 @@ def test_body_mask_separates_body_from_air():
     assert mask.sum() == 100 * 4 and mask[10, 10, 0] and not mask[0, 0, 0]
 
 
-def test_postprocess_keeps_the_largest_component_and_fills_holes():
-    from pipeline.transforms import postprocess_labels
-
-    labels = np.zeros((20, 20, 3), np.uint8)
-    labels[2:12, 2:12] = 1
-    labels[5:7, 5:7, 1] = 0  # a hole inside the organ
-    labels[15:17, 15:17] = 1  # a stray blob
-    out = postprocess_labels(labels, largest_component=True, fill_holes=True)
-    assert out[16, 16, 0] == 0 and out[6, 6, 1] == 1 and out[3, 3, 0] == 1
-    assert np.array_equal(postprocess_labels(labels), labels)
-
-
 @pytest.mark.parametrize("tracked", [True, False])
 def test_sampling_and_augmentation_never_write_into_the_cache(staged, tracked):
     """make_train_dataset caches without copy (copy_cache=False): every random step must leave

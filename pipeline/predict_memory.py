@@ -1,0 +1,101 @@
+"""How many cases predict may hold in memory at once: planned case sizes against a memory budget.
+
+Each case's peak memory is planned from its headers (voxel count and spacing, read before any
+voxel is), with the per-voxel costs measured on predict's own path (see PEAK_BYTES_PER_VOXEL).
+The loader then reads the next case ahead of the one computing only while both planned peaks
+fit the budget; a case whose plan alone exceeds the budget still runs, alone.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Generic, TypeVar
+
+from pipeline.system import available_memory_bytes
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+# Bytes of peak memory per voxel of the source grid and per voxel of the preprocessed grid
+# (the slices the network sees), measured with bench/predict_memory.py on a 512 x 512 x 300 CT:
+# the source image (stored type, then float32), the prediction restored to the source grid
+# (float32 during resampling, then uint8), the post-processed copy, the QC picture and the SEG
+# frames; on the preprocessed grid the float32 slices and their resampling.
+PEAK_BYTES_PER_VOXEL = 24
+PEAK_BYTES_PER_PREPROCESSED_VOXEL = 16
+# Without a stated budget, cases in flight may use this share of the memory available at start.
+DEFAULT_BUDGET_SHARE = 0.5
+
+
+def planned_case_bytes(voxels: int, spacing: Sequence[float], *, target_spacing: float) -> int:
+    """Planned peak memory (bytes) of predicting one case of `voxels` voxels at `spacing` (mm).
+
+    In-plane resampling to `target_spacing` scales the preprocessed grid by the two finest
+    spacings over the target's square (never below 1: a coarser target is not counted as a
+    saving). `voxels` 0 (size unknown) plans 0: such a case is never the reason to wait.
+    """
+    if voxels <= 0:
+        return 0
+    finest = sorted(float(s) for s in spacing)[:2]
+    scale = max(1.0, math.prod(finest) / float(target_spacing) ** 2) if len(finest) == 2 else 1.0
+    return int(voxels * (PEAK_BYTES_PER_VOXEL + PEAK_BYTES_PER_PREPROCESSED_VOXEL * scale))
+
+
+def default_budget() -> int:
+    """DEFAULT_BUDGET_SHARE of the memory available to this process now (cgroup limit aware)."""
+    return int(available_memory_bytes() * DEFAULT_BUDGET_SHARE)
+
+
+class Pending(Generic[R]):
+    """A case being loaded; `take()` hands its result over once and forgets it, so the caller's
+    reference is the only one and the memory goes when the caller is done with it."""
+
+    def __init__(self, future: Future) -> None:
+        self._future: Future | None = future
+
+    @classmethod
+    def run(cls, load: Callable[[], R]) -> Pending[R]:
+        """Load now, in this thread (an exception is raised by `take`)."""
+        future: Future = Future()
+        try:
+            future.set_result(load())
+        except Exception as exc:  # noqa: BLE001 - raised again by take(), where the case is classified
+            future.set_exception(exc)
+        return cls(future)
+
+    def take(self) -> R:
+        future, self._future = self._future, None
+        if future is None:
+            raise RuntimeError("a pending case was taken twice")
+        return future.result()
+
+
+def prefetch(
+    items: Sequence[T], load: Callable[[T], Any], *, cost: Callable[[T], int], budget: int
+) -> Iterator[tuple[T, Pending]]:
+    """Yield (item, its Pending load) in order, loading in one background thread.
+
+    The next item is loaded while the current one computes only when the planned costs of both
+    fit `budget`; otherwise its load starts once the consumer asks for it, i.e. after the
+    current item is finished (the consumer has dropped its result). So at most two cases are in
+    memory, and two only when the budget allows.
+    """
+    if not items:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-load") as pool:
+        ahead: Pending | None = None
+        for i, item in enumerate(items):
+            current = ahead if ahead is not None else Pending(pool.submit(load, item))
+            ahead = None
+            if i + 1 < len(items):
+                if cost(item) + cost(items[i + 1]) <= budget:
+                    ahead = Pending(pool.submit(load, items[i + 1]))
+                else:
+                    log.debug("next case not loaded ahead: the two planned peaks exceed the memory budget")
+            yield item, current
+            del current
