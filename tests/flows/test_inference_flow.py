@@ -7,6 +7,7 @@ steps and `run_isolated` directly.
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 import shutil
@@ -45,7 +46,8 @@ def prefect_api(tmp_path_factory):
             prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
             prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
         }
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness():
+        # 120 s: the server needs more than the default 30 s to start on 2 busy cores.
+        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(120):
             yield flows.inference
 
 
@@ -226,6 +228,34 @@ def test_a_failing_case_fails_the_flow_and_the_others_finish(prefect_api, setup,
     statuses = {r["case"]: r["status"] for r in summary["rows"]}
     assert statuses == {**dict.fromkeys(plan.case_ids, "ok"), victim: "failed"}
     assert all((out / c / "done.json").is_file() for c in plan.case_ids if c != victim)
+    with open(out / "results.csv", newline="", encoding="utf-8") as fh:
+        (row,) = [r for r in csv.DictReader(fh) if r["status"] == "failed"]
+    assert row["case_id"] == victim and row["reason"] == "OUTPUT_WRITE_FAILED"
+    assert "NotADirectoryError" in row["message"] or "FileExistsError" in row["message"]
+
+
+def test_the_task_cache_key_is_the_done_markers_case_key(prefect_api, setup, tmp_path):
+    """One function keys both: the Prefect cache of predict-case and the done-markers."""
+    from flows.common import content_key, path_key
+    from pipeline.inference import case_key
+
+    src, out = _source(setup, tmp_path, 2), tmp_path / "out"
+    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    for case_id in plan.case_ids:
+        assert predict_case(out, case_id)["status"] == "ok"
+    for case_id in plan.case_ids:
+        marker = json.loads((out / case_id / "done.json").read_text())
+        assert marker["case_key"] == case_key(plan.inputs_sha256[case_id], plan.settings)
+        task_key = prefect_api._case_key(None, {"plan": plan, "case_id": case_id, "out": str(out)})
+        assert task_key == content_key("predict", case_id, marker["case_key"], path_key(out))
+    # An option that changes the outputs changes both keys: no QC picture, no cache hit.
+    other = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret, write_qc=False)
+    assert sorted(other.todo) == sorted(plan.case_ids)
+    for case_id in plan.case_ids:
+        params = {"case_id": case_id, "out": str(out)}
+        assert prefect_api._case_key(None, {**params, "plan": other}) != prefect_api._case_key(
+            None, {**params, "plan": plan}
+        )
 
 
 def test_the_same_case_submitted_twice_at_once_is_processed_once(setup, tmp_path):

@@ -416,3 +416,174 @@ def test_postprocess_per_label(largest, fill):
     assert (out[9, 9, 1] == 0) == largest
     assert (out[3, 3, 2] == 1) == fill
     assert out.dtype == np.uint8
+
+
+def test_largest_component_is_26_connected():
+    """Two blocks touching only at a corner are one component (the definition predict and
+    validation share), so neither is removed."""
+    labels = np.zeros((6, 6, 6), np.uint8)
+    labels[0:2, 0:2, 0:2] = 1
+    labels[2:4, 2:4, 2:4] = 1  # meets the first block at one corner voxel
+    labels[5, 5, 5] = 1  # a separate single voxel
+    out = postprocess(labels, largest_component=True, fill_holes=False)
+    assert out[0, 0, 0] == 1 and out[3, 3, 3] == 1 and out[5, 5, 5] == 0
+
+
+# ------------------------------------------------------------------------------------------
+# Failure isolation: an exception in any step of one case is that case's record
+
+
+@pytest.fixture
+def dicom_source(setup, tmp_path) -> Path:
+    """Three good DICOM series of the demo in a tree of their own."""
+    src = tmp_path / "dicom"
+    for case in setup.demo.cases[:3]:
+        for rel in case.dicom_files:
+            (src / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(setup.demo.dicom_root / rel, src / rel)
+    return src
+
+
+# (module, function, exception raised, reason code); each replaces the step's function so that
+# its second call raises.
+STEPS = [
+    ("pipeline.inference", "load_image", OSError("disk went away"), "READ_FAILED"),
+    ("pipeline.transforms", "preprocess_volume", ValueError("bad spacing"), "PREDICTION_FAILED"),
+    ("pipeline.inference", "predict_volume", MemoryError("out of memory"), "PREDICTION_FAILED"),
+    ("pipeline.export", "write_mask_nifti", PermissionError("read-only share"), "OUTPUT_WRITE_FAILED"),
+    (
+        "pipeline.export",
+        "write_dicom_seg",
+        AttributeError("'FileDataset' has no 'PatientSex'"),
+        "SEG_WRITE_FAILED",
+    ),
+    ("pipeline.export", "write_qc_png", RuntimeError("no font"), "QC_WRITE_FAILED"),
+    ("pipeline.inference", "write_done_marker", KeyError("outputs"), "RECORD_WRITE_FAILED"),
+]
+
+
+@pytest.mark.parametrize(("module", "name", "error", "reason"), STEPS, ids=[s[1] for s in STEPS])
+def test_a_failure_in_any_step_fails_that_case_only(
+    setup, dicom_source, tmp_path, monkeypatch, module, name, error, reason
+):
+    import importlib
+
+    target = importlib.import_module(module)
+    real = getattr(target, name)
+    calls = []
+
+    def second_call_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise error
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(target, name, second_call_fails)
+    out = tmp_path / "out"
+    summary = predict(dicom_source, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    assert summary.exit_code == 1
+    rows = _rows(out)
+    failed = [r for r in rows if r["status"] == "failed"]
+    assert len(rows) == 3 and len(failed) == 1
+    (row,) = failed
+    assert row["reason"] == reason
+    assert str(error).strip("'\"") in row["message"] and "\n" not in row["message"]
+    assert type(error).__name__ in row["message"]
+    page = (out / "report.html").read_text()
+    assert reason in page and type(error).__name__ in page
+    for ok in (r for r in rows if r["status"] == "ok"):
+        names = {p.name for p in (out / ok["case_id"]).iterdir()}
+        assert names == {"seg.nii.gz", "seg.dcm", "qc.png", "done.json"}
+    victim = out / row["case_id"]
+    assert not (victim / "done.json").exists() and not (victim / "seg.nii.gz").exists()
+    records = [json.loads(x) for x in (out / "quarantine.jsonl").read_text().splitlines()]
+    assert [r["reason"] for r in records if r.get("status") == "failed"] == [reason]
+
+    monkeypatch.setattr(target, name, real)
+    again = predict(dicom_source, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    assert again.exit_code == 0 and again.processed == 1 and again.skipped == 2
+
+
+def test_cli_exit_code_1_and_a_failed_row_when_one_case_fails(setup, dicom_source, tmp_path, monkeypatch):
+    from pipeline import export
+
+    real = export.write_dicom_seg
+    calls = []
+
+    def first_fails(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise AttributeError("'FileDataset' object has no attribute 'PatientSex'")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(export, "write_dicom_seg", first_fails)
+    out = tmp_path / "out"
+    args = ["predict", str(dicom_source), "--model", str(setup.model_dir), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--secret-file", str(setup.secret)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output and "2 ok" in result.output and "1 failed" in result.output
+    assert sorted(r["status"] for r in _rows(out)) == ["failed", "ok", "ok"]
+
+
+# ------------------------------------------------------------------------------------------
+# The case key, output hashes and --out
+
+
+@pytest.mark.parametrize("where", ["file", "under_a_file"])
+def test_out_that_is_a_file_exits_2_with_one_line(setup, nifti_source, tmp_path, where):
+    existing = tmp_path / "results.txt"
+    existing.write_text("not a folder")
+    out = existing if where == "file" else existing / "sub"
+    args = ["predict", str(nifti_source), "--model", str(setup.model_dir), "--out", str(out)]
+    result = CliRunner().invoke(app, [*args, "--device", "cpu", "--secret-file", str(setup.secret)])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and str(existing) in lines[0]
+    assert "Traceback" not in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert existing.read_text() == "not a folder"
+
+
+def test_every_output_option_is_in_the_case_key(setup, nifti_source, tmp_path):
+    """QC off then on writes the QC pictures; new limits redo the cases; markers hold the key."""
+    from pipeline.ingest import IngestLimits
+
+    out = tmp_path / "out"
+    kw = {"device": "cpu", "secret_file": setup.secret}
+    first = predict(nifti_source, setup.model_dir, out, write_qc=False, **kw)
+    assert first.processed == 4 and not list(out.glob("*/qc.png"))
+    second = predict(nifti_source, setup.model_dir, out, write_qc=True, **kw)
+    assert second.processed == 4 and len(list(out.glob("*/qc.png"))) == 4
+    plan = prepare_batch(nifti_source, setup.model_dir, out, **kw)
+    assert plan.todo == []
+    for case_id in plan.case_ids:
+        marker = json.loads((out / case_id / "done.json").read_text())
+        assert marker["case_key"] == plan.case_key(case_id)
+        assert set(marker["outputs"]) == {"seg.nii.gz", "qc.png"}
+    keys = {plan.case_key(c) for c in plan.case_ids}
+    for changed in (
+        {"write_qc": False},
+        {"write_seg": False},
+        {"postprocess_masks": True},
+        {"limits": IngestLimits(max_voxels=2**29)},
+    ):
+        other = prepare_batch(nifti_source, setup.model_dir, tmp_path / "plan_only", **kw, **changed)
+        assert not keys & {other.case_key(c) for c in other.case_ids}, changed
+    third = predict(nifti_source, setup.model_dir, out, limits=IngestLimits(max_voxels=2**29), **kw)
+    assert third.processed == 4
+
+
+def test_rerun_redoes_cases_whose_outputs_are_missing_or_damaged(setup, nifti_source, tmp_path):
+    out = tmp_path / "out"
+    kw = {"device": "cpu", "secret_file": setup.secret}
+    first = predict(nifti_source, setup.model_dir, out, **kw)
+    assert first.processed == 4
+    a, b, c, _ = sorted(r.case_id for r in first.results)
+    good = (out / a / "seg.nii.gz").read_bytes()
+    (out / a / "seg.nii.gz").write_bytes(good[:-7] + bytes(7))  # damaged in place
+    (out / b / "qc.png").unlink()  # missing
+    (out / c / "seg.nii.gz").write_bytes((out / b / "seg.nii.gz").read_bytes())  # another case's mask
+    again = predict(nifti_source, setup.model_dir, out, **kw)
+    assert again.exit_code == 0
+    assert sorted(r.case_id for r in again.results if not r.skipped) == [a, b, c]
+    assert (out / a / "seg.nii.gz").read_bytes() == good and (out / b / "qc.png").is_file()
