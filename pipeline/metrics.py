@@ -86,7 +86,9 @@ def evaluate_folders(
     A prediction is `pred_dir/<case>.nii.gz` or, as `predict` writes them, `pred_dir/<case>/seg.nii.gz`.
 
     Writes one CSV row per case (to `out_csv`, default `pred_dir/metrics.csv`) and returns
-    (csv path, means over cases). Label names default to `label_<value>` for values found.
+    (csv path, means over cases). Label names default to the model's (from the
+    `run_manifest.json` predict writes in `pred_dir`), so every label is scored in every case as
+    validation during training scores it; else to `label_<value>` for the values found.
     """
     import csv
 
@@ -95,6 +97,7 @@ def evaluate_folders(
     from pipeline.io.atomic import atomic_open
 
     pred_dir, truth_dir = Path(pred_dir), Path(truth_dir)
+    label_names = label_names or _model_label_names(pred_dir)
     truths = sorted(truth_dir.glob("*.nii.gz"))
     if not truths:
         raise FileNotFoundError(f"no .nii.gz label maps in {truth_dir}")
@@ -123,3 +126,15 @@ def evaluate_folders(
         writer.writerows(rows)
     means = {k: float(np.mean([r[k] for r in rows if k in r])) for k in keys}
     return out_csv, means
+
+
+def _model_label_names(pred_dir: Path) -> dict[int, str] | None:
+    """The foreground label names of the model that wrote `pred_dir` (its run_manifest.json)."""
+    import json
+
+    try:
+        manifest = json.loads((pred_dir / "run_manifest.json").read_text(encoding="utf-8"))
+        names = manifest["model"]["label_names"]
+        return {int(k): str(v) for k, v in names.items() if int(k) != 0} or None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None

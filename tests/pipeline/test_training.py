@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -138,3 +139,34 @@ def test_plot_training_curves(tmp_path):
     history = [{"epoch": 0, "loss": 1.0}, {"epoch": 1, "loss": 0.5, "val_dice_mean": 0.7}]
     path = plot_training_curves(history, tmp_path / "c.png")
     assert path.read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("postprocess", [False, True], ids=["raw", "postprocessed"])
+def test_validation_dice_equals_evaluate_on_predicts_output(staging, tmp_path, postprocess):
+    """The champion gate's score (the best validation Dice) is `evaluate` on what predict writes
+    for the validation cases with the saved model: one prediction path."""
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+    from pipeline.inference import predict
+    from pipeline.metrics import evaluate_folders
+
+    cfg = tiny_config(epochs=3).replace(infer={"largest_component": postprocess, "fill_holes": postprocess})
+    result = train(staging, tmp_path / "run", cfg)
+    assert result.best_epoch >= 0 and result.split["val"]
+    out = tmp_path / "pred"
+    summary = predict(
+        staging, result.model_dir, out, device="cpu", write_qc=False, secret_file=tmp_path / "secret"
+    )
+    assert summary.exit_code == 0
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for case_id in result.split["val"]:
+        shutil.copy(staging / "labels" / f"{case_id}.nii.gz", truth / f"{case_id}.nii.gz")
+    _, means = evaluate_folders(out, truth)
+    assert means["dice_mean"] == pytest.approx(result.best_dice_mean, abs=1e-9)
+    for name, dice in result.best_dice.items():
+        assert means[f"dice/{name}"] == pytest.approx(dice, abs=1e-9)
+    cli = CliRunner().invoke(app, ["evaluate", "--pred", str(out), "--truth", str(truth)])
+    assert cli.exit_code == 0, cli.output
+    assert f"dice_mean        {result.best_dice_mean:.4f}" in cli.output
