@@ -350,7 +350,46 @@ def restore(slices_out: torch.Tensor, info: PreprocessInfo, mode: str = "nearest
 
 
 def restore_labels(labels: torch.Tensor | np.ndarray, info: PreprocessInfo) -> np.ndarray:
-    """Slice label maps (S, H, W) -> uint8 label volume on the original grid."""
+    """Slice label maps (S, H, W) -> uint8 label volume on the original grid (nearest neighbour;
+    outside the preprocessed extent: 0)."""
     labels = torch.as_tensor(labels)
+    fast = _restore_axis_aligned(labels, info)
+    if fast is not None:
+        return fast
     out = restore(labels[:, None].float(), info, mode="nearest")[0]
     return out.round().to(torch.uint8).numpy()
+
+
+def _restore_axis_aligned(labels: torch.Tensor, info: PreprocessInfo) -> np.ndarray | None:
+    """`restore_labels` by index lookup when each original axis maps onto one preprocessed axis
+    (the preprocessing only reorients, rescales and crops: the usual case), else None.
+
+    Why not SpatialResample here: it builds a float32 sampling grid of 3 coordinates per output
+    voxel (12 bytes, plus the float copy of the labels), about 16x the uint8 mask's memory on a
+    large volume; the lookup below allocates the uint8 output and three index vectors. Same
+    convention: voxel centres map through inv(preprocessed affine) @ original affine to the
+    nearest preprocessed voxel. Exact ties (x.5, common with spacings like 0.7 -> 0.8 mm) go to
+    the higher index: coordinates are snapped to 1e-6 voxel first so float error cannot decide
+    them (SpatialResample's float32 grid decides them either way, by rounding error).
+    """
+    m = np.linalg.inv(info.affine) @ info.original_affine  # original voxel -> preprocessed voxel
+    lin = m[:3, :3]
+    big = np.abs(lin) > 1e-6 * max(float(np.abs(lin).max()), 1e-12)
+    if not ((big.sum(axis=0) == 1).all() and (big.sum(axis=1) == 1).all()):
+        return None  # a rotation between the grids: sample with MONAI
+    vol = labels.to(torch.uint8).movedim(0, info.slice_axis).numpy()  # (X, Y, Z) preprocessed grid
+    src_axis = [int(np.flatnonzero(big[:, i])[0]) for i in range(3)]  # original axis i <- this one
+    vol = vol.transpose(src_axis)
+    index, inside = [], []
+    for i, n in enumerate(info.original_shape):
+        j = src_axis[i]
+        exact = np.round(lin[j, i] * np.arange(n, dtype=np.float64) + m[j, 3], 6)
+        coord = np.floor(exact + 0.5).astype(np.int64)
+        ok = (coord >= 0) & (coord < vol.shape[i])
+        index.append(np.where(ok, coord, 0))
+        inside.append(ok)
+    out = vol[np.ix_(*index)]
+    for i, ok in enumerate(inside):
+        if not ok.all():
+            out[(slice(None),) * i + (~ok,)] = 0
+    return np.ascontiguousarray(out, dtype=np.uint8)

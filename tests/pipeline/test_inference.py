@@ -37,6 +37,7 @@ from pipeline.inference import (
     predict_case,
     prepare_batch,
 )
+from pipeline.io.volume import Volume
 from tests.pipeline.predict_fixture import PredictSetup, make_predict_setup, save_untrained_model
 
 REPO = Path(__file__).resolve().parents[2]
@@ -587,3 +588,46 @@ def test_rerun_redoes_cases_whose_outputs_are_missing_or_damaged(setup, nifti_so
     assert again.exit_code == 0
     assert sorted(r.case_id for r in again.results if not r.skipped) == [a, b, c]
     assert (out / a / "seg.nii.gz").read_bytes() == good and (out / b / "qc.png").is_file()
+
+
+# ------------------------------------------------------------------------------------------
+# Memory
+
+
+@pytest.mark.parametrize("orientation", ["axial", "sagittal", "oblique"])
+@pytest.mark.parametrize("spacing", [(0.7, 2.5), (1.3, 5.0), (0.93, 1.0)])
+@pytest.mark.parametrize("flip", [False, True])
+def test_restore_by_lookup_equals_spatial_resample_away_from_ties(orientation, spacing, flip):
+    """restore_labels' index lookup (no float sampling grid) against MONAI's SpatialResample:
+    equal wherever the nearest voxel is not an exact tie (x.5), which float error decides."""
+    import torch
+
+    from pipeline.plan import Plan
+    from pipeline.transforms import _restore_axis_aligned, preprocess_volume, restore
+    from tests.pipeline.staging_fixture import _affine
+
+    plan = Plan(
+        slice_axis=2,
+        target_spacing=0.8,
+        patch_size=96,
+        normalization={"CT": {"scheme": "ct", "clip": [-1000.0, 1000.0], "mean": 0.0, "std": 300.0}},
+        labels={"background": 0, "organ": 1, "lesion": 2},
+        class_weights=[1.0, 1.0, 1.0],
+    )
+    rng = np.random.default_rng(0)
+    affine = _affine(orientation, *spacing) @ np.diag([-1.0 if flip else 1.0, 1, 1, 1])
+    shape = (33, 37, 9)
+    data = rng.normal(0, 300, shape).astype(np.float32)
+    slices, info = preprocess_volume(Volume(data, affine, "CT"), plan)
+    labels = torch.as_tensor(rng.integers(0, 3, (slices.shape[0], *slices.shape[2:]))).to(torch.uint8)
+    fast = _restore_axis_aligned(labels, info)
+    assert fast is not None and fast.dtype == np.uint8 and fast.shape == shape
+    ref = restore(labels[:, None].float(), info, mode="nearest")[0].round().to(torch.uint8).numpy()
+    m = np.linalg.inv(info.affine) @ info.original_affine
+    tie = np.zeros(shape, bool)
+    for i in range(3):
+        j = int(np.argmax(np.abs(m[:3, i])))
+        coord = m[j, i] * np.arange(shape[i]) + m[j, 3]
+        tie |= (np.abs(coord - np.floor(coord) - 0.5) < 1e-4).reshape([-1 if k == i else 1 for k in range(3)])
+    assert not ((fast != ref) & ~tie).any()
+    assert (fast == ref).mean() > 0.5
