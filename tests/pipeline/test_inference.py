@@ -631,3 +631,100 @@ def test_restore_by_lookup_equals_spatial_resample_away_from_ties(orientation, s
         tie |= (np.abs(coord - np.floor(coord) - 0.5) < 1e-4).reshape([-1 if k == i else 1 for k in range(3)])
     assert not ((fast != ref) & ~tie).any()
     assert (fast == ref).mean() > 0.5
+
+
+def _tracked_loads():
+    """A load function recording how many loaded cases are alive at once (taken, not finished)."""
+    lock = threading.Lock()
+    alive: set[int] = set()
+    started = {i: threading.Event() for i in range(16)}
+    peak = [0]
+
+    def load(i: int) -> int:
+        with lock:
+            alive.add(i)
+            peak[0] = max(peak[0], len(alive))
+        started[i].set()
+        return i
+
+    def finish(i: int) -> None:
+        with lock:
+            alive.discard(i)
+
+    return load, finish, started, peak
+
+
+def test_prefetch_holds_one_case_when_two_do_not_fit_the_budget():
+    from pipeline.predict_memory import prefetch
+
+    load, finish, _, peak = _tracked_loads()
+    seen = []
+    for item, pending in prefetch(list(range(6)), load, cost=lambda i: 10, budget=19):
+        assert pending.take() == item
+        seen.append(item)
+        finish(item)
+    assert seen == list(range(6)) and peak[0] == 1
+
+
+def test_prefetch_loads_the_next_case_ahead_when_both_fit():
+    from pipeline.predict_memory import prefetch
+
+    load, finish, started, peak = _tracked_loads()
+    for item, pending in prefetch(list(range(4)), load, cost=lambda i: 10, budget=20):
+        assert pending.take() == item
+        if item + 1 < 4:  # the next one is being loaded while this one is held
+            assert started[item + 1].wait(timeout=30)
+        finish(item)
+    assert peak[0] == 2
+
+
+def test_prefetch_runs_a_case_larger_than_the_budget_alone():
+    from pipeline.predict_memory import prefetch
+
+    load, finish, _, peak = _tracked_loads()
+    costs = {0: 5, 1: 500, 2: 5, 3: 5}
+    out = []
+    for item, pending in prefetch(list(range(4)), load, cost=costs.__getitem__, budget=100):
+        out.append(pending.take())
+        finish(item)
+    assert out == [0, 1, 2, 3] and peak[0] <= 2
+
+
+def test_predict_plans_case_sizes_and_a_small_budget_loads_one_case_at_a_time(setup, nifti_source, tmp_path):
+    """With a budget below two cases' planned peaks, no case is read while another is in flight."""
+    import pipeline.inference as inference
+    from pipeline.predict_memory import planned_case_bytes
+
+    plan = prepare_batch(
+        nifti_source, setup.model_dir, tmp_path / "planned", device="cpu", secret_file=setup.secret
+    )
+    target = setup.plan.target_spacing
+    for case_id in plan.case_ids:
+        source = json.loads((tmp_path / "planned" / ".plan" / "cases" / f"{case_id}.json").read_text())[
+            "source"
+        ]
+        img = nib.load(nifti_source / source)
+        expected = planned_case_bytes(int(np.prod(img.shape)), img.header.get_zooms(), target_spacing=target)
+        assert plan.case_bytes[case_id] == expected > 0
+
+    events: list[str] = []
+    real = inference.load_image
+
+    def recorded(case, *args, **kwargs):
+        events.append("load")
+        return real(case, *args, **kwargs)
+
+    smallest = min(plan.case_bytes.values())
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(inference, "load_image", recorded)
+        summary = predict(
+            nifti_source,
+            setup.model_dir,
+            tmp_path / "out",
+            device="cpu",
+            secret_file=setup.secret,
+            memory_budget=2 * smallest - 1,
+            on_case_done=lambda r: events.append("done"),
+        )
+    assert summary.exit_code == 0
+    assert events == ["load", "done"] * 4
