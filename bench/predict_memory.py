@@ -34,15 +34,18 @@ def _status_kib(field: str) -> int:
 
 
 def measure(
-    work: Path, *, slices: int, size: int, dicom: bool, base: int, batch_size: int
+    work: Path, *, slices: int, size: int, dicom: bool = False, base: int = 4, batch_size: int = 16
 ) -> dict[str, float]:
-    """Write the volume and a model into `work`, predict, and return the measured figures."""
+    """Write the volume and a model into `work`, predict with the voxel limit set to exactly the
+    volume's size (a volume at the limit), and return the measured figures."""
     import torch
 
     from pipeline.inference import predict
+    from pipeline.ingest import IngestLimits
     from pipeline.io.volume import Volume, save_nifti
     from pipeline.model_store import save_model_dir
     from pipeline.plan import Plan
+    from pipeline.predict_memory import planned_case_bytes
     from pipeline.synthetic.phantom import make_phantom
     from unet_model import UNet, UNetConfig
 
@@ -85,7 +88,10 @@ def measure(
 
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
-    summary = predict(work / "large", model_dir, work / "out_large", device="cpu", secret_file=secret)
+    at_limit = IngestLimits(max_voxels=voxels, max_pixels_per_file=max(voxels, size * size))
+    summary = predict(
+        work / "large", model_dir, work / "out_large", device="cpu", secret_file=secret, limits=at_limit
+    )
     peak = _status_kib("VmHWM")
     if summary.count("ok") != 1:
         raise RuntimeError(f"the large case did not predict: {[r.reason for r in summary.results]}")
@@ -97,6 +103,7 @@ def measure(
         "x_float32_volume": round(grew / (4 * voxels), 2),
         "x_int16_volume": round(grew / (2 * voxels), 2),
         "rss_before_mib": round(before / 1024, 1),
+        "planned_mib": round(planned_case_bytes(voxels, (0.8, 0.8, 2.5), target_spacing=0.8) / 2**20, 1),
     }
 
 

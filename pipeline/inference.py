@@ -4,21 +4,25 @@
         seg.nii.gz   uint8 labels, the source image's exact shape and affine (qform == sform)
         seg.dcm      a DICOM SEG referencing the source instances (DICOM inputs only)
         qc.png       a montage of slices with the mask overlaid
-        done.json    the done-marker, written last: input hash, model name/version/sha256, result
+        done.json    the done-marker, written last: the case key, each output's sha256, the result
     and, for the batch: results.csv, quarantine.jsonl, run_manifest.json and report.html.
 
 The model is loaded and verified (sha256, no pickle) once, before any case runs. SOURCE goes
 through the ingest rules (`CasePlanner`: DICOM series, NIfTI, MSD datasets; MSD datasets predict
 their imagesTs) or is a staging folder (its manifest). Each case is preprocessed with the model's
 own plan, its slices run through the network in batches, argmax'd (uint8 labels, never a whole
-volume of float probabilities), optionally post-processed per label, and resampled to the
-native grid. A background thread loads and preprocesses the next case while the current one
-computes.
+volume of float probabilities), mapped back to the native grid and optionally post-processed
+per label (`predict_prepared`: the same path validation during training scores). A background
+thread loads and preprocesses the next case while the current one computes, when the planned
+peaks of both fit the memory budget (`predict_memory`).
 
 Reliability: every output is written atomically and the done-marker last, so a crash leaves a
-case without a marker and the rerun redoes it; a case whose input hash, model sha256 or
-post-processing changed is redone; one bad case is quarantined (bad input) or failed
-(anything else) and the batch goes on. Exit codes: see `PredictSummary.exit_code`.
+case without a marker and the rerun redoes it; a case whose case key changed (input bytes,
+model, any option that changes its outputs: `predict_records.case_key`) or whose outputs are
+missing or no longer match the marker's sha256 is redone; one bad case is quarantined (bad
+input) or failed with the reason code of the step that failed (READ_FAILED, PREDICTION_FAILED,
+OUTPUT_WRITE_FAILED, SEG_WRITE_FAILED, QC_WRITE_FAILED, RECORD_WRITE_FAILED) and a one-line
+message, and the batch goes on. Exit codes: see `PredictSummary.exit_code`.
 """
 
 from __future__ import annotations

@@ -728,3 +728,17 @@ def test_predict_plans_case_sizes_and_a_small_budget_loads_one_case_at_a_time(se
         )
     assert summary.exit_code == 0
     assert events == ["load", "done"] * 4
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
+def test_peak_memory_of_a_volume_at_a_reduced_voxel_limit_stays_within_the_plan(tmp_path):
+    """bench/predict_memory.py's measurement on a 256 x 256 x 80 CT with the voxel limit set to
+    exactly its size: the process's peak grows by at most the planned case bytes (the figure the
+    prefetch budget uses) plus 96 MiB for one batch of activations and allocator slack."""
+    from bench.predict_memory import measure
+    from pipeline.predict_memory import PEAK_BYTES_PER_PREPROCESSED_VOXEL, PEAK_BYTES_PER_VOXEL
+
+    figures = measure(tmp_path, slices=80, size=256, batch_size=1)
+    assert figures["voxels"] == 256 * 256 * 80
+    assert figures["peak_over_start_mib"] <= figures["planned_mib"] + 96, figures
+    assert PEAK_BYTES_PER_VOXEL + PEAK_BYTES_PER_PREPROCESSED_VOXEL <= 40  # the stated 10x float32 volume
