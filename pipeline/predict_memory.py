@@ -51,6 +51,19 @@ def default_budget() -> int:
     return int(available_memory_bytes() * DEFAULT_BUDGET_SHARE)
 
 
+def max_cases_in_flight(case_bytes: Sequence[int], budget: int, cap: int) -> int:
+    """How many cases may run at once (workers, task slots) so that any `n` of them fit `budget`:
+    the largest `n <= cap` whose `n` largest planned peaks sum to at most `budget`, at least 1."""
+    largest = sorted((int(b) for b in case_bytes), reverse=True)
+    n, total = 0, 0
+    for size in largest[: max(1, cap)]:
+        if n and total + size > budget:
+            break
+        total += size
+        n += 1
+    return max(1, min(n, cap)) if largest else max(1, cap)
+
+
 class Pending(Generic[R]):
     """A case being loaded; `take()` hands its result over once and forgets it, so the caller's
     reference is the only one and the memory goes when the caller is done with it."""

@@ -742,3 +742,19 @@ def test_peak_memory_of_a_volume_at_a_reduced_voxel_limit_stays_within_the_plan(
     assert figures["voxels"] == 256 * 256 * 80
     assert figures["peak_over_start_mib"] <= figures["planned_mib"] + 96, figures
     assert PEAK_BYTES_PER_VOXEL + PEAK_BYTES_PER_PREPROCESSED_VOXEL <= 40  # the stated 10x float32 volume
+
+
+@pytest.mark.parametrize(
+    ("sizes", "budget", "cap", "expected"),
+    [
+        ([10, 10, 10, 10], 25, 8, 2),  # two of the largest fit, three do not
+        ([10, 10, 10, 10], 100, 3, 3),  # the core count caps it
+        ([50, 5, 5], 40, 4, 1),  # the largest case alone exceeds the budget: it runs alone
+        ([30, 20, 5, 5], 54, 4, 2),  # any two must fit (50); the three largest (55) do not
+        ([], 10, 4, 4),
+    ],
+)
+def test_cases_in_flight_follow_the_budget_and_planned_sizes(sizes, budget, cap, expected):
+    from pipeline.predict_memory import max_cases_in_flight
+
+    assert max_cases_in_flight(sizes, budget, cap) == expected
