@@ -21,11 +21,14 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 R = TypeVar("R")
 
-# Bytes of peak memory per voxel of the source grid and per voxel of the preprocessed grid
-# (the slices the network sees), measured with bench/predict_memory.py on a 512 x 512 x 300 CT:
-# the source image (stored type, then float32), the prediction restored to the source grid
-# (float32 during resampling, then uint8), the post-processed copy, the QC picture and the SEG
-# frames; on the preprocessed grid the float32 slices and their resampling.
+# Planned bytes of peak memory per voxel of the source grid and per voxel of the preprocessed
+# grid (the slices the network sees). Measured with bench/predict_memory.py (CT, 512 x 512 x 60 to
+# 240 slices, NIfTI): the peak grows by about 18 bytes per voxel (4.5x the float32 volume: the
+# stored volume, its float32 copy and MONAI's in-plane resampling grid while preprocessing, then
+# the float32 slices, the uint8 mask and its post-processing), plus one batch of activations that
+# does not grow with the volume (0.7 GB for base 4, batch 16, 502 x 458 slices). The plan below
+# (24 + 16 = 40 bytes per voxel when the grids match) keeps a margin for allocator slack: over-
+# planning only costs overlap, under-planning costs memory.
 PEAK_BYTES_PER_VOXEL = 24
 PEAK_BYTES_PER_PREPROCESSED_VOXEL = 16
 # Without a stated budget, cases in flight may use this share of the memory available at start.
