@@ -225,11 +225,7 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
             infer = PipelineConfig.from_dict(loaded.config or {}).infer
         except ValueError:  # a config from another code version: predict falls back the same way
             infer = PipelineConfig().infer
-        self.options = PredictOptions(
-            batch_size=infer.batch_size,
-            largest_component=infer.largest_component,
-            fill_holes=infer.fill_holes,
-        )
+        self.options = PredictOptions.from_config(infer)  # as predict builds them
 
     # The input is a DataFrame after MLflow's schema enforcement (the signature is column-based).
     def predict(

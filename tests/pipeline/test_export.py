@@ -48,6 +48,7 @@ def test_results_csv(tmp_path):
     assert list(rows[0]) == export.result_columns(["organ", "lesion"])
     assert rows[0]["model_version"] == "3" and rows[-1]["organ_ml"] == ""
 
+
 # ------------------------------------------------------------------------------------------
 # DICOM SEG from sources without Type 2 patient and study attributes
 
