@@ -793,12 +793,14 @@ def batch_settings(
         "plan_sha256": plan_sha,
         "label_names": {str(k): v for k, v in sorted(handle.label_names.items())},
     }
+    # The memory budget only decides how many cases run at once, never what a case writes.
+    refusals = {k: v for k, v in dataclasses.asdict(limits).items() if k != "memory_budget"}
     return output_settings(
         model=model,
         mask_options=options.mask_key(),
         write_seg=write_seg,
         write_qc=write_qc,
-        limits=dataclasses.asdict(limits),
+        limits=refusals,
     )
 
 
@@ -1201,8 +1203,8 @@ def predict(
     `postprocess_masks=True` turns on both largest-component and hole filling, False turns both off.
     Raises ModelLoadError (before any case runs), FileNotFoundError or ValueError for bad arguments;
     never for a bad case. The three steps in one process, the next case loading in the background
-    while the planned peaks of both fit `memory_budget` bytes (default: half the memory available,
-    `predict_memory.default_budget`).
+    while the planned peaks of both fit `memory_budget` bytes (default: `limits.memory_budget`, else
+    half the memory available, `predict_memory.default_budget`).
     """
     plan = prepare_batch(
         source,
@@ -1221,7 +1223,9 @@ def predict(
     if plan.todo:
         batch = _open_batch(out)
         todo = [batch.case(case_id) for case_id in plan.todo]
-        budget = memory_budget if memory_budget is not None else default_budget()
+        budget = memory_budget if memory_budget is not None else batch.limits.memory_budget
+        if budget is None:
+            budget = default_budget()
         bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
         cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
         for case, pending in prefetch(todo, lambda c: _load(batch, c), cost=cost, budget=budget):

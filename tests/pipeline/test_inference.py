@@ -758,3 +758,14 @@ def test_cases_in_flight_follow_the_budget_and_planned_sizes(sizes, budget, cap,
     from pipeline.predict_memory import max_cases_in_flight
 
     assert max_cases_in_flight(sizes, budget, cap) == expected
+
+
+def test_the_memory_budget_is_not_part_of_the_case_key(setup, nifti_source, tmp_path):
+    from pipeline.ingest import IngestLimits
+
+    kw = {"device": "cpu", "secret_file": setup.secret}
+    first = prepare_batch(nifti_source, setup.model_dir, tmp_path / "a", **kw)
+    other = prepare_batch(
+        nifti_source, setup.model_dir, tmp_path / "b", limits=IngestLimits(memory_budget=2**30), **kw
+    )
+    assert [first.case_key(c) for c in first.case_ids] == [other.case_key(c) for c in other.case_ids]
