@@ -1,0 +1,63 @@
+"""How much memory a planned case needs while it is predicted, from its plan and image headers.
+
+Orchestrators use it to bound the cases in flight on one machine by memory as well as by cores
+(a batch of large CTs must not run a worker out of memory). An estimate from headers only: no
+pixel data is read.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+
+from pipeline.inference import PLAN_DIR, PLAN_FILE
+
+log = logging.getLogger(__name__)
+
+# Peak bytes per input voxel while one case is predicted (the decoded image, its float32 copy,
+# the preprocessed slices, per-class logits of one slice batch, the mask, the SEG and QC
+# writers), above the worker's resting size; measured with bench/scale.py --footprint (about
+# 30 B/voxel on CPU for 256 x 256 x 160 volumes) and rounded up.
+BYTES_PER_VOXEL = 40
+# A worker's own share besides the volume (the model, decoders' buffers).
+CASE_OVERHEAD_BYTES = 256 * 2**20
+
+
+def planned_voxels(out: str | Path, case_id: str) -> int:
+    """The voxel count of a planned case from its image headers; 0 when they cannot be read
+    (the case then fails on its own, with its record, when it is predicted)."""
+    out = Path(out)
+    plan_dir = out / PLAN_DIR
+    try:
+        case = json.loads((plan_dir / "cases" / f"{case_id}.json").read_text(encoding="utf-8"))
+        if case["kind"] == "staging":
+            return _nifti_voxels(Path(case["image_path"]))
+        source = Path(json.loads((plan_dir / PLAN_FILE).read_text(encoding="utf-8"))["source"])
+        job = case["job"]
+        if case["kind"] == "nifti":
+            return sum(_nifti_voxels(source / rel) for rel in job["nifti"]["channels"])
+        return _dicom_voxels(source / job["images"][0]) * len(job["images"])
+    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+        log.debug("case %s: no size estimate (%s)", case_id, type(exc).__name__)
+        return 0
+
+
+def planned_case_bytes(out: str | Path, case_id: str) -> int:
+    """Peak memory (bytes) predicting this case is planned to take (see BYTES_PER_VOXEL)."""
+    return CASE_OVERHEAD_BYTES + BYTES_PER_VOXEL * planned_voxels(out, case_id)
+
+
+def _nifti_voxels(path: Path) -> int:
+    import nibabel as nib
+
+    return math.prod(int(n) for n in nib.load(path).header.get_data_shape())
+
+
+def _dicom_voxels(path: Path) -> int:
+    """Pixels of one file (all its frames)."""
+    import pydicom
+
+    ds = pydicom.dcmread(path, stop_before_pixels=True, specific_tags=["Rows", "Columns", "NumberOfFrames"])
+    return int(ds.Rows) * int(ds.Columns) * int(getattr(ds, "NumberOfFrames", 1) or 1)
