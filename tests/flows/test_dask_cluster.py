@@ -84,7 +84,12 @@ class Cluster:
     def _start(self, name: str, argv: list[str]) -> None:
         with open(self.root / f"{name}.log", "ab") as log:
             self.procs[name] = subprocess.Popen(
-                argv, env=self.env, cwd=self.root, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+                argv,
+                env=self.env,
+                cwd=self.root,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
             )
 
     def log(self, name: str) -> str:
@@ -92,16 +97,11 @@ class Cluster:
 
     def start(self, workers: list[str]) -> None:
         bin_dir = Path(sys.executable).parent
-        self._start(
-            "scheduler",
-            [str(bin_dir / "dask"), "scheduler", "--host", "127.0.0.1", "--port", str(self.port), "--no-dashboard"],
-        )
+        host = ["--host", "127.0.0.1", "--no-dashboard"]
+        self._start("scheduler", [str(bin_dir / "dask"), "scheduler", "--port", str(self.port), *host])
         for name in workers:
-            self._start(
-                name,
-                [sys.executable, "-m", "flows.dask_worker", self.address, "--nthreads", "1"]
-                + ["--name", name, "--no-dashboard", "--memory-limit", "3GiB", "--host", "127.0.0.1"],
-            )
+            worker = [sys.executable, "-m", "flows.dask_worker", self.address, "--name", name]
+            self._start(name, [*worker, "--nthreads", "1", "--memory-limit", "3GiB", *host])
         from distributed import Client
 
         with Client(self.address, timeout="120s") as client:
@@ -142,10 +142,11 @@ def setup(tmp_path_factory) -> PredictSetup:
     return make_predict_setup(tmp_path_factory.mktemp("dask"), n_cases=N_CASES, size=48)
 
 
-@pytest.fixture
-def cluster(prefect_api, tmp_path):
-    (tmp_path / "cluster").mkdir()
-    c = Cluster(tmp_path / "cluster", prefect_api)
+@pytest.fixture(scope="module")
+def cluster(prefect_api, tmp_path_factory):
+    """One cluster for the module (its start costs a minute on a busy machine); the kill test,
+    which takes a worker away, runs last."""
+    c = Cluster(tmp_path_factory.mktemp("cluster"), prefect_api)
     try:
         c.start(["w1", "w2"])
         yield c
@@ -161,7 +162,7 @@ def _source(setup: PredictSetup, root: Path, n: int) -> Path:
     return src
 
 
-def _run(setup: PredictSetup, src: Path, out: Path, address: str):
+def _run(setup: PredictSetup, src: Path, out: Path, address: str, **kw):
     from flows.inference import batch_inference_flow
 
     return batch_inference_flow(
@@ -173,12 +174,14 @@ def _run(setup: PredictSetup, src: Path, out: Path, address: str):
         mlflow_experiment=None,
         task_runner=address,
         return_state=True,
+        **kw,
     )
 
 
-def _ok_lines(cluster: Cluster, names: list[str]) -> dict[str, list[str]]:
-    """Worker name -> the case IDs its log reports finished ("case ...: ok in ...")."""
-    return {name: OK_LINE.findall(cluster.log(name)) for name in names}
+def _ok_lines(cluster: Cluster, names: list[str], out: Path) -> dict[str, list[str]]:
+    """Worker name -> the case IDs of OUT its log reports finished ("case ...: ok in ...")."""
+    ours = {p.name for p in out.glob("case_*")}
+    return {name: [c for c in OK_LINE.findall(cluster.log(name)) if c in ours] for name in names}
 
 
 def test_a_batch_runs_on_two_worker_processes(setup, cluster, tmp_path):
@@ -189,10 +192,33 @@ def test_a_batch_runs_on_two_worker_processes(setup, cluster, tmp_path):
     assert (summary["ok"], summary["failed"], summary["processed"]) == (4, 0, 4)
     done = sorted(p.parent.name for p in out.glob("case_*/done.json"))
     assert len(done) == 4
-    ran = _ok_lines(cluster, ["w1", "w2"])
+    ran = _ok_lines(cluster, ["w1", "w2"], out)
     assert sorted(ran["w1"] + ran["w2"]) == done  # every case once, on the workers
     assert ran["w1"] and ran["w2"], ran  # both nodes took cases
     assert "case memory budget 2.1 GiB" in cluster.log("w1")  # 0.7 of its 3 GiB limit
+
+
+def test_chunks_of_cases_on_the_cluster_and_a_rerun_from_the_done_markers(setup, cluster, tmp_path):
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
+
+    src, out = _source(setup, tmp_path, 5), tmp_path / "out"
+    state = _run(setup, src, out, cluster.address, chunk_size=2)
+    assert state.is_completed(), state.message
+    assert (state.result()["ok"], state.result()["processed"]) == (5, 5)
+    with get_client(sync_client=True) as client:
+        runs = client.read_task_runs(
+            flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[state.state_details.flow_run_id]))
+        )
+    names = sorted(t.name for t in runs if t.name.startswith("predict-"))
+    assert names == ["predict-chunk-0", "predict-chunk-1", "predict-chunk-2"]  # 2 + 2 + 1 cases
+    ran = _ok_lines(cluster, ["w1", "w2"], out)
+    assert sorted(ran["w1"] + ran["w2"]) == sorted(p.parent.name for p in out.glob("case_*/done.json"))
+
+    again = _run(setup, src, out, cluster.address, chunk_size=2)
+    assert again.is_completed(), again.message
+    assert (again.result()["ok"], again.result()["skipped"], again.result()["processed"]) == (5, 5, 0)
+    assert _ok_lines(cluster, ["w1", "w2"], out) == ran  # nothing computed again
 
 
 def _processing(address: str) -> dict[str, int]:
@@ -207,7 +233,9 @@ def _processing(address: str) -> dict[str, int]:
 def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_nothing(setup, cluster, tmp_path):
     src, out = _source(setup, tmp_path, N_CASES), tmp_path / "out"
     result: dict = {}
-    runner = threading.Thread(target=lambda: result.setdefault("state", _run(setup, src, out, cluster.address)))
+    runner = threading.Thread(
+        target=lambda: result.setdefault("state", _run(setup, src, out, cluster.address))
+    )
     runner.start()
     try:
         # Mid-batch: some cases done, and the victim running one of the others.
@@ -232,6 +260,6 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_nothing(setup, clus
     done = sorted(p.parent.name for p in out.glob("case_*/done.json"))
     assert len(done) == N_CASES
     survivor = "w2" if victim == "w1" else "w1"
-    ran = _ok_lines(cluster, [victim, survivor])
+    ran = _ok_lines(cluster, [victim, survivor], out)
     assert sorted(ran[victim] + ran[survivor]) == done, ran  # each case computed exactly once
     assert ran[survivor], "the surviving worker ran none of the cases"
