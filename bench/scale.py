@@ -1,10 +1,11 @@
 """Thousands of cases: orchestration cost per case and the flow's memory as the batch grows.
 
-    python bench/scale.py                          # 10, 100 and 1000 cases of 32 x 32 x 8
+    python bench/scale.py                          # 10, 100 and 1000 cases of 48 x 48 x 8
     python bench/scale.py --sizes 10 100 --chunk-size 1
 
 For each size N: the same N small synthetic NIfTI cases once through the pipeline without
-Prefect (`prepare_batch`, `predict_case` per case in this process, `finalize_batch`) and once
+Prefect (`prepare_batch`, `predict_case` per case in the flows' worker processes from as many
+threads as the flow has slots, `finalize_batch`) and once
 through `batch_inference_flow` (thread task runner, default chunking unless --chunk-size, no
 MLflow run) on a `prefect server` on a fresh PostgreSQL database (bench/flows.py's helper; it is
 dropped afterwards). Each run writes into a fresh OUT folder, so every case runs.
@@ -26,6 +27,7 @@ import sys
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -62,7 +64,7 @@ class PeakRss:
 def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
-    p.add_argument("--shape", type=int, nargs=3, default=(32, 32, 8))
+    p.add_argument("--shape", type=int, nargs=3, default=(48, 48, 8))
     p.add_argument(
         "--chunk-size", type=int, default=None, help="cases per predict task (default: the flow's)"
     )
@@ -89,18 +91,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _measure(args, tmp: Path) -> list[dict]:
+    from flows.common import run_isolated
     from flows.inference import batch_inference_flow, chunk_size_for
     from pipeline.inference import finalize_batch, predict_case, prepare_batch
-    from pipeline.ingest import ingest
-    from pipeline.plan import plan_dataset
-    from pipeline.synthetic.dataset import make_demo_dataset
     from pipeline.system import available_cores
-    from tests.pipeline.predict_fixture import save_untrained_model
 
-    demo = make_demo_dataset(tmp / "demo", n_cases=3, size=48)
-    secret = tmp / "secret"
-    ingest(demo.msd_root, tmp / "staging", secret_file=secret, workers=1)
-    model = save_untrained_model(plan_dataset(tmp / "staging"), tmp / "model")
+    model, secret = _setup(tmp)
     common = {"model_uri": str(model), "device": "cpu", "secret_file": str(secret), "mlflow_experiment": None}
     warm = tmp / "warm"
     _make_cases(warm, 2, tuple(args.shape), seed=1)
@@ -114,8 +110,11 @@ def _measure(args, tmp: Path) -> list[dict]:
         out = tmp / f"out-plain-{n}"
         start = time.perf_counter()
         plan = prepare_batch(src, model, out, device="cpu", secret_file=secret)
-        for case_id in plan.todo:
-            predict_case(out, case_id)
+        # The flow's slots and worker processes, without Prefect: the difference is orchestration.
+        with ThreadPoolExecutor(max_workers=available_cores()) as pool:
+            calls = [pool.submit(run_isolated, predict_case, str(out), c, timeout_s=None) for c in plan.todo]
+            for call in calls:
+                call.result()
         ok = finalize_batch(out).count("ok")
         plain_s = time.perf_counter() - start
         if ok != n:
@@ -150,6 +149,51 @@ def _measure(args, tmp: Path) -> list[dict]:
             file=sys.stderr,
         )
     return rows
+
+
+def _setup(tmp: Path) -> tuple[Path, Path]:
+    """(model folder, site secret): an untrained tiny U-Net with the demo dataset's plan."""
+    from pipeline.ingest import ingest
+    from pipeline.plan import plan_dataset
+    from pipeline.synthetic.dataset import make_demo_dataset
+    from tests.pipeline.predict_fixture import save_untrained_model
+
+    demo = make_demo_dataset(tmp / "demo", n_cases=3, size=48)
+    secret = tmp / "secret"
+    ingest(demo.msd_root, tmp / "staging", secret_file=secret, workers=1)
+    return save_untrained_model(plan_dataset(tmp / "staging"), tmp / "model"), secret
+
+
+def _footprint(shape: tuple[int, int, int]) -> dict:
+    """A warm worker's peak RSS growth while it predicts one case of `shape`, per input voxel."""
+    import resource
+
+    from flows.common import WorkerPool
+    from pipeline.footprint import BYTES_PER_VOXEL, planned_voxels
+    from pipeline.inference import predict_case, prepare_batch
+
+    tmp = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
+    pool = WorkerPool()
+    try:
+        model, secret = _setup(tmp)
+        outs = {}
+        for name, case_shape in (("small", (48, 48, 8)), ("large", shape)):
+            _make_cases(tmp / name, 1, case_shape)
+            plan = prepare_batch(tmp / name, model, tmp / f"out-{name}", device="cpu", secret_file=secret)
+            outs[name] = (tmp / f"out-{name}", plan.case_ids[0])
+        pool.run(predict_case, *map(str, outs["small"]), timeout_s=None)  # the model loaded, warm
+        before = pool.run(resource.getrusage, resource.RUSAGE_SELF, timeout_s=None).ru_maxrss * 1024
+        pool.run(predict_case, *map(str, outs["large"]), timeout_s=None)
+        after = pool.run(resource.getrusage, resource.RUSAGE_SELF, timeout_s=None).ru_maxrss * 1024
+        voxels = planned_voxels(*outs["large"])
+    finally:
+        pool.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    per_voxel = (after - before) / voxels
+    print(f"one {'x'.join(map(str, shape))} case ({voxels / 1e6:.1f} M voxels) on a warm CPU worker:")
+    print(f"  peak RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB: {per_voxel:.1f} B/voxel")
+    print(f"  pipeline.footprint.BYTES_PER_VOXEL = {BYTES_PER_VOXEL}")
+    return {"voxels": voxels, "bytes_per_voxel": per_voxel}
 
 
 def _print(rows: list[dict], args) -> None:
