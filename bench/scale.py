@@ -68,7 +68,16 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument(
         "--chunk-size", type=int, default=None, help="cases per predict task (default: the flow's)"
     )
+    p.add_argument(
+        "--footprint",
+        type=int,
+        nargs=3,
+        metavar=("X", "Y", "Z"),
+        help="instead: a worker's peak memory per voxel of one X x Y x Z case (BYTES_PER_VOXEL)",
+    )
     args = p.parse_args(argv)
+    if args.footprint:
+        return [_footprint(tuple(args.footprint))]
     if not _postgres_up():
         raise SystemExit(
             "bench/scale.py needs PostgreSQL on 127.0.0.1:5432 (a Prefect server on it, as deployed)"

@@ -16,12 +16,13 @@ from pipeline.inference import PLAN_DIR, PLAN_FILE
 
 log = logging.getLogger(__name__)
 
-# Peak bytes per input voxel while one case is predicted (the decoded image, its float32 copy,
-# the preprocessed slices, per-class logits of one slice batch, the mask, the SEG and QC
-# writers), above the worker's resting size; measured with bench/scale.py --footprint (about
-# 30 B/voxel on CPU for 256 x 256 x 160 volumes) and rounded up.
-BYTES_PER_VOXEL = 40
-# A worker's own share besides the volume (the model, decoders' buffers).
+# Peak bytes per input voxel while one case is predicted (the decoded image, its float32 copies,
+# the preprocessed slices, per-class logits, the mask, the output and QC writers), above a warm
+# worker's resting size: `bench/scale.py --footprint X Y Z` measured 61 B/voxel for 256 x 256 x 160
+# and 59 for 384 x 384 x 120 on CPU (2026-12-02); rounded up.
+BYTES_PER_VOXEL = 64
+# Besides the volume: the case's worker process (a warm CPU worker rests at about 440 MiB RSS,
+# much of it library pages shared with the forkserver it was forked from).
 CASE_OVERHEAD_BYTES = 256 * 2**20
 
 
