@@ -92,8 +92,15 @@ class Cluster:
                 start_new_session=True,
             )
 
-    def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
+    def log(self, name: str, since: dict[str, int] | None = None) -> str:
+        """The process's log, from the offset `since` recorded (see `mark`) if given."""
+        with open(self.root / f"{name}.log", "rb") as fh:
+            fh.seek((since or {}).get(name, 0))
+            return fh.read().decode(errors="replace")
+
+    def mark(self) -> dict[str, int]:
+        """The current end of every log: the same cases run in several tests of the module."""
+        return {name: (self.root / f"{name}.log").stat().st_size for name in self.procs}
 
     def start(self, workers: list[str]) -> None:
         bin_dir = Path(sys.executable).parent
@@ -178,13 +185,13 @@ def _run(setup: PredictSetup, src: Path, out: Path, address: str, **kw):
     )
 
 
-def _ok_lines(cluster: Cluster, names: list[str], out: Path) -> dict[str, list[str]]:
-    """Worker name -> the case IDs of OUT its log reports finished ("case ...: ok in ...")."""
-    ours = {p.name for p in out.glob("case_*")}
-    return {name: [c for c in OK_LINE.findall(cluster.log(name)) if c in ours] for name in names}
+def _ok_lines(cluster: Cluster, names: list[str], since: dict[str, int]) -> dict[str, list[str]]:
+    """Worker name -> the case IDs its log reports finished ("case ...: ok in ...") since `since`."""
+    return {name: OK_LINE.findall(cluster.log(name, since)) for name in names}
 
 
 def test_a_batch_runs_on_two_worker_processes(setup, cluster, tmp_path):
+    since = cluster.mark()
     src, out = _source(setup, tmp_path, 4), tmp_path / "out"
     state = _run(setup, src, out, cluster.address)
     assert state.is_completed(), state.message
@@ -192,7 +199,7 @@ def test_a_batch_runs_on_two_worker_processes(setup, cluster, tmp_path):
     assert (summary["ok"], summary["failed"], summary["processed"]) == (4, 0, 4)
     done = sorted(p.parent.name for p in out.glob("case_*/done.json"))
     assert len(done) == 4
-    ran = _ok_lines(cluster, ["w1", "w2"], out)
+    ran = _ok_lines(cluster, ["w1", "w2"], since)
     assert sorted(ran["w1"] + ran["w2"]) == done  # every case once, on the workers
     assert ran["w1"] and ran["w2"], ran  # both nodes took cases
     assert "case memory budget 2.1 GiB" in cluster.log("w1")  # 0.7 of its 3 GiB limit
@@ -202,6 +209,7 @@ def test_chunks_of_cases_on_the_cluster_and_a_rerun_from_the_done_markers(setup,
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
+    since = cluster.mark()
     src, out = _source(setup, tmp_path, 5), tmp_path / "out"
     state = _run(setup, src, out, cluster.address, chunk_size=2)
     assert state.is_completed(), state.message
@@ -212,13 +220,26 @@ def test_chunks_of_cases_on_the_cluster_and_a_rerun_from_the_done_markers(setup,
         )
     names = sorted(t.name for t in runs if t.name.startswith("predict-"))
     assert names == ["predict-chunk-0", "predict-chunk-1", "predict-chunk-2"]  # 2 + 2 + 1 cases
-    ran = _ok_lines(cluster, ["w1", "w2"], out)
+    ran = _ok_lines(cluster, ["w1", "w2"], since)
     assert sorted(ran["w1"] + ran["w2"]) == sorted(p.parent.name for p in out.glob("case_*/done.json"))
 
     again = _run(setup, src, out, cluster.address, chunk_size=2)
     assert again.is_completed(), again.message
     assert (again.result()["ok"], again.result()["skipped"], again.result()["processed"]) == (5, 5, 0)
-    assert _ok_lines(cluster, ["w1", "w2"], out) == ran  # nothing computed again
+    assert _ok_lines(cluster, ["w1", "w2"], since) == ran  # nothing computed again
+
+
+def test_ingest_on_the_cluster_stages_what_an_ingest_in_one_process_does(setup, cluster, tmp_path):
+    from flows.ingest import ingest_flow
+    from pipeline.io.manifest import read_manifest
+
+    staging = tmp_path / "staging"
+    report = ingest_flow(
+        str(setup.demo.msd_root), str(staging), secret_file=str(setup.secret), task_runner=cluster.address
+    )
+    expected = sorted((r["case_id"], r["sha256"]["image"]) for r in read_manifest(setup.staging))
+    assert report["cases"] == report["cases_converted"] == len(expected)
+    assert sorted((r["case_id"], r["sha256"]["image"]) for r in read_manifest(staging)) == expected
 
 
 def _processing(address: str) -> dict[str, int]:
@@ -231,6 +252,7 @@ def _processing(address: str) -> dict[str, int]:
 
 
 def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_nothing(setup, cluster, tmp_path):
+    since = cluster.mark()
     src, out = _source(setup, tmp_path, N_CASES), tmp_path / "out"
     result: dict = {}
     runner = threading.Thread(
@@ -260,6 +282,6 @@ def test_a_worker_killed_mid_batch_loses_nothing_and_repeats_nothing(setup, clus
     done = sorted(p.parent.name for p in out.glob("case_*/done.json"))
     assert len(done) == N_CASES
     survivor = "w2" if victim == "w1" else "w1"
-    ran = _ok_lines(cluster, [victim, survivor], out)
+    ran = _ok_lines(cluster, [victim, survivor], since)
     assert sorted(ran[victim] + ran[survivor]) == done, ran  # each case computed exactly once
     assert ran[survivor], "the surviving worker ran none of the cases"
