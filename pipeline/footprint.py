@@ -29,8 +29,22 @@ CASE_OVERHEAD_BYTES = 256 * 2**20
 def planned_voxels(out: str | Path, case_id: str) -> int:
     """The voxel count of a planned case from its image headers; 0 when they cannot be read
     (the case then fails on its own, with its record, when it is predicted)."""
+    from nibabel.filebasedimages import ImageFileError
+    from nibabel.spatialimages import HeaderDataError
+    from pydicom.errors import InvalidDicomError
+
     out = Path(out)
     plan_dir = out / PLAN_DIR
+    unreadable = (
+        OSError,
+        EOFError,
+        ValueError,
+        KeyError,
+        IndexError,
+        TypeError,
+        ImageFileError,
+        HeaderDataError,
+    )
     try:
         case = json.loads((plan_dir / "cases" / f"{case_id}.json").read_text(encoding="utf-8"))
         if case["kind"] == "staging":
@@ -40,7 +54,7 @@ def planned_voxels(out: str | Path, case_id: str) -> int:
         if case["kind"] == "nifti":
             return sum(_nifti_voxels(source / rel) for rel in job["nifti"]["channels"])
         return _dicom_voxels(source / job["images"][0]) * len(job["images"])
-    except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+    except (*unreadable, InvalidDicomError) as exc:
         log.debug("case %s: no size estimate (%s)", case_id, type(exc).__name__)
         return 0
 

@@ -197,6 +197,24 @@ def test_planned_case_bytes_from_nifti_headers(setup, tmp_path):
     assert planned_voxels(tmp_path / "out", "case_0000000000000000") == 0  # not planned: no estimate
 
 
+@pytest.mark.parametrize("content", [b"", b"not a NIfTI header", "cut"])
+def test_an_unreadable_image_has_no_estimate_and_no_error(setup, tmp_path, content):
+    """The case then fails or is quarantined on its own when it is predicted, with its record."""
+    from pipeline.footprint import planned_voxels
+    from pipeline.inference import prepare_batch
+
+    image = setup.demo.msd_root / setup.demo.cases[0].msd_image
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "case.nii.gz").write_bytes(image.read_bytes())
+    out = tmp_path / "out"
+    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    (case_id,) = plan.case_ids
+    data = image.read_bytes()[:100] if content == "cut" else content
+    (src / "case.nii.gz").write_bytes(data)  # changed after planning
+    assert planned_voxels(out, case_id) == 0
+
+
 def test_planned_voxels_of_dicom_series(setup, tmp_path):
     from pipeline.footprint import planned_voxels
     from pipeline.inference import prepare_batch

@@ -45,7 +45,8 @@ def prefect_api(tmp_path_factory):
             prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
             prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
         }
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness():
+        # A busy 2-core machine needs more than the 30 s default to start the server.
+        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(180):
             yield flows.inference
 
 
