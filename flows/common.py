@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline import system
 from pipeline.system import available_cores
 
 TASK_RUNNERS = ("threads", "dask", "tcp://HOST:8786", "tls://HOST:8786")
@@ -236,17 +237,6 @@ MEMORY_BUDGET_ENV = "UNET_PIPELINE_MEMORY_BUDGET"
 MEMORY_BUDGET_SHARE = 0.7  # of the process's memory limit: the rest is this process, the OS, caches
 
 
-def memory_limit() -> int:
-    """Bytes this process may use: its cgroup's limit (a container, a Kubernetes pod), or RAM."""
-    import psutil
-
-    limit = psutil.virtual_memory().total
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        with contextlib.suppress(OSError, ValueError):
-            limit = min(limit, int(Path(path).read_text().strip()))  # "max": no limit (ValueError)
-    return limit
-
-
 def parse_bytes(text: str) -> int:
     """'12GiB', '800MB', '4e9' or a plain byte count."""
     import dask.utils
@@ -258,9 +248,9 @@ def parse_bytes(text: str) -> int:
 
 
 def default_memory_budget() -> int:
-    """$UNET_PIPELINE_MEMORY_BUDGET, else MEMORY_BUDGET_SHARE of `memory_limit()`."""
+    """$UNET_PIPELINE_MEMORY_BUDGET, else MEMORY_BUDGET_SHARE of the process's memory (RAM or cgroup)."""
     text = os.environ.get(MEMORY_BUDGET_ENV)
-    return parse_bytes(text) if text else int(MEMORY_BUDGET_SHARE * memory_limit())
+    return parse_bytes(text) if text else int(MEMORY_BUDGET_SHARE * system.memory_bytes())
 
 
 class MemoryBudget:
