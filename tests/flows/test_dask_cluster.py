@@ -242,6 +242,14 @@ def test_ingest_on_the_cluster_stages_what_an_ingest_in_one_process_does(setup, 
     assert sorted((r["case_id"], r["sha256"]["image"]) for r in read_manifest(staging)) == expected
 
 
+def test_a_gpu_run_on_a_cluster_without_gpu_workers_is_refused(cluster):
+    from flows.common import case_runner
+
+    refused = pytest.raises(ValueError, match=r"no worker .* advertises a GPU.*--gpu INDEX")
+    with refused, case_runner(cluster.address, device="cuda"):
+        pass
+
+
 def _processing(address: str) -> dict[str, int]:
     """Worker name -> tasks the scheduler has it running now."""
     from distributed import Client
