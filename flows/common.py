@@ -5,6 +5,7 @@ from __future__ import annotations
 import atexit
 import contextlib
 import hashlib
+import logging
 import os
 import threading
 import time
@@ -12,31 +13,102 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from pipeline import system
 from pipeline.system import available_cores
 
-TASK_RUNNERS = ("threads", "dask")
+TASK_RUNNERS = ("threads", "dask", "tcp://HOST:8786", "tls://HOST:8786")
+_SCHEDULER_SCHEMES = ("tcp://", "tls://")
+
+
+def check_task_runner(spec: str) -> str:
+    """`spec` if it names a task runner: threads, dask (a local cluster) or a Dask scheduler address."""
+    if spec in ("threads", "dask"):
+        return spec
+    if spec.startswith(_SCHEDULER_SCHEMES) and len(spec.split("://", 1)[1]) > 0:
+        return spec
+    raise ValueError(
+        f"task_runner must be one of {', '.join(TASK_RUNNERS)} (a Dask scheduler's address); got {spec!r}"
+    )
 
 
 def task_runner(kind: str = "threads", *, dask_address: str | None = None, workers: int | None = None):
-    """The flow's task runner: threads on one machine, or Dask (a LocalCluster or `dask_address`)."""
+    """A task runner: threads on this machine, or Dask (a LocalCluster, or the scheduler at
+    `dask_address`; `kind` may also be that address itself, as a flow's `task_runner` parameter is).
+
+    `workers`: thread slots (default: the cores), or the local cluster's worker processes.
+    """
+    check_task_runner(kind)
     if kind == "threads":
         from prefect.task_runners import ThreadPoolTaskRunner
 
         return ThreadPoolTaskRunner(max_workers=workers or available_cores())
-    if kind == "dask":
-        import dask
-        from prefect_dask import DaskTaskRunner
+    import dask
+    from prefect_dask import DaskTaskRunner
 
-        # Tasks run each case in a child process (run_isolated); daemonic Dask workers may not
-        # have children. Workers of a remote cluster need the same setting in their config.
-        dask.config.set({"distributed.worker.daemon": False})
+    # Tasks run each case in a child process (run_isolated); daemonic Dask workers may not have
+    # children. A local cluster's workers take this from here; a remote cluster's workers must
+    # be started with it (python -m flows.dask_worker sets it).
+    dask.config.set({"distributed.worker.daemon": False})
+    address = dask_address or (kind if kind != "dask" else None)
+    if address:
+        return DaskTaskRunner(address=address)
+    return DaskTaskRunner(
+        cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1, "processes": True}
+    )
 
-        if dask_address:
-            return DaskTaskRunner(address=dask_address)
-        return DaskTaskRunner(
-            cluster_kwargs={"n_workers": workers or 2, "threads_per_worker": 1, "processes": True}
+
+def _api_url() -> str | None:
+    from prefect.settings import get_current_settings
+
+    return get_current_settings().api.url
+
+
+@contextlib.contextmanager
+def case_runner(spec: str, *, device: str = "auto", slots: int | None = None):
+    """The started task runner for a flow's per-case tasks, chosen by the flow's `task_runner`
+    parameter; yields a CaseRunner.
+
+    The flow's own decorator runner is not used for them: a deployment picks the runner per
+    run, and Prefect's default thread pool is unbounded (one worker process per case at once).
+    On Dask each case asks for one `GPU` resource when the cluster's workers advertise GPUs
+    (python -m flows.dask_worker --gpu), so two cases never share a GPU unintentionally.
+    """
+    check_task_runner(spec)
+    if spec != "threads" and not _api_url():
+        raise ValueError(
+            f"task_runner {spec!r} runs tasks in other processes, which report to the Prefect API: "
+            "set PREFECT_API_URL to a Prefect server (the temporary in-process one cannot be shared)"
         )
-    raise ValueError(f"task runner must be one of {', '.join(TASK_RUNNERS)}; got {kind!r}")
+    runner = task_runner(spec, workers=slots)
+    with runner:
+        if spec == "threads":
+            yield CaseRunner(runner, slots or available_cores())
+            return
+        workers = runner.client.scheduler_info(n_workers=-1).get("workers", {})
+        gpus = sum(w.get("resources", {}).get("GPU", 0) for w in workers.values())
+        if device.startswith("cuda") and not gpus:
+            raise ValueError(
+                f"device {device!r}, but no worker of the Dask cluster at {spec} advertises a GPU "
+                "resource: start GPU workers with `python -m flows.dask_worker SCHEDULER --gpu INDEX`"
+            )
+        resources = {"GPU": 1} if gpus and device != "cpu" else None
+        yield CaseRunner(runner, max(1, sum(w.get("nthreads", 1) for w in workers.values())), resources)
+
+
+class CaseRunner:
+    """A started task runner for per-case tasks: `submit(task, **parameters)` and its `slots`."""
+
+    def __init__(self, runner, slots: int, resources: dict[str, float] | None = None) -> None:
+        self.runner, self.slots, self.resources = runner, slots, resources
+
+    def submit(self, task, **parameters):
+        if not self.resources:
+            return self.runner.submit(task, parameters)
+        import dask
+
+        # Dask's scheduler starts a task only on a worker with the resource free.
+        with dask.annotate(resources=self.resources):
+            return self.runner.submit(task, parameters)
 
 
 def content_key(*parts: Any) -> str:
@@ -85,8 +157,20 @@ def _context():
     return _FORKSERVER
 
 
-def _serve(conn) -> None:
-    """A worker's loop: run each call it is sent and send back its result or its exception."""
+def _serve(conn, log_level: int) -> None:
+    """A worker's loop: run each call it is sent and send back its result or its exception.
+
+    The pipeline's log records go to stderr (inherited: the flow's or the Dask worker's) at the
+    parent's level; without a handler here a case's log would be lost with its process.
+    """
+    import sys
+
+    if log_level < logging.WARNING:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logger = logging.getLogger("pipeline")
+        logger.setLevel(log_level)
+        logger.addHandler(handler)
     while True:
         try:
             call = conn.recv()
@@ -126,7 +210,8 @@ class _Worker:
     def __init__(self) -> None:
         ctx = _context()
         self.conn, child = ctx.Pipe(duplex=True)
-        self.proc = ctx.Process(target=_serve, args=(child,), daemon=True)
+        level = logging.getLogger("pipeline").getEffectiveLevel()
+        self.proc = ctx.Process(target=_serve, args=(child, level), daemon=True)
         self.proc.start()
         child.close()
         self.calls = 0
@@ -148,6 +233,53 @@ class _Worker:
         self.conn.close()
 
 
+MEMORY_BUDGET_ENV = "UNET_PIPELINE_MEMORY_BUDGET"
+MEMORY_BUDGET_SHARE = 0.7  # of the process's memory limit: the rest is this process, the OS, caches
+
+
+def parse_bytes(text: str) -> int:
+    """'12GiB', '800MB', '4e9' or a plain byte count."""
+    import dask.utils
+
+    try:
+        return int(dask.utils.parse_bytes(text))
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{MEMORY_BUDGET_ENV}: expected a size like 12GiB or 800MB, got {text!r}") from exc
+
+
+def default_memory_budget() -> int:
+    """$UNET_PIPELINE_MEMORY_BUDGET, else MEMORY_BUDGET_SHARE of the process's memory (RAM or cgroup)."""
+    text = os.environ.get(MEMORY_BUDGET_ENV)
+    return parse_bytes(text) if text else int(MEMORY_BUDGET_SHARE * system.memory_bytes())
+
+
+class MemoryBudget:
+    """Planned bytes of the cases in flight in one process, held below `total`.
+
+    A call waits until its planned bytes fit beside those running; one larger than the whole
+    budget runs alone rather than never. Cores alone would let a worker take as many large CTs
+    at once as small ones.
+    """
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        self.used = 0
+        self._cond = threading.Condition()
+
+    @contextlib.contextmanager
+    def hold(self, nbytes: int):
+        nbytes = max(0, int(nbytes))
+        with self._cond:
+            self._cond.wait_for(lambda: self.used == 0 or self.used + nbytes <= self.total)
+            self.used += nbytes
+        try:
+            yield
+        finally:
+            with self._cond:
+                self.used -= nbytes
+                self._cond.notify_all()
+
+
 class WorkerPool:
     """Long-lived, killable worker processes for per-case calls.
 
@@ -159,8 +291,10 @@ class WorkerPool:
     GPU's memory between nightly runs).
     """
 
-    def __init__(self, max_calls: int = 500, idle_s: float = 300.0) -> None:
+    def __init__(self, max_calls: int = 500, idle_s: float = 300.0, memory_budget: int | None = None) -> None:
         self.max_calls, self.idle_s = max_calls, idle_s
+        # Resolved on first use: importing never reads the environment.
+        self._memory: MemoryBudget | None = None if memory_budget is None else MemoryBudget(memory_budget)
         self._idle: list[_Worker] = []
         self._busy = 0
         self._reaper: threading.Thread | None = None
@@ -220,7 +354,24 @@ class WorkerPool:
             else:
                 worker.kill()
 
-    def run(self, fn, *args, timeout_s: float | None, **kwargs):
+    @property
+    def memory(self) -> MemoryBudget:
+        with self._lock:
+            if self._memory is None:
+                self._memory = MemoryBudget(default_memory_budget())
+            return self._memory
+
+    def set_memory_budget(self, total: int) -> None:
+        """Change the budget (a Dask worker sets its own memory limit's share at start)."""
+        self.memory.total = total
+
+    def run(self, fn, *args, timeout_s: float | None, memory_bytes: int = 0, **kwargs):
+        """`fn(*args, **kwargs)` in a worker, once `memory_bytes` (the call's planned memory)
+        fit in the budget beside the calls running; the timeout counts from the start."""
+        with self.memory.hold(memory_bytes):
+            return self._run(fn, *args, timeout_s=timeout_s, **kwargs)
+
+    def _run(self, fn, *args, timeout_s: float | None, **kwargs):
         worker, threads = self._acquire()
         name = getattr(fn, "__name__", fn)
         healthy = False
@@ -260,11 +411,18 @@ _POOL = WorkerPool()
 atexit.register(_POOL.close)
 
 
-def run_isolated(fn, *args, timeout_s: float | None, **kwargs):
+def worker_pool() -> WorkerPool:
+    """This process's pool (a Dask worker's preload sets its memory budget)."""
+    return _POOL
+
+
+def run_isolated(fn, *args, timeout_s: float | None, memory_bytes: int = 0, **kwargs):
     """Run `fn(*args, **kwargs)` in a worker process; kill it after `timeout_s` seconds.
+
+    It starts once its planned `memory_bytes` fit in this process's budget (see MemoryBudget).
 
     Prefect's own task timeouts cannot interrupt a thread blocked in C code (a decoder, a
     convolution); a killed process always stops. `fn`, its arguments and result must pickle.
     Workers are reused between calls (see WorkerPool), so the model loads once per worker.
     """
-    return _POOL.run(fn, *args, timeout_s=timeout_s, **kwargs)
+    return _POOL.run(fn, *args, timeout_s=timeout_s, memory_bytes=memory_bytes, **kwargs)

@@ -25,7 +25,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 
-from flows.common import CaseTimeout, content_key, path_key, run_isolated
+from flows.common import CaseTimeout, case_runner, check_task_runner, content_key, path_key, run_isolated
 from flows.pull import is_pacs_url, pull_task
 from pipeline.errors import Reason
 from pipeline.inference import (
@@ -64,6 +64,14 @@ def _case_key(context, parameters) -> str:
     return content_key("predict", case_id, key, path_key(parameters["out"]))
 
 
+def _predict_one(out: str, case_id: str, timeout_s: float) -> dict:
+    """predict_case in a worker process, once its planned memory fits beside the cases running."""
+    from pipeline.footprint import planned_case_bytes
+
+    need = planned_case_bytes(out, case_id)
+    return run_isolated(predict_case, out, case_id, timeout_s=timeout_s, memory_bytes=need)
+
+
 @task(
     name="predict-case",
     task_run_name="predict-{case_id}",
@@ -78,7 +86,7 @@ def predict_case_task(out: str, case_id: str, plan: BatchPlan, timeout_s: float)
     No retries: the same input and model fail the same way again.
     """
     try:
-        return run_isolated(predict_case, out, case_id, timeout_s=timeout_s)
+        return _predict_one(out, case_id, timeout_s)
     except CaseTimeout:
         # finalize_batch lists the case as failed (no done-marker, no record); a rerun redoes it.
         return {
@@ -88,6 +96,45 @@ def predict_case_task(out: str, case_id: str, plan: BatchPlan, timeout_s: float)
             "seconds": timeout_s,
             "volumes": {},
         }
+
+
+def _chunk_key(context, parameters) -> str:
+    """The content keys of the chunk's cases, in order (a chunk is cached as a whole)."""
+    keys = [
+        _case_key(context, {"plan": parameters["plan"], "case_id": c, "out": parameters["out"]})
+        for c in parameters["case_ids"]
+    ]
+    return content_key("predict-chunk", *keys)
+
+
+@task(
+    name="predict-chunk",
+    task_run_name="predict-chunk-{chunk}",
+    tags=["gpu"],
+    cache_key_fn=_chunk_key,
+    persist_result=True,
+    result_serializer="json",
+)
+def predict_chunk_task(out: str, chunk: int, case_ids: list[str], plan: BatchPlan, timeout_s: float) -> list:
+    """Several cases one after the other (large batches: fewer task runs), each as predict-case.
+
+    A case's done-marker makes it "skipped" when the chunk runs again (a rerun after a worker
+    was lost mid-chunk redoes only the cases without one).
+    """
+    return [predict_case_task.fn(out, case_id, plan, timeout_s) for case_id in case_ids]
+
+
+# Up to this many cases, one task per case (per-case names, states and cache entries); above,
+# cases are grouped so that a batch makes about this many predict tasks (bench/scale.py).
+MAX_CASE_TASKS = 200
+
+
+def chunk_size_for(cases: int, slots: int = 1) -> int:
+    """Cases per predict task: 1 up to MAX_CASE_TASKS cases, then enough for about
+    MAX_CASE_TASKS tasks, but never so many that fewer tasks than 4 x `slots` remain."""
+    if cases <= MAX_CASE_TASKS:
+        return 1
+    return max(1, min(-(-cases // MAX_CASE_TASKS), cases // (4 * max(1, slots))))
 
 
 @task(name="finalize-batch", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
@@ -141,6 +188,44 @@ def _tracking_markdown(tracked: dict | None) -> str:
 PROGRESS_EVERY_S = 5.0
 
 _PREDICT_REFRESH = predict_case_task.with_options(refresh_cache=True)
+_CHUNK_REFRESH = predict_chunk_task.with_options(refresh_cache=True)
+MAX_TABLE_ROWS = 200  # above, the cases table lists those needing attention; results.csv has all
+
+
+def _submit_cases(
+    runner, out: str, plan: BatchPlan, todo: set[str], size: int, timeout_s: float
+) -> tuple[list, dict]:
+    """One predict task per case (size 1) or per `size` cases: (futures, cases per task run ID).
+
+    A case without a valid done-marker always runs (refresh_cache); the others may come from
+    the cache. A chunk with any such case runs again; its done cases are then "skipped".
+    """
+    ids = plan.case_ids
+    futures, cases = [], {}
+    if size == 1:
+        for case_id in ids:
+            task = _PREDICT_REFRESH if case_id in todo else predict_case_task
+            futures.append(runner.submit(task, out=out, case_id=case_id, plan=plan, timeout_s=timeout_s))
+            cases[futures[-1].task_run_id] = 1
+        return futures, cases
+    for chunk, start in enumerate(range(0, len(ids), size)):
+        case_ids = ids[start : start + size]
+        task = _CHUNK_REFRESH if todo.intersection(case_ids) else predict_chunk_task
+        futures.append(
+            runner.submit(task, out=out, chunk=chunk, case_ids=case_ids, plan=plan, timeout_s=timeout_s)
+        )
+        cases[futures[-1].task_run_id] = len(case_ids)
+    return futures, cases
+
+
+def _table_rows(rows: list[dict]) -> tuple[list[dict], str]:
+    """The cases table: every case up to MAX_TABLE_ROWS, else those not ok (bounded), and a note."""
+    if len(rows) <= MAX_TABLE_ROWS:
+        return rows, ""
+    attention = [r for r in rows if r["status"] != "ok"][:MAX_TABLE_ROWS]
+    return attention, (
+        f"; {len(rows)} cases: only the {len(attention)} not ok are listed here, every case is in results.csv"
+    )
 
 
 @flow(name="batch-inference", log_prints=False, validate_parameters=True)
@@ -153,13 +238,21 @@ def batch_inference_flow(
     case_timeout_s: float = 1800.0,
     secret_file: str | None = None,
     mlflow_experiment: str | None = TRACKING_EXPERIMENT,
+    task_runner: str = "threads",
+    chunk_size: int | None = None,
 ) -> dict:
     """Predict every case under SOURCE into OUT; the final state is Failed when any case failed.
 
     The batch is recorded as one run of the MLflow experiment `mlflow_experiment` (None: not
     recorded) on $MLFLOW_TRACKING_URI (default: the work directory's store).
+    `task_runner`: "threads" (this machine), "dask" (a local Dask cluster) or a Dask scheduler's
+    address, tcp://HOST:8786 (README: "Adding a second GPU server"). `chunk_size`: cases per
+    predict task; None picks 1 for up to MAX_CASE_TASKS cases, larger chunks above.
     """
     logger = get_run_logger()
+    check_task_runner(task_runner)  # a wrong value fails the run before any work
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be at least 1 (or None: chosen from the batch); got {chunk_size}")
     if is_pacs_url(source):  # pulled into OUT/.spool/ first (credentials from UNET_PACS_*)
         source = pull_task(source, out, secret_file, None, None)["folder"]
     plan = prepare_task(source, out, model_uri, device, batch_size, secret_file)
@@ -168,24 +261,21 @@ def batch_inference_flow(
     progress = create_progress_artifact(
         0.0, key="batch-inference-progress", description="Cases finished in the running batch."
     )
-    futures = [
-        # A case without a valid done-marker always runs; the others may come from the cache.
-        (_PREDICT_REFRESH if case_id in todo else predict_case_task).submit(
-            out, case_id, plan, case_timeout_s
-        )
-        for case_id in plan.case_ids
-    ]
-    last = time.monotonic()
-    for finished, _ in enumerate(as_completed(futures), start=1):
-        # At most one API call per PROGRESS_EVERY_S (and the last): a batch of thousands of
-        # small cases must not spend its time updating a progress bar.
-        if finished == len(futures) or time.monotonic() - last >= PROGRESS_EVERY_S:
-            update_progress_artifact(progress, 100.0 * finished / total)
-            last = time.monotonic()
-    for future in futures:
-        state = future.state
-        if not state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
-            logger.error("predict-case %s ended %s", future.task_run_id, state.name)
+    with case_runner(task_runner, device=device) as runner:
+        size = chunk_size or chunk_size_for(len(plan.case_ids), runner.slots)
+        futures, cases = _submit_cases(runner, out, plan, todo, size, case_timeout_s)
+        last, finished = time.monotonic(), 0
+        for future in as_completed(futures):
+            finished += cases[future.task_run_id]
+            # At most one API call per PROGRESS_EVERY_S (and the last): a batch of thousands of
+            # small cases must not spend its time updating a progress bar.
+            if finished == len(plan.case_ids) or time.monotonic() - last >= PROGRESS_EVERY_S:
+                update_progress_artifact(progress, 100.0 * finished / total)
+                last = time.monotonic()
+        for future in futures:
+            state = future.state
+            if not state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
+                logger.error("%s ended %s", future.task_run_id, state.name)
     summary = finalize_task(out)
     tracked = None
     if mlflow_experiment:
@@ -201,10 +291,11 @@ def batch_inference_flow(
             logger.warning("batch not recorded in MLflow: %s", tracked["error"])
     summary["tracking"] = tracked
 
+    rows, note = _table_rows(summary["rows"])
     create_table_artifact(
         key="batch-inference-cases",
-        table=summary["rows"],
-        description="Cases of the last batch inference (pseudonymous IDs; volumes in mL).",
+        table=rows,
+        description=f"Cases of the last batch inference (pseudonymous IDs; volumes in mL){note}.",
     )
     run = f", MLflow run `{plan.model_run_id}`" if plan.model_run_id else ""
     create_markdown_artifact(

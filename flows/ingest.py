@@ -7,7 +7,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 
-from flows.common import CaseTimeout, content_key, path_key, run_isolated
+from flows.common import CaseTimeout, case_runner, check_task_runner, content_key, path_key, run_isolated
 from flows.pull import is_pacs_url, pull_task
 from pipeline.ingest import (
     CONVERTER_VERSION,
@@ -19,7 +19,6 @@ from pipeline.ingest import (
     ingest_limits,
     plan_ingest,
 )
-from pipeline.system import available_cores
 
 
 @task(name="plan-ingest", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
@@ -82,6 +81,7 @@ def ingest_flow(
     accept_partial_series: bool | None = None,
     credentials_block: str | None = None,
     config: str | None = None,
+    task_runner: str = "threads",
 ) -> dict:
     """Validate and convert SOURCE into the STAGING dataset; quarantined inputs are listed, not fatal.
 
@@ -90,8 +90,11 @@ def ingest_flow(
     accept_partial_series: stage DICOM series that lost files, marked partial (see IngestLimits);
     None: as the config says.
     SOURCE may be a PACS URL (pulled into STAGING/.spool/ first; flows/pull.py).
+    `task_runner`: "threads", "dask" (a local cluster) or a Dask scheduler's address
+    (tcp://HOST:8786); Dask workers must see SOURCE and STAGING at the same paths.
     """
     logger = get_run_logger()
+    check_task_runner(task_runner)
     overrides = {} if accept_partial_series is None else {"accept_partial_series": accept_partial_series}
     limits = ingest_limits(config, **overrides)
     if is_pacs_url(source):
@@ -100,20 +103,27 @@ def ingest_flow(
         ]
     plan = plan_task(source, staging, secret_file, limits)
     todo = set(plan.todo)
-    # Conversions start only while their planned memory fits the budget (and a core is free).
-    queue = ConversionQueue(staging, plan.cases, limits, available_cores(), todo=todo)
     running, done = {}, {}
-    while queue.busy:
-        for case_id in queue.ready():
-            # Cases whose outputs are missing or stale always run; the others may come from cache.
-            future = convert_task.with_options(refresh_cache=case_id in todo).submit(
-                source, staging, case_id, plan, secret_file, case_timeout_s
-            )
-            running[future] = case_id
-        finished = next(as_completed(list(running)))
-        case_id = running.pop(finished)
-        queue.finished(case_id)
-        done[case_id] = finished.result()
+    with case_runner(task_runner, device="cpu") as runner:
+        # Conversions start only while their planned memory fits the budget (and a slot is free).
+        queue = ConversionQueue(staging, plan.cases, limits, runner.slots, todo=todo)
+        while queue.busy:
+            for case_id in queue.ready():
+                # Cases whose outputs are missing or stale always run; the others may come from cache.
+                future = runner.submit(
+                    convert_task.with_options(refresh_cache=case_id in todo),
+                    source=source,
+                    staging=staging,
+                    case_id=case_id,
+                    plan=plan,
+                    secret_file=secret_file,
+                    timeout_s=case_timeout_s,
+                )
+                running[future] = case_id
+            finished = next(as_completed(list(running)))
+            case_id = running.pop(finished)
+            queue.finished(case_id)
+            done[case_id] = finished.result()
     results = [done[case_id] for case_id in plan.cases]
     report = finalize_task(source, staging)
     create_table_artifact(

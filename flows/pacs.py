@@ -54,8 +54,12 @@ def pacs_batch_flow(
     push_credentials_block: str | None = None,
     push_sr: bool = False,
     mlflow_experiment: str | None = "batch-inference",
+    task_runner: str = "threads",
 ) -> dict:
     """Pull SOURCE (a PACS URL whose query may say StudyDate=yesterday), predict, push to PUSH.
+
+    `task_runner`: where the cases are predicted (batch_inference_flow's parameter: "threads" or
+    a Dask scheduler's address, tcp://HOST:8786).
 
     `site_timezone` (IANA name; default $UNET_SITE_TIMEZONE or the machine's zone) resolves the
     query's relative dates when the run starts. The final state is Failed when a case failed or
@@ -74,6 +78,7 @@ def pacs_batch_flow(
         case_timeout_s=case_timeout_s,
         secret_file=secret_file,
         mlflow_experiment=mlflow_experiment,
+        task_runner=task_runner,
         return_state=True,
     )
     inference = inference_state.result(raise_on_failure=False)
