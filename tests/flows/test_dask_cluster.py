@@ -140,7 +140,7 @@ def prefect_api(tmp_path_factory):
             prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
             prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
         }
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(180):
+        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(300):
             yield prefect.settings.get_current_settings().api.url
 
 

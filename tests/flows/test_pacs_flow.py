@@ -43,7 +43,7 @@ def prefect_api(tmp_path_factory):
         # A loaded 2-core CI machine may need more than the default 30 s to start the API.
         with (
             prefect.settings.temporary_settings(updates=updates),
-            prefect_test_harness(server_startup_timeout=120),
+            prefect_test_harness(server_startup_timeout=300),
         ):
             yield flows.pacs
 

@@ -36,7 +36,7 @@ def prefect_api(tmp_path_factory):
             prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
             prefect.settings.PREFECT_UI_URL: UI,
         }
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(120):
+        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(300):
             yield flows.train
 
 
