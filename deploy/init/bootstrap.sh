@@ -1,28 +1,12 @@
 #!/bin/sh
-# One-shot set-up against running servers (compose service `init`; safe to run again):
-# work pools, the `gpu` tag concurrency limit, and the MLflow account the workers use.
+# One-shot set-up against the running servers (compose service `init`; safe to run again): work
+# pools, the `gpu` tag concurrency limit, and the MLflow account the workers use. Compose starts
+# it once both servers are healthy, so nothing here waits or polls.
 set -eu
 : "${PREFECT_API_URL:?set it}" "${MLFLOW_TRACKING_URI:?set it}"
 : "${MLFLOW_AUTH_ADMIN_PASSWORD:?set it}" "${MLFLOW_TRACKING_USERNAME:?set it}" "${MLFLOW_TRACKING_PASSWORD:?set it}"
-cd /opt/unet-pipeline
-
-echo "waiting for the Prefect API at $PREFECT_API_URL"
-python - <<'PY'
-import time
-
-from prefect.client.orchestration import get_client
-
-for attempt in range(60):
-    try:
-        with get_client(sync_client=True) as client:
-            if client.api_healthcheck() is None:
-                break
-    except Exception:  # not up yet: the client may fail on entering, too
-        pass
-    time.sleep(5)
-else:
-    raise SystemExit("the Prefect API did not answer in 5 minutes: check `docker compose logs prefect-server`")
-PY
+# The repository root (/opt/unet-pipeline in the image): the pool templates are read from it.
+cd "$(dirname "$0")/../.."
 
 # Process pools: on this single server, flow runs are subprocesses of the compose workers.
 prefect work-pool create gpu-pool --type process --base-job-template deploy/work-pools/process.json --overwrite
@@ -33,21 +17,12 @@ prefect concurrency-limit create gpu "${UNET_GPU_CONCURRENCY:-1}"
 echo "creating the MLflow account '$MLFLOW_TRACKING_USERNAME' for the workers (if missing)"
 python - <<'PY'
 import os
-import time
 
 import requests
 
 uri = os.environ["MLFLOW_TRACKING_URI"].rstrip("/")
 admin = (os.environ.get("MLFLOW_AUTH_ADMIN_USERNAME") or "admin", os.environ["MLFLOW_AUTH_ADMIN_PASSWORD"])
 user, password = os.environ["MLFLOW_TRACKING_USERNAME"], os.environ["MLFLOW_TRACKING_PASSWORD"]
-for attempt in range(60):
-    try:
-        requests.get(f"{uri}/health", timeout=5).raise_for_status()
-        break
-    except requests.RequestException:
-        time.sleep(5)
-else:
-    raise SystemExit(f"MLflow at {uri} did not answer in 5 minutes: check `docker compose logs mlflow`")
 found = requests.get(f"{uri}/api/2.0/mlflow/users/get", params={"username": user}, auth=admin, timeout=30)
 if found.status_code == 200:
     print(f"MLflow user {user} exists")
@@ -58,4 +33,4 @@ else:
     made.raise_for_status()
     print(f"MLflow user {user} created")
 PY
-echo "set-up done; next: prefect deploy --all --prefect-file deploy/prefect.yaml"
+echo "set-up done; next: prefect --no-prompt deploy --all --prefect-file deploy/prefect.yaml"

@@ -39,8 +39,9 @@ def test_prefect_yaml_is_valid_for_prefect_deploy():
     model = PrefectYamlModel.model_validate(_prefect_yaml())
     assert {d.name for d in model.deployments} == set(EXPECTED_DEPLOYMENTS)
     assert model.build is None and model.push is None
+    # Resolved from each flow run's environment when it starts (the image sets it).
     assert model.pull == [
-        {"prefect.deployments.steps.set_working_directory": {"directory": "/opt/unet-pipeline"}}
+        {"prefect.deployments.steps.set_working_directory": {"directory": "{{ $UNET_PIPELINE_CODE_DIR }}"}}
     ]
 
 
@@ -52,9 +53,9 @@ def test_deployment_entrypoint_pool_and_job_variables(name):
     assert deployment["work_pool"]["name"] == pool
     assert deployment["description"].strip()
     assert deployment["tags"]
-    # Shared through the YAML anchor; no secrets in job variables.
+    # Shared through the YAML anchor; no secrets and no paths in job variables (the image has those).
     assert deployment["work_pool"]["job_variables"]["env"] == {
-        "UNET_PIPELINE_WORKDIR": "/data/work",
+        "PREFECT_LOGGING_EXTRA_LOGGERS": "pipeline",
         "PREFECT_FLOWS_HEARTBEAT_FREQUENCY": HEARTBEAT_S,
     }
 
@@ -103,19 +104,6 @@ def _render(template: dict) -> dict:
     values = {k: v["default"] for k, v in template["variables"]["properties"].items() if "default" in v}
     values |= {"env": {"X": "1"}, "command": "prefect flow-run execute", "name": "run", "labels": {}}
     return apply_values(template["job_configuration"], values)
-
-
-def test_kubernetes_template_requests_and_limits_one_gpu_on_gpu_nodes():
-    template = json.loads((DEPLOY / "work-pools" / "kubernetes-gpu.json").read_text())
-    assert set(template) == {"job_configuration", "variables"}
-    pod = _render(template)["job_manifest"]["spec"]["template"]["spec"]
-    container = pod["containers"][0]
-    assert container["resources"]["requests"]["nvidia.com/gpu"] == "1"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
-    assert container["envFrom"] == [{"secretRef": {"name": "unet-pipeline-env"}}]
-    assert container["image"] == template["variables"]["properties"]["image"]["default"]
-    assert pod["nodeSelector"] and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
-    assert pod["securityContext"]["runAsNonRoot"] is True
 
 
 def test_docker_template_requests_one_gpu():
@@ -248,3 +236,167 @@ def test_workers_send_flow_run_heartbeats_that_prefect_accepts(monkeypatch):
     assert Settings().flows.heartbeat_frequency == int(HEARTBEAT_S)
     readme = (ROOT / "README.md").read_text()
     assert "prefect automation create --from-file deploy/automations/zombie-flow-runs.yaml" in readme
+
+
+# ---------------------------------------------------------------------------------------------
+# The stack's fixes (issue: the deployment starts and runs the job)
+
+
+def _compose() -> dict:
+    compose = yaml.safe_load((DEPLOY / "docker-compose.yml").read_text())
+    return compose
+
+
+def test_compose_files_follow_the_compose_specification():
+    from tests.deploy.schemas import assert_compose_valid
+
+    assert_compose_valid(DEPLOY / "docker-compose.yml", DEPLOY / "docker-compose.s3.yml")
+
+
+def test_the_compose_schema_check_catches_a_misspelt_key(tmp_path):
+    from tests.deploy.schemas import compose_errors
+
+    compose = _compose()
+    compose["services"]["mlflow"]["healthchek"] = compose["services"]["mlflow"].pop("healthcheck")
+    bad = tmp_path / "docker-compose.yml"
+    bad.write_text(yaml.safe_dump(compose))
+    assert any("healthchek" in error for error in compose_errors(bad))
+
+
+LONG_RUNNING = ("postgres", "prefect-server", "mlflow", "gpu-worker", "cpu-worker")
+
+
+@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_every_long_running_service_has_a_healthcheck(name):
+    service = _compose()["services"][name]
+    test = service["healthcheck"]["test"]
+    assert test[0] in {"CMD", "CMD-SHELL"} and len(test) > 1
+    for dependency, condition in (service.get("depends_on") or {}).items():
+        expected = "service_completed_successfully" if dependency == "init" else "service_healthy"
+        assert condition == {"condition": expected}, f"{name} -> {dependency}"
+
+
+def test_healthchecks_probe_the_documented_endpoints():
+    services = _compose()["services"]
+    assert "/api/health" in services["prefect-server"]["healthcheck"]["test"][-1]
+    assert "/health" in services["mlflow"]["healthcheck"]["test"][-1]
+    for worker in ("gpu-worker", "cpu-worker"):
+        assert "--with-healthcheck" in services[worker]["command"]
+        assert "127.0.0.1:8080/health" in services[worker]["healthcheck"]["test"][-1]
+    init = services["init"]["depends_on"]
+    assert init == {
+        "prefect-server": {"condition": "service_healthy"},
+        "mlflow": {"condition": "service_healthy"},
+    }
+    bootstrap = (DEPLOY / "init" / "bootstrap.sh").read_text()
+    assert "sleep" not in bootstrap and "for attempt" not in bootstrap  # compose waits, not the script
+
+
+def test_no_unpublished_image_and_no_object_store_service():
+    compose = _compose()
+    images = [s["image"] for s in compose["services"].values() if "image" in s]
+    assert not [i for i in images if "minio" in i], images
+    for image in images:
+        assert ":" in image and not image.endswith(":latest"), f"{image} must be pinned"
+    assert compose["services"]["mlflow"]["environment"]["MLFLOW_ARTIFACTS_DESTINATION"] == "/mlflow/artifacts"
+    assert "mlflow-artifacts:/mlflow/artifacts" in compose["services"]["mlflow"]["volumes"]
+
+
+def test_s3_overlay_takes_its_credentials_from_the_environment():
+    overlay = yaml.safe_load((DEPLOY / "docker-compose.s3.yml").read_text())
+    env = overlay["services"]["mlflow"]["environment"]
+    assert env["MLFLOW_ARTIFACTS_DESTINATION"] == "s3://${MLFLOW_S3_BUCKET:?set it}"
+    for key in ("MLFLOW_S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        assert REFERENCE.match(env[key]), f"{key} must be a required ${{VAR:?}} reference"
+    example = (DEPLOY / ".env.example").read_text()
+    for name in re.findall(r"\$\{([A-Z0-9_]+)", json.dumps(overlay)):
+        assert re.search(rf"^{name}=", example, re.MULTILINE), f".env.example lacks {name}"
+
+
+BARE_POSTGRES_URI = re.compile(r"postgresql://")
+
+
+@pytest.mark.parametrize("document", ["deploy/mlflow/entrypoint.sh", "README.md", "deploy/README.md"])
+def test_database_uris_name_their_driver(document):
+    """SQLAlchemy 2.1 maps a bare postgresql:// to psycopg 3, which no image installs."""
+    assert not BARE_POSTGRES_URI.search((ROOT / document).read_text()), document
+
+
+def test_prefect_settings_put_results_and_home_on_the_shared_volume():
+    env = _compose()["services"]["cpu-worker"]["environment"]
+    assert env["PREFECT_HOME"] == "/data/work/prefect"
+    assert env["PREFECT_LOCAL_STORAGE_PATH"].startswith("/data/")
+    assert env["PREFECT_LOGGING_EXTRA_LOGGERS"] == "pipeline"
+    assert _compose()["services"]["gpu-worker"]["environment"] == env
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    for setting in (
+        "PREFECT_HOME=/data/work/prefect",
+        "PREFECT_LOCAL_STORAGE_PATH=/data/work/prefect/storage",
+        "PREFECT_LOGGING_EXTRA_LOGGERS=pipeline",
+        "UNET_PIPELINE_CODE_DIR=/opt/unet-pipeline",
+    ):
+        assert setting in dockerfile, setting
+
+
+def test_extra_loggers_setting_is_the_one_prefect_reads(monkeypatch):
+    from prefect.settings import Settings
+
+    monkeypatch.setenv("PREFECT_LOGGING_EXTRA_LOGGERS", "pipeline")
+    assert Settings().logging.extra_loggers == ["pipeline"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Locks: the runtime set (images), the dev set (make test), the MLflow server's set
+
+
+@pytest.fixture
+def deploy_lock():
+    """deploy/lock.py, the script `make lock` runs (loaded from its file: deploy is no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("deploy_lock", DEPLOY / "lock.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+DEV_TOOLS = {
+    "pytest",
+    "pytest-timeout",
+    "ruff",
+    "import-linter",
+    "moto",
+    "kubernetes-validate",
+    "check-jsonschema",
+}
+
+
+def test_runtime_lock_has_no_dev_tools_and_the_dev_lock_adds_them(deploy_lock):
+    runtime = deploy_lock.read_pins(ROOT / "requirements.lock")
+    dev = deploy_lock.read_pins(ROOT / "requirements-dev.lock")
+    assert not DEV_TOOLS & set(runtime)
+    assert set(dev) >= DEV_TOOLS
+    assert not set(runtime) & set(dev), "a package pinned in both locks can drift"
+    assert (ROOT / "requirements-dev.lock").read_text().splitlines()[:3][-1] == "-r requirements.lock"
+    assert runtime["torch"] == "torch==2.13.0+cpu"
+    for needed in ("prefect", "mlflow", "psycopg2-binary", "asyncpg", "monai"):
+        assert needed in runtime, needed
+
+
+def test_mlflow_server_pins_agree_with_the_pipeline_locks(deploy_lock):
+    server = deploy_lock.read_pins(DEPLOY / "mlflow" / "requirements.txt")
+    pipeline = deploy_lock.read_pins(ROOT / "requirements.lock") | deploy_lock.read_pins(
+        ROOT / "requirements-dev.lock"
+    )
+    shared = set(server) & set(pipeline)
+    assert {"mlflow", "sqlalchemy", "psycopg2-binary", "boto3"} <= shared
+    assert {k: server[k] for k in shared} == {k: pipeline[k] for k in shared}
+    assert "flask-wtf" in server and "torch" not in server
+    dockerfile = (DEPLOY / "mlflow" / "Dockerfile").read_text()
+    assert "pip install -r /tmp/requirements.txt" in dockerfile
+
+
+def test_images_install_the_runtime_lock():
+    dockerfile = (DEPLOY / "Dockerfile").read_text()
+    assert "COPY requirements.lock ./" in dockerfile
+    assert not re.search(r"^(COPY|RUN).*requirements-dev", dockerfile, re.MULTILINE)
