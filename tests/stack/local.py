@@ -49,6 +49,8 @@ def image_venv(name: str, requirements: Path, log: Path) -> Path:
     if venv.exists():
         subprocess.run(["rm", "-rf", str(venv)], check=True)
     venv.parent.mkdir(parents=True, exist_ok=True)
+    # Nothing of this process's Python set-up (PYTHONPATH would show the checkout to pip check).
+    env = {k: v for k, v in os.environ.items() if k not in {"PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV"}}
     with open(log, "ab") as fh:
         for argv in (
             [sys.executable, "-m", "venv", str(venv)],
@@ -56,7 +58,7 @@ def image_venv(name: str, requirements: Path, log: Path) -> Path:
             [str(venv / "bin" / "python"), "-m", "pip", "install", "--quiet", "-r", str(requirements)],
             [str(venv / "bin" / "python"), "-m", "pip", "check"],
         ):
-            done = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=requirements.parent)
+            done = subprocess.run(argv, stdout=fh, stderr=subprocess.STDOUT, cwd=requirements.parent, env=env)
             if done.returncode != 0:
                 raise RuntimeError(f"building the {name} venv failed ({' '.join(argv[:4])}...): see {log}")
     marker.touch()

@@ -13,6 +13,7 @@ Run with `make stack-test` (PostgreSQL on 127.0.0.1:5432 with trust auth; venvs 
 from __future__ import annotations
 
 import json
+import re
 import shlex
 import sys
 import uuid
@@ -24,7 +25,17 @@ import pytest
 from pipeline.synthetic.dataset import make_demo_dataset
 from tests.deploy.schemas import assert_compose_valid
 from tests.pipeline.staging_fixture import TINY
-from tests.stack.local import DEPLOY, REPO, Process, base_env, free_port, healthy, load_compose, torch_build
+from tests.stack.local import (
+    DEPLOY,
+    REPO,
+    Process,
+    base_env,
+    free_port,
+    healthcheck_argv,
+    healthy,
+    load_compose,
+    torch_build,
+)
 from tests.stack.services import Stack
 
 pytestmark = pytest.mark.stack
@@ -55,11 +66,16 @@ def _prefect(stack: Stack, method: str, path: str, **kwargs) -> httpx.Response:
 
 def _deployment_run(stack: Stack, name: str, params: dict, log: str) -> str:
     """`prefect deployment run NAME --params JSON --watch` as the runbook runs it; the flow run id."""
-    output = stack.exec(
-        ["prefect", "deployment", "run", name, "--params", json.dumps(params), "--watch"], log, timeout_s=900
-    )
-    # "UUID: <id>" is printed when the run is created
-    ids = [line.split()[-1] for line in output.splitlines() if line.strip().startswith("UUID:")]
+    try:
+        output = stack.exec(
+            ["prefect", "deployment", "run", name, "--params", json.dumps(params), "--watch"],
+            log,
+            timeout_s=900,
+        )
+    except RuntimeError as exc:  # the flow run's own output is in the workers' logs
+        raise AssertionError(f"{exc}\n{stack.tails()}") from None
+    # The CLI prints "UUID: <id>" when it has created the run.
+    ids = re.findall(r"UUID: ([0-9a-f-]{36})", output)
     assert ids, f"no flow run id in the output of `prefect deployment run {name}`:\n{output[-3000:]}"
     return ids[-1]
 
@@ -72,19 +88,13 @@ def test_images_venvs_hold_the_cpu_torch_and_no_dev_tools(stack):
     assert torch_build(stack.runtime) == "2.13.0+cpu"
     for venv in (stack.runtime, stack.mlflow_venv):
         assert not (venv / "bin" / "pytest").exists() and not (venv / "bin" / "ruff").exists()
-    assert not (stack.mlflow_venv / "bin" / "torch").exists()
+    assert not list(stack.mlflow_venv.glob("lib/python*/site-packages/torch"))
 
 
 def test_services_are_healthy_and_refuse_requests_without_credentials(stack):
     # The compose healthchecks themselves, run against the running services.
     for name, port in stack.worker_ports.items():
-        assert healthy(
-            [
-                str(stack.runtime / "bin" / "python"),
-                "-c",
-                f"import urllib.request; urllib.request.urlopen('http://127.0.0.1:{port}/health', timeout=4)",
-            ]
-        ), name
+        assert healthy(healthcheck_argv(stack.service(name), stack.runtime, port)), name
     flow_runs = f"{stack.prefect_api}/flow_runs/filter"
     assert httpx.post(flow_runs, json={}, timeout=10).status_code == 401
     assert httpx.post(flow_runs, json={}, auth=("admin", "wrong"), timeout=10).status_code == 401
@@ -95,9 +105,8 @@ def test_services_are_healthy_and_refuse_requests_without_credentials(stack):
     pipeline_user = (stack.env["MLFLOW_PIPELINE_USERNAME"], stack.env["MLFLOW_PIPELINE_PASSWORD"])
     assert httpx.get(experiments, auth=pipeline_user, timeout=10).status_code == 200  # made by init
     pools = {p["name"]: p["type"] for p in _prefect(stack, "POST", "/work_pools/filter", json={}).json()}
-    assert pools == {"gpu-pool": "process", "cpu-pool": "process"}
-    limits = _prefect(stack, "POST", "/concurrency_limits/filter", json={}).json()
-    assert [(c["tag"], c["concurrency_limit"]) for c in limits] == [("gpu", 1)]
+    assert pools.get("gpu-pool") == pools.get("cpu-pool") == "process", pools
+    assert _prefect(stack, "GET", "/concurrency_limits/tag/gpu").json()["concurrency_limit"] == 1
 
 
 def test_runbook_deploy_ingest_train_and_nightly_inference(stack):
@@ -142,7 +151,7 @@ def test_runbook_deploy_ingest_train_and_nightly_inference(stack):
     masks = sorted(results.glob("*/seg.nii.gz"))
     assert len(masks) == manifest["counts"]["ok"]
     assert (results / "report.html").is_file() and (results / "results.csv").is_file()
-    assert manifest["tracking"]["status"] != "failed", manifest["tracking"]
+    assert manifest["tracking"]["status"] == "logged", manifest["tracking"]
 
     # The MLflow artifacts are in the server's artifact store (the volume), not on the workers.
     run_dir = next(stack.artifacts.rglob(champion.run_id), None)
@@ -152,16 +161,18 @@ def test_runbook_deploy_ingest_train_and_nightly_inference(stack):
     assert not list((stack.data / "work").rglob("mlartifacts")), "artifacts were written beside the worker"
 
     # The Prefect API lists the three runs Completed, each with its artifacts and pipeline logs.
-    expected_artifacts = {ingest_id: "ingest-summary", train_id: "train-summary", nightly_id: None}
+    expected_artifacts = {
+        ingest_id: "ingest-summary",
+        train_id: "train-summary",
+        nightly_id: "batch-inference-summary",
+    }
     for flow_run_id, key in expected_artifacts.items():
         run = _prefect(stack, "GET", f"/flow_runs/{flow_run_id}").json()
         assert run["state"]["type"] == "COMPLETED", run["state"]
         artifacts = _prefect(
             stack, "POST", "/artifacts/filter", json={"artifacts": {"flow_run_id": {"any_": [flow_run_id]}}}
         ).json()
-        assert artifacts, f"flow run {flow_run_id} has no artifacts"
-        if key:
-            assert key in {a["key"] for a in artifacts}
+        assert key in {a["key"] for a in artifacts}, f"flow run {flow_run_id}: {artifacts}"
     train_logs = _prefect(
         stack, "POST", "/logs/filter", json={"logs": {"flow_run_id": {"any_": [train_id]}}, "limit": 200}
     ).json()
@@ -214,7 +225,6 @@ def test_mlflow_artifacts_on_the_sites_s3(stack, tmp_path):
             "MLFLOW_AUTH_DB_NAME": stack.create_database(f"stack_mlflow_s3_auth_{tag}"),
             "MLFLOW_HOST": "127.0.0.1",
             "MLFLOW_PORT": str(mlflow_port),
-            "AWS_DEFAULT_REGION": "us-east-1",
         }
     )
     uri = f"http://127.0.0.1:{mlflow_port}"
