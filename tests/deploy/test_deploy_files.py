@@ -263,16 +263,23 @@ def test_the_compose_schema_check_catches_a_misspelt_key(tmp_path):
     assert any("healthchek" in error for error in compose_errors(bad))
 
 
-LONG_RUNNING = ("postgres", "prefect-server", "mlflow", "gpu-worker", "cpu-worker")
+def _long_running() -> list[str]:
+    """Every service compose restarts (all but one-shots like `init`)."""
+    return [n for n, s in _compose()["services"].items() if s.get("restart", "no") != "no"]
 
 
-@pytest.mark.parametrize("name", LONG_RUNNING)
+def test_the_long_running_services_are_the_expected_ones():
+    assert {"postgres", "prefect-server", "mlflow", "gpu-worker", "cpu-worker"} <= set(_long_running())
+
+
+@pytest.mark.parametrize("name", _long_running())
 def test_every_long_running_service_has_a_healthcheck(name):
     service = _compose()["services"][name]
     test = service["healthcheck"]["test"]
     assert test[0] in {"CMD", "CMD-SHELL"} and len(test) > 1
     for dependency, condition in (service.get("depends_on") or {}).items():
-        expected = "service_completed_successfully" if dependency == "init" else "service_healthy"
+        one_shot = _compose()["services"][dependency].get("restart", "no") == "no"
+        expected = "service_completed_successfully" if one_shot else "service_healthy"
         assert condition == {"condition": expected}, f"{name} -> {dependency}"
 
 

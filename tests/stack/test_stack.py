@@ -12,6 +12,7 @@ Run with `make stack-test` (PostgreSQL on 127.0.0.1:5432 with trust auth; venvs 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 import shlex
@@ -29,6 +30,7 @@ from tests.stack.local import (
     DEPLOY,
     REPO,
     Process,
+    Translation,
     base_env,
     free_port,
     healthcheck_argv,
@@ -109,7 +111,7 @@ def test_services_are_healthy_and_refuse_requests_without_credentials(stack):
     assert _prefect(stack, "GET", "/concurrency_limits/tag/gpu").json()["concurrency_limit"] == 1
 
 
-def test_runbook_deploy_ingest_train_and_nightly_inference(stack):
+def test_runbook_deploy_ingest_train_and_nightly_inference(stack, monkeypatch):
     import mlflow
 
     # Step 4: the deployments and the zombie automation, from the worker's environment.
@@ -139,7 +141,9 @@ def test_runbook_deploy_ingest_train_and_nightly_inference(stack):
         stack, NIGHTLY, {"source": str(night.dicom_root), "out": str(results), "device": "cpu"}, "run-nightly"
     )
 
-    # The model version is registered and is the champion.
+    # The model version is registered and is the champion (read with the workers' MLflow account).
+    monkeypatch.setenv("MLFLOW_TRACKING_USERNAME", stack.env["MLFLOW_PIPELINE_USERNAME"])
+    monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", stack.env["MLFLOW_PIPELINE_PASSWORD"])
     client = mlflow.MlflowClient(stack.mlflow_uri, stack.mlflow_uri)
     champion = client.get_model_version_by_alias(MODEL, "champion")
     assert champion.version == "1"
@@ -153,12 +157,14 @@ def test_runbook_deploy_ingest_train_and_nightly_inference(stack):
     assert (results / "report.html").is_file() and (results / "results.csv").is_file()
     assert manifest["tracking"]["status"] == "logged", manifest["tracking"]
 
-    # The MLflow artifacts are in the server's artifact store (the volume), not on the workers.
+    # The MLflow artifacts are in the server's artifact store (the volume), not on the workers:
+    # the training run's files and the registered model's weights, byte for byte.
     run_dir = next(stack.artifacts.rglob(champion.run_id), None)
     assert run_dir is not None, f"run {champion.run_id} has no folder under {stack.artifacts}"
-    stored = [p for p in run_dir.rglob("*") if p.is_file()]
-    assert any(p.suffix == ".safetensors" for p in stored), stored
-    assert not list((stack.data / "work").rglob("mlartifacts")), "artifacts were written beside the worker"
+    assert (run_dir / "artifacts" / "plan.json").is_file()
+    weights = {hashlib.sha256(p.read_bytes()).hexdigest() for p in stack.artifacts.rglob("*.safetensors")}
+    assert manifest["model"]["sha256"] in weights, weights
+    assert not list((stack.data / "work").rglob("mlartifacts")), "artifacts were written beside a worker"
 
     # The Prefect API lists the three runs Completed, each with its artifacts and pipeline logs.
     expected_artifacts = {
@@ -218,7 +224,10 @@ def test_mlflow_artifacts_on_the_sites_s3(stack, tmp_path):
     tag = uuid.uuid4().hex[:8]
     mlflow_env = (
         base_env(stack.mlflow_venv, tmp_path / "mlflow-home")
-        | stack.translation.env(service["environment"])
+        # this server's own port in its URLs and allowed Host headers
+        | Translation(stack.ports | {"mlflow": mlflow_port}, stack.translation.paths).env(
+            service["environment"]
+        )
         | {
             "MLFLOW_DB_USER": stack.db["MLFLOW_DB_USER"],
             "MLFLOW_DB_NAME": stack.create_database(f"stack_mlflow_s3_{tag}"),
