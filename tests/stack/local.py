@@ -39,7 +39,8 @@ def image_venv(name: str, requirements: Path, log: Path) -> Path:
     """A venv with exactly `requirements` installed (as the image's `pip install -r`), cached.
 
     The cache key is the file's content and the Python version, so a changed lock makes a new
-    venv; a venv whose install did not finish has no marker and is rebuilt.
+    venv (and the older one of that name is removed); a venv whose install did not finish has no
+    marker and is rebuilt.
     """
     digest = hashlib.sha256(requirements.read_bytes() + sys.version.encode()).hexdigest()[:16]
     venv = CACHE / f"{name}-{digest}"
@@ -62,6 +63,10 @@ def image_venv(name: str, requirements: Path, log: Path) -> Path:
             if done.returncode != 0:
                 raise RuntimeError(f"building the {name} venv failed ({' '.join(argv[:4])}...): see {log}")
     marker.touch()
+    # Venvs of older versions of the same file are dead weight (over a GB each with torch).
+    for stale in CACHE.glob(f"{name}-*"):
+        if stale != venv and (stale / ".complete").is_file():
+            subprocess.run(["rm", "-rf", str(stale)], check=False)
     return venv
 
 
