@@ -39,7 +39,7 @@ def _ae(aet: str | None = None):
 
     ae = AE(ae_title=aet or our_aet())
     ae.acse_timeout = ae.dimse_timeout = ae.network_timeout = TIMEOUT_S
-    ae.connection_timeout = 10
+    ae.connection_timeout = TIMEOUT_S  # a loaded PACS host can take seconds to accept
     return ae
 
 

@@ -89,8 +89,17 @@ SERVING_DISTRIBUTIONS = (
     "matplotlib",
     "tqdm",
 )
-# Orchestration, the database client, the CLI, and NVML bindings for training's system metrics.
-NOT_SERVED = ("prefect", "prefect-dask", "psycopg2-binary", "typer", "nvidia-ml-py")
+# Orchestration, the database client, the CLI, NVML bindings for training's system metrics, and
+# the PACS clients (pipeline.pacs is logged with the code but never imported by the model).
+NOT_SERVED = (
+    "prefect",
+    "prefect-dask",
+    "psycopg2-binary",
+    "typer",
+    "nvidia-ml-py",
+    "dicomweb-client",
+    "pynetdicom",
+)
 
 # The packages logged as code_paths (never flows/: it imports Prefect, and nothing imports it).
 CODE_PACKAGES = (pipeline, unet_model)
