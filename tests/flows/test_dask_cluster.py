@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.predict_fixture import PredictSetup, make_predict_setup
 
 REPO = Path(__file__).resolve().parents[2]
@@ -121,27 +122,9 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    """A temporary Prefect home and an API server in its own process; yields its URL."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = {
-        "PREFECT_HOME": str(home),
-        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        import prefect.settings
-        from prefect.testing.utilities import prefect_test_harness
-
-        updates = {
-            prefect.settings.PREFECT_HOME: str(home),
-            prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
-            prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
-        }
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(300):
-            yield prefect.settings.get_current_settings().api.url
+    """A temporary Prefect API for the module; yields its URL."""
+    with temporary_prefect_api(tmp_path_factory.mktemp("prefect-home")) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.inference import finalize_batch, predict_case, prepare_batch
+from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.predict_fixture import PredictSetup, make_predict_setup
 
 CASE_ID = re.compile(r"^case_[0-9a-f]{16}$")
@@ -25,30 +26,11 @@ CASE_ID = re.compile(r"^case_[0-9a-f]{16}$")
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    """A temporary Prefect home and one ephemeral API server for the module; yields the flows module."""
-    home = tmp_path_factory.mktemp("prefect-home")
-    env = {
-        "PREFECT_HOME": str(home),
-        "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
-        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-        "PREFECT_LOGGING_LEVEL": "WARNING",
-    }
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in env.items():
-            mp.setenv(key, value)
-        import prefect.settings
-        from prefect.testing.utilities import prefect_test_harness
-
+    """A temporary Prefect API for the module; yields the flows module under test."""
+    with temporary_prefect_api(tmp_path_factory.mktemp("prefect-home")):
         import flows.inference
 
-        updates = {
-            prefect.settings.PREFECT_HOME: str(home),
-            prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
-            prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
-        }
-        # 300 s: the server needs more than the default 30 s to start on 2 busy, shared cores.
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(300):
-            yield flows.inference
+        yield flows.inference
 
 
 @pytest.fixture(scope="module")

@@ -8,28 +8,17 @@ import json
 import pytest
 
 from pipeline.io.manifest import read_manifest
+from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline import ingest_situations as situations
 
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
-        import prefect.settings
-        from prefect.testing.utilities import prefect_test_harness
-
+    """A temporary Prefect API for the module; yields the flows module under test."""
+    with temporary_prefect_api(tmp_path_factory.mktemp("prefect-home")):
         import flows.ingest
 
-        updates = {
-            prefect.settings.PREFECT_HOME: str(home),
-            prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
-            prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
-        }
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(300):
-            yield flows.ingest
+        yield flows.ingest
 
 
 def test_ingest_flow_reads_the_config_and_its_budget(prefect_api, tmp_path):

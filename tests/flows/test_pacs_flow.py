@@ -13,6 +13,7 @@ from zoneinfo import ZoneInfo
 import pydicom
 import pytest
 
+from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.pacs.orthanc import ORTHANC_BIN, PASSWORD, SKIP_REASON, USER, start_orthanc
 from tests.pipeline.predict_fixture import make_predict_setup
 
@@ -21,31 +22,11 @@ TZ = "Europe/Berlin"
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        for key, value in {
-            "PREFECT_HOME": str(home),
-            "PREFECT_LOCAL_STORAGE_PATH": str(home / "storage"),
-            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
-            "PREFECT_LOGGING_LEVEL": "WARNING",
-        }.items():
-            mp.setenv(key, value)
-        import prefect.settings
-        from prefect.testing.utilities import prefect_test_harness
-
+    """A temporary Prefect API for the module; yields the flows module under test."""
+    with temporary_prefect_api(tmp_path_factory.mktemp("prefect-home")):
         import flows.pacs
 
-        updates = {
-            prefect.settings.PREFECT_HOME: str(home),
-            prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
-            prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
-        }
-        # A loaded 2-core CI machine may need more than the default 30 s to start the API.
-        with (
-            prefect.settings.temporary_settings(updates=updates),
-            prefect_test_harness(server_startup_timeout=300),
-        ):
-            yield flows.pacs
+        yield flows.pacs
 
 
 @pytest.fixture

@@ -13,6 +13,7 @@ import pytest
 
 from pipeline import tracking
 from pipeline.config import Workdir
+from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.staging_fixture import TINY, make_staging
 
 UI = "http://prefect.test:4200"
@@ -20,24 +21,11 @@ UI = "http://prefect.test:4200"
 
 @pytest.fixture(scope="module")
 def prefect_api(tmp_path_factory):
-    home = tmp_path_factory.mktemp("prefect-home")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("PREFECT_HOME", str(home))
-        mp.setenv("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-        mp.setenv("PREFECT_LOGGING_LEVEL", "WARNING")
-        import prefect.settings
-        from prefect.testing.utilities import prefect_test_harness
-
+    """A temporary Prefect API for the module; yields the flows module under test."""
+    with temporary_prefect_api(tmp_path_factory.mktemp("prefect-home"), PREFECT_UI_URL=UI):
         import flows.train
 
-        updates = {
-            prefect.settings.PREFECT_HOME: str(home),
-            prefect.settings.PREFECT_LOCAL_STORAGE_PATH: str(home / "storage"),
-            prefect.settings.PREFECT_SERVER_ANALYTICS_ENABLED: False,
-            prefect.settings.PREFECT_UI_URL: UI,
-        }
-        with prefect.settings.temporary_settings(updates=updates), prefect_test_harness(300):
-            yield flows.train
+        yield flows.train
 
 
 async def _summary_artifact(flow_run_id) -> str:
