@@ -3,7 +3,7 @@
     predict(SOURCE, MODEL, OUT) writes, per case (OUT/<case_id>/, pseudonymous folder names):
         seg.nii.gz   uint8 labels, the source image's exact shape and affine (qform == sform)
         seg.dcm      a DICOM SEG referencing the source instances (DICOM inputs only)
-        qc.png       a montage of slices with the mask overlaid
+        qc.png       three planes through the labels and an axial montage, contours over the slice
         done.json    the done-marker, written last: the case key, each output's sha256, the result
     and, for the batch: results.csv, quarantine.jsonl, run_manifest.json and report.html.
 
