@@ -43,8 +43,17 @@ def _ae(aet: str | None = None):
     return ae
 
 
+ASSOCIATE_ATTEMPTS = 3  # a refused connection or an abort is retried; a rejection is an answer
+ASSOCIATE_BACKOFF_S = 1.0
+
+
 def _associate(ae, url: PacsUrl, *, push: bool):
-    assoc = ae.associate(url.host, url.port, ae_title=url.aet)
+    for attempt in range(ASSOCIATE_ATTEMPTS):
+        if attempt:
+            time.sleep(ASSOCIATE_BACKOFF_S * attempt)
+        assoc = ae.associate(url.host, url.port, ae_title=url.aet)
+        if assoc.is_established or assoc.is_rejected:
+            break
     if assoc.is_established:
         return assoc
     where = f"{url.aet}@{url.host}:{url.port}"
