@@ -69,6 +69,19 @@ class Reason(StrEnum):
     PUSH_REFUSED = "PUSH_REFUSED"  # the push destination refused the object; a rerun retries the push
 
 
+class Status(StrEnum):
+    """What became of one case at one stage (results.csv, reports, job records). Values never change."""
+
+    OK = "ok"  # predicted; every output written
+    SKIPPED = "skipped"  # a valid done-marker already stood: nothing was redone
+    CONVERTED = "converted"  # ingest: staged by this run
+    UNCHANGED = "unchanged"  # ingest: an earlier run's outputs stand (same source bytes, same settings)
+    QUARANTINED = "quarantined"  # a refused input; its Reason says why
+    IGNORED = "ignored"  # not an image for this use (reports, DICOMDIR, another copy): listed, not an error
+    FAILED = "failed"  # a step failed on a valid input; its Reason says which
+    PUSH_FAILED = "push_failed"  # predicted, but the PACS did not store the outputs; a rerun retries
+
+
 # Reasons that mean "not an input at all" rather than "a bad input": listed as ignored.
 IGNORED_REASONS = frozenset(
     {Reason.NOT_DICOM, Reason.DICOMDIR, Reason.DUPLICATE_INSTANCE, Reason.FOLDER_LINK}
