@@ -148,7 +148,7 @@ def _measure(args, tmp: Path) -> dict[str, float]:
     from flows.inference import batch_inference_flow
     from pipeline.inference import finalize_batch, predict_case, prepare_batch, track_batch
     from pipeline.ingest import ingest
-    from pipeline.plan import plan_dataset
+    from pipeline.planning.plan import plan_dataset
     from pipeline.synthetic.dataset import make_demo_dataset
     from tests.pipeline.predict_fixture import save_untrained_model
 

@@ -28,7 +28,7 @@ from pipeline.ingest import ingest, load_or_create_secret
 from pipeline.model_store import save_model_dir
 from pipeline.pacs.pull import pull
 from pipeline.pacs.push import push_batch
-from pipeline.plan import plan_dataset
+from pipeline.planning.plan import plan_dataset
 from pipeline.runtime import configure_threads
 from pipeline.synthetic.dataset import make_demo_dataset
 from tests.pipeline.pacs.orthanc import ORTHANC_BIN, PASSWORD, SKIP_REASON, USER, start_orthanc

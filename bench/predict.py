@@ -29,10 +29,10 @@ from pipeline.config import PipelineConfig
 from pipeline.inference import load_image, load_model, plan_cases, predict, segment_slices
 from pipeline.ingest import IngestLimits, ingest
 from pipeline.model_store import save_model_dir
-from pipeline.plan import plan_dataset
+from pipeline.planning.plan import plan_dataset
+from pipeline.planning.transforms import preprocess_volume
 from pipeline.runtime import configure_threads, prepare_model, resolve_precision
 from pipeline.synthetic.dataset import make_demo_dataset
-from pipeline.transforms import preprocess_volume
 from unet_model import UNet, UNetConfig
 
 

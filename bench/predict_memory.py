@@ -44,7 +44,7 @@ def measure(
     from pipeline.ingest import IngestLimits
     from pipeline.io.volume import Volume, save_nifti
     from pipeline.model_store import save_model_dir
-    from pipeline.plan import Plan
+    from pipeline.planning.plan import Plan
     from pipeline.predict_memory import planned_case_bytes
     from pipeline.synthetic.phantom import make_phantom
     from unet_model import UNet, UNetConfig

@@ -163,7 +163,7 @@ def _measure(args, tmp: Path) -> list[dict]:
 def _setup(tmp: Path) -> tuple[Path, Path]:
     """(model folder, site secret): an untrained tiny U-Net with the demo dataset's plan."""
     from pipeline.ingest import ingest
-    from pipeline.plan import plan_dataset
+    from pipeline.planning.plan import plan_dataset
     from pipeline.synthetic.dataset import make_demo_dataset
     from tests.pipeline.predict_fixture import save_untrained_model
 

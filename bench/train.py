@@ -30,10 +30,10 @@ from pipeline import training
 from pipeline.config import PipelineConfig
 from pipeline.data import infinite_batches, loader_workers, make_loader, make_train_dataset, split_cases
 from pipeline.io.manifest import read_manifest
-from pipeline.plan import plan_dataset
+from pipeline.planning.plan import plan_dataset
+from pipeline.planning.transforms import train_transforms
 from pipeline.runtime import configure_threads, prepare_model, resolve_device, to_input
 from pipeline.synthetic.dataset import make_demo_dataset
-from pipeline.transforms import train_transforms
 from unet_model import UNet, UNetConfig
 
 

@@ -146,8 +146,8 @@ def _context():
             [
                 "pipeline.ingest",
                 "pipeline.inference",
-                "pipeline.transforms",
-                "pipeline.plan",
+                "pipeline.planning.transforms",
+                "pipeline.planning.plan",
                 "pipeline.export",
                 "highdicom",
                 "matplotlib.figure",

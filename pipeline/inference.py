@@ -368,7 +368,7 @@ def predict_prepared(
 
     `model` must be in eval mode on `device`.
     """
-    from pipeline.transforms import restore_labels
+    from pipeline.planning.transforms import restore_labels
 
     labels = segment_slices(
         model,
@@ -399,7 +399,7 @@ def predict_volume(
     plan; its network is put in eval mode. `options` default to PredictOptions(); `device` to
     the network's. `prepared` is `preprocess_volume(volume, plan)` when already computed.
     """
-    from pipeline.transforms import preprocess_volume
+    from pipeline.planning.transforms import preprocess_volume
 
     loaded = model.loaded if isinstance(model, ModelHandle) else model
     options = options or PredictOptions()
@@ -412,7 +412,7 @@ def predict_volume(
 
 
 def _plan_of(loaded: LoadedModel):
-    from pipeline.plan import Plan
+    from pipeline.planning.plan import Plan
 
     return Plan.from_dict(loaded.plan)
 
@@ -1273,7 +1273,7 @@ class _Loaded:
 def _load(batch: _Batch, case: PredictCase) -> _Loaded:
     """Read and preprocess one case; a refused input raises InputRejected, any other failure
     CaseFailed with READ_FAILED (reading) or PREDICTION_FAILED (preprocessing)."""
-    from pipeline.transforms import preprocess_volume
+    from pipeline.planning.transforms import preprocess_volume
 
     t0 = time.perf_counter()
     with step(Reason.READ_FAILED, "reading the image"):

@@ -22,7 +22,7 @@ from pipeline.config import PipelineConfig, Workdir
 from pipeline.inference import PredictOptions
 from pipeline.io.manifest import read_manifest
 from pipeline.model_store import LoadedModel
-from pipeline.plan import Plan
+from pipeline.planning.plan import Plan
 from pipeline.runtime import prepare_model, resolve_device
 from pipeline.training import TrainResult, _load_val_cases, train, validate
 

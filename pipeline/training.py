@@ -45,7 +45,8 @@ from pipeline.inference import PredictOptions
 from pipeline.io.atomic import atomic_path, write_text
 from pipeline.io.manifest import read_manifest
 from pipeline.metrics import mean_over_cases, segmentation_metrics
-from pipeline.plan import Plan, load_plan, plan_dataset, save_plan
+from pipeline.planning.plan import Plan, load_plan, plan_dataset, save_plan
+from pipeline.planning.transforms import preprocess_volume, train_transforms
 from pipeline.runtime import (
     autocast,
     configure_threads,
@@ -55,7 +56,6 @@ from pipeline.runtime import (
     to_input,
     training_channels_last,
 )
-from pipeline.transforms import preprocess_volume, train_transforms
 from unet_model import UNet, UNetConfig
 
 log = logging.getLogger(__name__)

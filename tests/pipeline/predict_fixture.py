@@ -15,7 +15,7 @@ import torch
 from pipeline.config import PipelineConfig
 from pipeline.ingest import ingest
 from pipeline.model_store import save_model_dir
-from pipeline.plan import Plan, plan_dataset
+from pipeline.planning.plan import Plan, plan_dataset
 from pipeline.synthetic.dataset import DemoDatasetInfo, make_demo_dataset
 from unet_model import UNet, UNetConfig
 

@@ -449,7 +449,7 @@ def dicom_source(setup, tmp_path) -> Path:
 # its second call raises.
 STEPS = [
     ("pipeline.inference", "load_image", OSError("disk went away"), "READ_FAILED"),
-    ("pipeline.transforms", "preprocess_volume", ValueError("bad spacing"), "PREDICTION_FAILED"),
+    ("pipeline.planning.transforms", "preprocess_volume", ValueError("bad spacing"), "PREDICTION_FAILED"),
     ("pipeline.inference", "predict_volume", MemoryError("out of memory"), "PREDICTION_FAILED"),
     ("pipeline.export", "write_mask_nifti", PermissionError("read-only share"), "OUTPUT_WRITE_FAILED"),
     (
@@ -602,8 +602,8 @@ def test_restore_by_lookup_equals_spatial_resample_away_from_ties(orientation, s
     equal wherever the nearest voxel is not an exact tie (x.5), which float error decides."""
     import torch
 
-    from pipeline.plan import Plan
-    from pipeline.transforms import _restore_axis_aligned, preprocess_volume, restore
+    from pipeline.planning.plan import Plan
+    from pipeline.planning.transforms import _restore_axis_aligned, preprocess_volume, restore
     from tests.pipeline.staging_fixture import _affine
 
     plan = Plan(

@@ -20,7 +20,7 @@ import torch
 from pipeline import tracking
 from pipeline.config import Workdir
 from pipeline.model_store import WEIGHTS_FILE, ModelIntegrityError, load_model_dir, save_model_dir
-from pipeline.plan import Plan
+from pipeline.planning.plan import Plan
 from pipeline.tracking import Tracker, load_registered, promote, register
 from pipeline.tracking import pyfunc as tracking_pyfunc
 from tests.pipeline.staging_fixture import make_staging

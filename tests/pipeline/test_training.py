@@ -13,7 +13,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from pipeline.plan import load_plan
+from pipeline.planning.plan import load_plan
 from pipeline.training import TrainCallback, plot_training_curves, train
 from tests.pipeline.staging_fixture import make_staging, tiny_config
 

@@ -4,7 +4,15 @@ import numpy as np
 import pytest
 
 from pipeline.config import PreprocessConfig
-from pipeline.plan import CaseFingerprint, Fingerprint, Plan, load_plan, make_plan, plan_dataset, save_plan
+from pipeline.planning.plan import (
+    CaseFingerprint,
+    Fingerprint,
+    Plan,
+    load_plan,
+    make_plan,
+    plan_dataset,
+    save_plan,
+)
 from tests.pipeline.staging_fixture import make_staging
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}

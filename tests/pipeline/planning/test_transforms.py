@@ -5,8 +5,8 @@ import torch
 from pipeline.config import PreprocessConfig
 from pipeline.io.manifest import read_manifest
 from pipeline.io.volume import Volume
-from pipeline.plan import Plan, plan_dataset
-from pipeline.transforms import body_mask, preprocess_volume, restore_labels, train_transforms
+from pipeline.planning.plan import Plan, plan_dataset
+from pipeline.planning.transforms import body_mask, preprocess_volume, restore_labels, train_transforms
 from tests.pipeline.staging_fixture import make_staging
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}

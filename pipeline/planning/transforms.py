@@ -47,7 +47,7 @@ from monai.transforms import (
 )
 
 from pipeline.io.volume import Volume
-from pipeline.plan import Plan
+from pipeline.planning.plan import Plan
 
 IMAGE, LABEL = "image", "label"
 SLICE_AXIS_KEY = "slice_axis"  # per-case RAS axis the slices are taken across (set by PlanSpacingd)

@@ -1,0 +1,7 @@
+"""Planning: the preprocessing decisions made once per dataset, and the transforms that apply them.
+
+- `plan`: the dataset fingerprint and the `Plan` (slice axis, spacing, normalization, patch size,
+  class weights), saved beside the model so inference applies exactly what training did;
+- `transforms`: the deterministic MONAI chain the plan defines, shared by training, validation and
+  inference (`preprocess_volume`, `restore_labels`).
+"""
