@@ -21,7 +21,7 @@ import nibabel as nib
 from pipeline.config import PipelineConfig
 from pipeline.io.volume import Volume, save_nifti
 from pipeline.synthetic.dataset import make_demo_dataset
-from pipeline.training import train
+from pipeline.training.loop import train
 
 GATE_DICE, GATE_SECONDS = 0.90, 300.0
 

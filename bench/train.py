@@ -26,14 +26,20 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.demo_dice import msd_to_staging
-from pipeline import training
 from pipeline.config import PipelineConfig
-from pipeline.data import infinite_batches, loader_workers, make_loader, make_train_dataset, split_cases
 from pipeline.io.manifest import read_manifest
 from pipeline.planning.plan import plan_dataset
-from pipeline.planning.transforms import train_transforms
 from pipeline.runtime import configure_threads, prepare_model, resolve_device, to_input
 from pipeline.synthetic.dataset import make_demo_dataset
+from pipeline.training import loop
+from pipeline.training.augment import train_transforms
+from pipeline.training.data import (
+    infinite_batches,
+    loader_workers,
+    make_loader,
+    make_train_dataset,
+    split_cases,
+)
 from unet_model import UNet, UNetConfig
 
 
@@ -122,7 +128,7 @@ def logging_ratio(staging: Path, config: PipelineConfig, root: Path) -> dict[str
     cfg = config.replace(train={"epochs": 8, "val_every": 100, "time_budget_minutes": None})
     with tracking.Tracker(tracking_uri=f"sqlite:///{root / 'mlflow.db'}") as tracker:
         timed = _Timed(tracker)
-        result = training.train(staging, root / "tracked", cfg, callbacks=[timed])
+        result = loop.train(staging, root / "tracked", cfg, callbacks=[timed])
         t0 = time.perf_counter()
         tracker.flush()  # the batched metrics still buffered go out now: count them too
         timed.seconds += time.perf_counter() - t0
@@ -138,20 +144,20 @@ def logging_ratio(staging: Path, config: PipelineConfig, root: Path) -> dict[str
 @contextlib.contextmanager
 def _network(factory):
     """Train the same loop with another network (the bench's peer), without saving a model folder."""
-    original_net, original_save = training.UNet, training._write_model_dir
-    training.UNet = factory
-    training._write_model_dir = lambda *a, **k: None
+    original_net, original_save = loop.UNet, loop.write_model_dir
+    loop.UNet = factory
+    loop.write_model_dir = lambda *a, **k: None
     try:
         yield
     finally:
-        training.UNet, training._write_model_dir = original_net, original_save
+        loop.UNet, loop.write_model_dir = original_net, original_save
 
 
 def peer_comparison(staging: Path, config: PipelineConfig, root: Path, minutes: float) -> dict[str, float]:
     from monai.networks.nets import BasicUNet
 
     cfg = config.replace(train={"time_budget_minutes": minutes})
-    ours = training.train(staging, root / "ours", cfg)
+    ours = loop.train(staging, root / "ours", cfg)
     base = config.model.base_channels
 
     def basic_unet(unet_config: UNetConfig):
@@ -164,7 +170,7 @@ def peer_comparison(staging: Path, config: PipelineConfig, root: Path, minutes: 
         )
 
     with _network(basic_unet):
-        peer = training.train(staging, root / "peer", cfg)
+        peer = loop.train(staging, root / "peer", cfg)
     return {
         "ours_dice": ours.best_dice_mean,
         "basicunet_dice": peer.best_dice_mean,

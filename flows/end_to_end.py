@@ -11,8 +11,8 @@ from prefect.cache_policies import NO_CACHE
 from flows.inference import batch_inference_flow
 from flows.ingest import ingest_flow
 from flows.train import train_flow
-from pipeline.data import split_holdout
-from pipeline.metrics import evaluate_folders
+from pipeline.training.data import split_holdout
+from pipeline.training.metrics import evaluate_folders
 
 
 @task(name="holdout-split", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)

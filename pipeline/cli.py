@@ -344,7 +344,7 @@ def evaluate_command(
     out: Annotated[Path | None, typer.Option(help="CSV to write (default PRED/metrics.csv).")] = None,
 ) -> None:
     """Per-case Dice and HD95 of predicted against reference label maps (CSV), and the means."""
-    from pipeline.metrics import evaluate_folders
+    from pipeline.training.metrics import evaluate_folders
 
     try:
         csv_path, means = evaluate_folders(pred, truth, out)

@@ -11,7 +11,6 @@ trained either way is logged, registered and gated the same way:
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,7 +23,9 @@ from pipeline.io.manifest import read_manifest
 from pipeline.model_store import LoadedModel
 from pipeline.planning.plan import Plan
 from pipeline.runtime import prepare_model, resolve_device
-from pipeline.training import TrainResult, _load_val_cases, train, validate
+from pipeline.training.loop import train
+from pipeline.training.result import CURVES_FILE, TrainResult, read_result
+from pipeline.training.validate import load_val_cases, validate
 
 log = logging.getLogger(__name__)
 
@@ -91,7 +92,7 @@ def train_and_log(
         result = train(staging, out, config, callbacks=[_LogConfig(tracker, staging), tracker])
         if result.model_dir is None:
             raise RuntimeError(f"training in {out} finished without a model folder")
-        curves = out / "training_curves.png"
+        curves = out / CURVES_FILE
         if curves.is_file():
             tracker.log_artifact(curves)
         val_dice = {**result.best_dice, "mean": result.best_dice_mean}
@@ -130,7 +131,7 @@ def evaluate_on_cases(
 ) -> float:
     """Mean validation Dice of a loaded model on whole cases, with its own plan (the gate's metric)."""
     plan = Plan.from_dict(loaded.plan)
-    cases = _load_val_cases(validation_rows(staging, case_ids), plan)
+    cases = load_val_cases(validation_rows(staging, case_ids), plan)
     device = resolve_device(config.train.device)
     metrics = validate(
         prepare_model(loaded.model, device, channels_last=True),  # as predict loads it
@@ -170,7 +171,7 @@ def gate_run(
     validation cases when its own score came from other cases.
     """
     uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
-    result = json.loads((Path(run_dir) / "result.json").read_text(encoding="utf-8"))
+    result = read_result(run_dir)
     val_ids = list(result.get("split", {}).get("val", []))
     if not val_ids:
         raise ValueError(f"the training run in {run_dir} has no validation cases: nothing to gate on")

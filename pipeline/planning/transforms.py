@@ -5,13 +5,10 @@ One deterministic chain (`geometry_transforms`) is shared by training, validatio
     LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> PlanSpacingd (in-plane only)
     -> CropForegroundd (body box) -> PlanNormalized
 
-Training then moves each case's slice axis last and samples 2D slices with foreground
-oversampling (RandCropByPosNegLabeld with a (patch, patch, 1) box, from cached centre indices),
-stacks each volume's slices so one augmentation draw serves them together, augments
-them (flips, rotation/scaling, noise, contrast, intensity shift) and pads them to the patch
-size (a multiple of 16). Validation and inference call `preprocess_volume`, which runs the same
-chain on a whole volume and returns every slice plus what `restore` needs to map predictions
-back onto the original grid.
+Training then samples random 2D slices of the cached result and augments them
+(`pipeline.training.augment`). Validation and inference call `preprocess_volume`, which runs the
+same chain on a whole volume and returns every slice plus what `restore` needs to map
+predictions back onto the original grid.
 """
 
 from __future__ import annotations
@@ -25,25 +22,14 @@ import numpy as np
 import torch
 from monai.data import MetaTensor
 from monai.transforms import (
-    CastToTyped,
     Compose,
     CropForegroundd,
     EnsureChannelFirstd,
     LoadImaged,
     MapTransform,
     Orientationd,
-    RandAdjustContrastd,
-    RandAffined,
-    RandCropByPosNegLabeld,
-    RandFlipd,
-    RandGaussianNoised,
-    Randomizable,
-    RandShiftIntensityd,
-    SelectItemsd,
     Spacing,
-    SpatialPadd,
     SpatialResample,
-    SplitDimd,
 )
 
 from pipeline.io.volume import Volume
@@ -136,51 +122,6 @@ class PlanNormalized(MapTransform):
         return d
 
 
-class SliceAxisLastd(MapTransform):
-    """Move each case's slice axis to the last spatial position (plain tensors: training only)."""
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        axis = int(d[SLICE_AXIS_KEY])
-        for key in self.key_iterator(d):
-            x = d[key].as_tensor() if isinstance(d[key], MetaTensor) else torch.as_tensor(d[key])
-            d[key] = x.movedim(1 + axis, -1).contiguous()  # (C, a, b, slices)
-        return d
-
-
-FG_INDICES, BG_INDICES = "label_fg_indices", "label_bg_indices"
-
-
-class SampleIndicesd(MapTransform):
-    """Cache where slice centres may be drawn: flat foreground and background voxel indices.
-
-    RandCropByPosNegLabeld otherwise scans the whole label volume on every call. Each list holds
-    at most `max_indices` entries, a uniform random subset drawn with a seed from the volume's
-    shape and label count (the cached value is the same on every run), so a 512 x 512 x 600 case
-    caches 2 x 1.6 MB rather than 1.3 GB of int64 indices; a uniform subset samples centres with
-    the same distribution as the full list.
-    """
-
-    def __init__(self, label_key: str = LABEL, max_indices: int = 200_000) -> None:
-        super().__init__([label_key])
-        self.label_key, self.max_indices = label_key, max_indices
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        d = dict(data)
-        label = d[self.label_key]
-        flat = (label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)).reshape(
-            -1
-        ) > 0
-        seed = int(flat.numel()) * 1_000_003 + int(flat.sum())
-        rng = np.random.default_rng(seed % 2**63)
-        for key, mask in ((FG_INDICES, flat), (BG_INDICES, ~flat)):
-            idx = torch.nonzero(mask, as_tuple=False).reshape(-1).numpy()
-            if idx.size > self.max_indices:
-                idx = np.sort(rng.choice(idx, self.max_indices, replace=False))
-            d[key] = idx
-        return d
-
-
 def geometry_transforms(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL), load: bool = True) -> list:
     """The deterministic chain shared by training, validation and inference."""
     keys = list(keys)
@@ -200,84 +141,6 @@ def geometry_transforms(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL), load: 
         )
     steps.append(PlanNormalized([IMAGE], plan))
     return steps
-
-
-class RandSlicesd(Randomizable, MapTransform):
-    """Sample `num_samples` 2D slices of one cached volume, stacked as channels (k, h, w).
-
-    MONAI's RandCropByPosNegLabeld draws the slice centres (foreground oversampling from the
-    cached indices of SampleIndicesd); stacking the crops lets each augmentation below run once
-    per volume visit instead of once per slice, with one random draw shared by the volume's
-    slices (every visit draws anew). Per-slice MONAI calls cost more CPU than the training step
-    can spare on a small CPU; SplitDimd makes single-slice samples again at the end.
-    """
-
-    def __init__(self, keys: Sequence[str], patch: int, pos_ratio: float, num_samples: int) -> None:
-        super().__init__(keys)
-        self.crop = RandCropByPosNegLabeld(
-            keys,
-            label_key=LABEL,
-            spatial_size=(patch, patch, 1),
-            pos=pos_ratio,
-            neg=1.0 - pos_ratio,
-            num_samples=num_samples,
-            fg_indices_key=FG_INDICES,
-            bg_indices_key=BG_INDICES,
-            allow_smaller=True,
-        )
-
-    def set_random_state(self, seed: int | None = None, state: np.random.RandomState | None = None):
-        self.crop.set_random_state(seed, state)
-        return self
-
-    def randomize(self, data: Any = None) -> None:  # the crop draws its own centres
-        pass
-
-    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        samples = self.crop(data)
-        d = {k: v for k, v in samples[0].items() if k not in (FG_INDICES, BG_INDICES)}
-        for key in self.key_iterator(d):
-            stacked = torch.cat([torch.as_tensor(s[key])[..., 0] for s in samples])  # (k, h, w)
-            d[key] = stacked.as_tensor() if isinstance(stacked, MetaTensor) else stacked
-        return d
-
-
-def train_transforms(plan: Plan, preprocess: Any, slices_per_volume: int) -> Compose:
-    """Cached geometry chain, then random 2D slice sampling and augmentation (see module docstring)."""
-    p = plan.patch_size
-    steps = [
-        *geometry_transforms(plan),
-        SliceAxisLastd([IMAGE, LABEL]),
-        SampleIndicesd(LABEL),  # the last cached step
-        RandSlicesd([IMAGE, LABEL], p, float(preprocess.foreground_ratio), slices_per_volume),  # (k, h, w)
-    ]
-    if preprocess.augment:
-        rad = float(np.deg2rad(preprocess.rotate_degrees))
-        scale = float(preprocess.scale_range)
-        steps += [
-            RandFlipd([IMAGE, LABEL], prob=preprocess.flip_prob, spatial_axis=0),
-            RandFlipd([IMAGE, LABEL], prob=preprocess.flip_prob, spatial_axis=1),
-            RandAffined(
-                [IMAGE, LABEL],
-                prob=0.5,
-                rotate_range=(rad,),
-                scale_range=(scale, scale),
-                mode=("bilinear", "nearest"),
-                padding_mode="border",
-            ),
-            RandGaussianNoised([IMAGE], prob=0.15, std=preprocess.noise_std),
-            RandAdjustContrastd([IMAGE], prob=0.15, gamma=tuple(preprocess.contrast_gamma)),
-            RandShiftIntensityd([IMAGE], prob=0.15, offsets=preprocess.intensity_shift),
-        ]
-    steps += [
-        # Pad to the patch (a multiple of 16): edge values for the image, background for labels.
-        SpatialPadd([IMAGE], spatial_size=(p, p), mode="replicate"),
-        SpatialPadd([LABEL], spatial_size=(p, p), mode="constant"),
-        CastToTyped([IMAGE, LABEL], dtype=(torch.float32, torch.int64)),
-        SelectItemsd([IMAGE, LABEL]),  # a batch is two tensors: each more costs the workers a copy
-        SplitDimd([IMAGE, LABEL], dim=0, keepdim=True, list_output=True),  # k samples of (1, h, w)
-    ]
-    return Compose(steps)
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,15 +14,11 @@ import torch
 import torch.distributed as dist
 
 from pipeline.planning.plan import load_plan
-from pipeline.training import TrainCallback, plot_training_curves, train
-from tests.pipeline.staging_fixture import make_staging, tiny_config
+from pipeline.training.loop import TrainCallback, train
+from pipeline.training.result import plot_training_curves
+from tests.pipeline.staging_fixture import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-
-
-@pytest.fixture(scope="module")
-def staging(tmp_path_factory):
-    return make_staging(tmp_path_factory.mktemp("staging"), n_cases=4, size=32)
 
 
 class Recorder(TrainCallback):
@@ -56,7 +52,6 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
     assert load_plan(run / "plan.json").num_classes == 3
     assert (run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "result.json").read_text())["epochs_run"] == 2
-    pytest.importorskip("pipeline.model_store")
     assert result.model_dir is not None and (result.model_dir / "weights.safetensors").is_file()
 
 
@@ -69,7 +64,7 @@ def test_training_resumes_after_being_killed(staging, tmp_path):
             f"""
             import time, json
             from pipeline.config import PipelineConfig
-            from pipeline.training import TrainCallback, train
+            from pipeline.training.loop import TrainCallback, train
 
             class Slow(TrainCallback):
                 def on_epoch_end(self, epoch, metrics):
@@ -149,7 +144,7 @@ def test_validation_dice_equals_evaluate_on_predicts_output(staging, tmp_path, p
 
     from pipeline.cli import app
     from pipeline.inference import predict
-    from pipeline.metrics import evaluate_folders
+    from pipeline.training.metrics import evaluate_folders
 
     cfg = tiny_config(epochs=3).replace(infer={"largest_component": postprocess, "fill_holes": postprocess})
     result = train(staging, tmp_path / "run", cfg)

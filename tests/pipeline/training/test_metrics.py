@@ -3,7 +3,7 @@ import math
 import numpy as np
 import pytest
 
-from pipeline.metrics import mean_over_cases, segmentation_metrics
+from pipeline.training.metrics import mean_over_cases, segmentation_metrics
 
 NAMES = {0: "background", 1: "organ", 2: "lesion"}
 
@@ -54,7 +54,7 @@ def test_evaluate_folders_writes_per_case_csv_and_means(tmp_path):
     import csv
 
     from pipeline.io.volume import Volume, save_nifti
-    from pipeline.metrics import evaluate_folders
+    from pipeline.training.metrics import evaluate_folders
 
     affine = np.diag([1.0, 1.0, 2.0, 1.0])
     for case, shift in (("a", 0), ("b", 3)):

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from pipeline.data import split_cases
+from pipeline.training.data import split_cases
 
 IDS = [f"case_{i:02d}" for i in range(10)]
 
@@ -58,7 +58,7 @@ class _Volumes(torch.utils.data.Dataset):
 
 @pytest.mark.parametrize("workers", [0, 1])
 def test_loader_gives_every_volume_each_pass(workers):
-    from pipeline.data import infinite_batches, make_loader
+    from pipeline.training.data import infinite_batches, make_loader
 
     loader, sampler = make_loader(_Volumes(), volumes_per_batch=2, seed=0, workers=workers)
     batches = infinite_batches(loader, sampler)
@@ -69,7 +69,7 @@ def test_loader_gives_every_volume_each_pass(workers):
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the thread's
 @pytest.mark.parametrize("workers", [0, 1])
 def test_a_failing_transform_stops_training_instead_of_ending_the_pass_silently(workers):
-    from pipeline.data import infinite_batches, make_loader
+    from pipeline.training.data import infinite_batches, make_loader
 
     loader, sampler = make_loader(_Volumes(bad=2), volumes_per_batch=1, seed=0, workers=workers)
     batches = infinite_batches(loader, sampler)
@@ -81,7 +81,7 @@ def test_a_failing_transform_stops_training_instead_of_ending_the_pass_silently(
 def test_loader_workers_follow_the_setting_or_the_device(monkeypatch):
     import os
 
-    from pipeline.data import loader_workers
+    from pipeline.training.data import loader_workers
 
     assert loader_workers(0, "cuda") == 0 and loader_workers(3, "cpu") == 3
     assert loader_workers(None, "cpu") == 1

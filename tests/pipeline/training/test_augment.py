@@ -1,0 +1,68 @@
+import numpy as np
+import pytest
+import torch
+from monai.data import set_track_meta
+
+from pipeline.config import PreprocessConfig
+from pipeline.io.manifest import read_manifest
+from pipeline.planning.plan import plan_dataset
+from pipeline.training.augment import train_transforms
+from pipeline.training.data import make_train_dataset
+from tests.pipeline.staging_fixture import make_staging
+
+
+@pytest.fixture(scope="module")
+def staged(tmp_path_factory):
+    root = make_staging(tmp_path_factory.mktemp("t"), n_cases=4, size=33)
+    return root, plan_dataset(root), read_manifest(root, resolve=True)
+
+
+@pytest.mark.parametrize("augment", [True, False])
+def test_training_slices_are_patch_sized_and_labels_stay_integer(staged, augment):
+    _root, plan, rows = staged
+    transform = train_transforms(plan, PreprocessConfig(augment=augment), slices_per_volume=3)
+    transform.set_random_state(0)
+    for row in rows:  # axial, sagittal and oblique acquisitions
+        samples = transform({"image": row["image"], "label": row["label"], "modality": row["modality"]})
+        assert len(samples) == 3
+        for s in samples:
+            assert s["image"].shape == (1, plan.patch_size, plan.patch_size)
+            assert plan.patch_size % 16 == 0
+            assert s["image"].dtype == torch.float32 and s["label"].dtype == torch.int64
+            assert set(torch.unique(s["label"]).tolist()) <= {0, 1, 2}
+
+
+def test_foreground_oversampling_hits_labels(staged):
+    _root, plan, rows = staged
+    transform = train_transforms(plan, PreprocessConfig(augment=False, foreground_ratio=1.0), 4)
+    transform.set_random_state(1)
+    row = rows[0]
+    samples = transform({"image": row["image"], "label": row["label"], "modality": row["modality"]})
+    assert all(int((s["label"] > 0).sum()) > 0 for s in samples)
+
+
+@pytest.mark.parametrize("tracked", [True, False])
+def test_sampling_and_augmentation_never_write_into_the_cache(staged, tracked):
+    """make_train_dataset caches without copy (copy_cache=False): every random step must leave
+    the cached volumes and indices as they were, with MONAI metadata tracked (loader thread) or
+    not (loader workers)."""
+    _root, plan, rows = staged
+    pre = PreprocessConfig(flip_prob=1.0, noise_std=0.5, intensity_shift=1.0)
+    transform = train_transforms(plan, pre, slices_per_volume=3)
+    transform.set_random_state(0)
+    items = [{"image": r["image"], "label": r["label"], "modality": r["modality"]} for r in rows]
+    dataset = make_train_dataset(items, transform)
+    before = [
+        {k: (v.clone() if torch.is_tensor(v) else np.copy(v)) for k, v in c.items() if k != "modality"}
+        for c in dataset._cache
+    ]
+    set_track_meta(tracked)
+    try:
+        for _ in range(10):
+            for i in range(len(dataset)):
+                dataset[i]
+    finally:
+        set_track_meta(True)
+    for old, new in zip(before, dataset._cache, strict=True):
+        for key, value in old.items():
+            assert np.array_equal(np.asarray(value), np.asarray(new[key])), key

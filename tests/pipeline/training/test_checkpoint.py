@@ -1,0 +1,86 @@
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from pipeline.training.checkpoint import (
+    Checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from pipeline.training.loop import LoopState
+
+# The keys of last.pt as every run so far wrote them: a checkpoint of an older run still resumes.
+FILE_KEYS = {
+    "model",
+    "optimizer",
+    "scheduler",
+    "rng",
+    "config",
+    "plan",
+    "split",
+    "epoch",
+    "best_mean",
+    "best_epoch",
+    "best_metrics",
+    "stale",
+    "history",
+    "stopped_reason",
+}
+
+MID_RUN = LoopState(
+    epoch=3,
+    best_mean=0.75,
+    best_epoch=2,
+    best_metrics={"val_dice_mean": 0.75, "val_dice/organ": 0.75, "val_hd95/organ": math.inf},
+    stale=1,
+    history=[{"epoch": e, "loss": 1.0 / (e + 1)} for e in range(4)],
+    stopped_reason="early_stopping",
+)
+
+
+@pytest.mark.parametrize("state", [LoopState(), MID_RUN], ids=["fresh", "mid-run"])
+def test_loop_state_round_trips_through_last_pt(tmp_path, state):
+    net = nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
+    net(torch.ones(1, 3)).sum().backward()
+    optimizer.step()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 0.5)
+    written = Checkpoint(
+        model=net.state_dict(),
+        optimizer=optimizer.state_dict(),
+        scheduler=scheduler.state_dict(),
+        rng=rng_state(),
+        config={"train": {"epochs": 4}},
+        plan={"slice_axis": 2},
+        split={"train": ["a", "b"], "val": ["c"]},
+        loop=state.to_checkpoint(),
+    )
+    path = tmp_path / "last.pt"
+    save_checkpoint(path, written)
+
+    assert set(torch.load(path, weights_only=True)) == FILE_KEYS
+    read = load_checkpoint(path)
+    assert LoopState.from_checkpoint(read.loop) == state
+    assert read.epoch == state.epoch
+    assert (read.config, read.plan, read.split) == (written.config, written.plan, written.split)
+    assert torch.equal(read.model["weight"], net.state_dict()["weight"])
+    assert read.optimizer["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
+    assert read.scheduler == scheduler.state_dict()
+
+
+def test_a_file_without_the_checkpoint_keys_is_refused_by_name(tmp_path):
+    path = tmp_path / "last.pt"
+    torch.save({"model": {}, **MID_RUN.to_checkpoint()}, path)
+    with pytest.raises(ValueError, match=r"lacks optimizer, scheduler, rng, config, plan, split\. Delete it"):
+        load_checkpoint(path)
+
+
+def test_restored_generators_draw_the_same_numbers():
+    state = rng_state()
+    first = torch.rand(4)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(4), first)
