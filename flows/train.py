@@ -13,7 +13,6 @@ from prefect.settings import PREFECT_UI_URL
 from flows.common import config_hash, content_key, path_key
 from pipeline.config import PipelineConfig, Workdir, load_config
 from pipeline.model_store import code_version
-from pipeline.registry import gate_run, register_model, train_and_log
 from pipeline.tracking import (
     TAG_PREFECT_FLOW_RUN_ID,
     TAG_PREFECT_FLOW_RUN_URL,
@@ -21,6 +20,7 @@ from pipeline.tracking import (
     mlflow_ui_command,
     model_version_page_url,
 )
+from pipeline.tracking.release import gate_run, register_model, train_and_log
 
 
 def flow_run_tags() -> dict[str, str]:

@@ -314,7 +314,7 @@ def train_command(
     import time
 
     from pipeline.config import ConfigError, Workdir, load_config
-    from pipeline.registry import gate, register_model, train_and_log
+    from pipeline.tracking.release import gate, register_model, train_and_log
 
     setup_logging(verbose)
     try:

@@ -4,7 +4,9 @@
 - `pyfunc`: the logged model as MLflow serves it (a volume in, its label mask out);
 - `model_registry`: versions with descriptions, aliases (the champion gate), loading;
 - `datasets`: the staged dataset as an MLflow dataset input;
-- `store`: where the store lives, tag names, redaction of credentials and identifiers.
+- `store`: where the store lives, tag names, redaction of credentials and identifiers;
+- `release`: train -> log -> register -> champion gate (import it from `pipeline.tracking.release`:
+  it sits above the training stage, so the names below leave it out).
 
 The names below are the package's interface; import them from `pipeline.tracking`.
 """

@@ -6,6 +6,10 @@ trained either way is logged, registered and gated the same way:
     trained = train_and_log(staging, out, config)              # local model first, then MLflow
     version = register_model(trained.model_uri, name)
     champion = gate(name, version, trained, staging, config)    # on the fixed validation cases
+
+The one module of `pipeline.tracking` above the training stage (it calls `train` and scores the
+champion with training's validation); the package's `__init__` does not import it, so that
+loading a registered model never imports the training loop.
 """
 
 from __future__ import annotations
