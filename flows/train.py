@@ -13,14 +13,8 @@ from prefect.settings import PREFECT_UI_URL
 from flows.common import config_hash, content_key, path_key
 from pipeline.config import PipelineConfig, Workdir, load_config
 from pipeline.model_store import code_version
-from pipeline.tracking import (
-    TAG_PREFECT_FLOW_RUN_ID,
-    TAG_PREFECT_FLOW_RUN_URL,
-    dataset_sha256,
-    mlflow_ui_command,
-    model_version_page_url,
-)
-from pipeline.tracking.release import gate_run, register_model, train_and_log
+from pipeline.tracking import TAG_PREFECT_FLOW_RUN_ID, TAG_PREFECT_FLOW_RUN_URL, dataset_sha256
+from pipeline.tracking.release import gate_run, register_model, summary_markdown, train_and_log
 
 
 def flow_run_tags() -> dict[str, str]:
@@ -117,30 +111,7 @@ def train_flow(
         champion = gate_task(name, version, run_dir, staging, config.to_dict(), uri)
     else:
         logger.warning("tracking failed (%s); the model stays in %s", summary["tracking_error"], run_dir)
-    dice = summary["val_dice"]
-    per_label = ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if k != "mean")
     create_markdown_artifact(
-        key="train-summary",
-        markdown=(
-            f"# Training\n\nMean validation Dice **{dice['mean']:.3f}** ({per_label}).\n\n"
-            f"{_mlflow_links(summary, name, version, uri)}: "
-            f"{'champion' if champion else 'challenger'}.\n\nStopped: {summary['stopped_reason']}."
-        ),
+        key="train-summary", markdown=summary_markdown(summary, name, version, champion, uri)
     )
     return {**summary, "model_name": name, "model_version": version, "champion": champion}
-
-
-def _mlflow_links(summary: dict, name: str, version: int | None, tracking_uri: str) -> str:
-    """Markdown naming the MLflow run and model version, as links when the store has a web UI."""
-    run_id = summary["run_id"]
-    run = (
-        f"[MLflow run `{run_id}`]({summary['run_url']})"
-        if summary.get("run_url")
-        else f"MLflow run `{run_id}`"
-    )
-    page = model_version_page_url(tracking_uri, name, version)
-    model = f"model **{name}** version **{version}**"
-    if page:
-        return f"{run}; [{model}]({page})"
-    # A local store has no pages until `mlflow ui` serves it: say how to open it.
-    return f"{run}; {model} (`models:/{name}/{version}`; open with `{mlflow_ui_command()}`)"

@@ -188,3 +188,33 @@ def gate_run(
         evaluate_fn=lambda champion: evaluate_on_cases(champion, staging, val_ids, config),
         tracking_uri=uri,
     )
+
+
+def summary_markdown(
+    summary: dict[str, Any], name: str, version: int | None, champion: bool, tracking_uri: str
+) -> str:
+    """Markdown of a release (`TrainedModel.summary()`, the version, the gate's decision): the
+    validation Dice, the MLflow run and model version, champion or challenger, why training stopped."""
+    dice = summary["val_dice"]
+    per_label = ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if k != "mean")
+    return (
+        f"# Training\n\nMean validation Dice **{dice['mean']:.3f}** ({per_label}).\n\n"
+        f"{_mlflow_links(summary, name, version, tracking_uri)}: "
+        f"{'champion' if champion else 'challenger'}.\n\nStopped: {summary['stopped_reason']}."
+    )
+
+
+def _mlflow_links(summary: dict[str, Any], name: str, version: int | None, tracking_uri: str) -> str:
+    """Markdown naming the MLflow run and model version, as links when the store has a web UI."""
+    run_id = summary["run_id"]
+    run = (
+        f"[MLflow run `{run_id}`]({summary['run_url']})"
+        if summary.get("run_url")
+        else f"MLflow run `{run_id}`"
+    )
+    page = tracking.model_version_page_url(tracking_uri, name, version)
+    model = f"model **{name}** version **{version}**"
+    if page:
+        return f"{run}; [{model}]({page})"
+    # A local store has no pages until `mlflow ui` serves it: say how to open it.
+    return f"{run}; {model} (`models:/{name}/{version}`; open with `{tracking.mlflow_ui_command()}`)"

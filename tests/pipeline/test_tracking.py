@@ -400,3 +400,22 @@ def test_system_metrics_are_off_unless_asked(store):
         pass
     metrics = mlflow.MlflowClient(store["uri"]).get_run(tracker.run_id).data.metrics
     assert not [k for k in metrics if k.startswith("system/")]
+
+
+def test_release_summary_links_run_and_version_on_a_server_and_says_how_to_open_a_local_store():
+    from pipeline.tracking.release import summary_markdown
+
+    summary = {
+        "val_dice": {"organ": 0.81, "mean": 0.81},
+        "run_id": "abc123",
+        "run_url": "http://mlflow.internal:5000/#/experiments/1/runs/abc123",
+        "stopped_reason": "early_stopping",
+    }
+    served = summary_markdown(summary, "unet seg", 3, True, "http://mlflow.internal:5000")
+    assert "Mean validation Dice **0.810** (organ 0.810)" in served
+    assert "[MLflow run `abc123`](http://mlflow.internal:5000/#/experiments/1/runs/abc123)" in served
+    assert "(http://mlflow.internal:5000/#/models/unet%20seg/versions/3): champion." in served
+    assert served.endswith("Stopped: early_stopping.")
+    local = summary_markdown({**summary, "run_url": None}, "seg", 4, False, "sqlite:////tmp/mlflow.db")
+    assert "MLflow run `abc123`; model **seg** version **4** (`models:/seg/4`; open with " in local
+    assert ": challenger." in local
