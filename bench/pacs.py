@@ -24,7 +24,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PipelineConfig
 from pipeline.inference import predict
-from pipeline.ingest import ingest, load_or_create_secret
+from pipeline.ingest import ingest
+from pipeline.io.batchdir import load_or_create_secret
 from pipeline.model_store import save_model_dir
 from pipeline.pacs.pull import pull
 from pipeline.pacs.push import push_batch

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 def _secret(path: Path) -> bytes:
-    from pipeline.ingest import load_or_create_secret
+    from pipeline.io.batchdir import load_or_create_secret
 
     return load_or_create_secret(path)
 

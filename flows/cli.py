@@ -124,8 +124,7 @@ def listen(
     import signal
     import threading
 
-    from pipeline.config import Workdir
-    from pipeline.ingest import load_or_create_secret
+    from pipeline.io.batchdir import resolve_secret
     from pipeline.pacs.listener import StudyListener
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -146,7 +145,7 @@ def listen(
         )
         typer.echo(f"study complete: {folder} -> flow run {run.id} of {deployment}")
 
-    secret = load_or_create_secret(secret_file or Workdir.resolve().secret_file)
+    secret = resolve_secret(secret_file)
     try:
         listener = StudyListener(
             out,

@@ -53,21 +53,19 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
-from pipeline.ingest import CaseJob, CasePlanner, IngestLimits, discover, load_case, load_or_create_secret
+from pipeline.ingest import CaseJob, CasePlanner, IngestLimits, discover, load_case
 from pipeline.io.atomic import atomic_open, write_text
+from pipeline.io.batchdir import DONE_FILE, case_key, load_or_create_secret, read_done_marker
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
 from pipeline.model_store import LoadedModel, code_version
 from pipeline.predict_memory import Pending, default_budget, planned_case_bytes, prefetch
 from pipeline.predict_records import (
-    DONE_FILE,
     OUTPUT_VERSION,
     CaseFailed,
-    case_key,
     clip_line,
     one_line,
     output_settings,
-    read_done_marker,
     step,
     write_done_marker,
 )

@@ -23,7 +23,6 @@ import hmac
 import json
 import logging
 import os
-import secrets
 import shutil
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Mapping
@@ -38,6 +37,7 @@ from tqdm.auto import tqdm
 
 from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
 from pipeline.io.atomic import atomic_open, write_text
+from pipeline.io.batchdir import resolve_secret, sha256_file
 from pipeline.io.dicom import (
     DicomHeader,
     SeriesGroup,
@@ -196,23 +196,6 @@ class CaseJob:
 # Pseudonyms
 
 
-def load_or_create_secret(path: Path) -> bytes:
-    """The site secret keying case IDs; created (32 random bytes, mode 0600) on first use."""
-    path = Path(path)
-    if path.exists():
-        secret = bytes.fromhex(path.read_text(encoding="ascii").strip())
-        if len(secret) < 16:
-            raise ValueError(f"site secret {path} is shorter than 16 bytes; delete it to make a new one")
-        return secret
-    path.parent.mkdir(parents=True, exist_ok=True)
-    secret = secrets.token_bytes(32)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(secret.hex() + "\n")
-    log.info("created a new site secret at %s: keep it to keep case IDs stable", path)
-    return secret
-
-
 def case_id_for(key: str, secret: bytes) -> str:
     """Pseudonymous, stable case ID: 'case_' + 16 hex digits of HMAC-SHA256(secret, key)."""
     # surrogateescape: a file name that is not valid UTF-8 keys by its bytes (valid names: UTF-8).
@@ -223,23 +206,15 @@ def case_id_for(key: str, secret: bytes) -> str:
 # Discovery
 
 
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _inputs_hash(
     root: Path, rels: Iterable[str], extra: str = "", known: Mapping[str, Future] | None = None
 ) -> str:
     """One hash over the relative paths and bytes of a case's inputs (order-independent).
 
-    `known`: file digests already being computed (rel -> future of `_sha256_file`)."""
+    `known`: file digests already being computed (rel -> future of `sha256_file`)."""
     digest = hashlib.sha256(f"converter={CONVERTER_VERSION};{extra}".encode())
     for rel in sorted(rels):
-        file_digest = known[rel].result() if known and rel in known else _sha256_file(root / rel)
+        file_digest = known[rel].result() if known and rel in known else sha256_file(root / rel)
         digest.update(rel.encode("utf-8", "surrogateescape") + b"\0" + file_digest.encode("ascii"))
     return digest.hexdigest()
 
@@ -436,7 +411,7 @@ class CasePlanner:
                 continue
             headers.append(header)
             if header.damage is None:
-                digests[header.rel] = hasher.submit(_sha256_file, header.path)
+                digests[header.rel] = hasher.submit(sha256_file, header.path)
         images = [h for h in headers if not h.is_segmentation]
         segs_by_series: dict[str, list[DicomHeader]] = defaultdict(list)
         for h in headers:
@@ -643,8 +618,8 @@ def _convert(job: CaseJob, source: Path, staging: Path, limits: IngestLimits, ta
         "partial": job.group.partial if job.group is not None else None,
         "sha256": {
             "inputs": job.inputs_sha256,
-            "image": _sha256_file(staging / image_rel),
-            "label": _sha256_file(staging / label_rel) if label_rel else None,
+            "image": sha256_file(staging / image_rel),
+            "label": sha256_file(staging / label_rel) if label_rel else None,
         },
     }
     if image.meta.get("affine_source") == "none":  # staged only when the config opts in
@@ -765,12 +740,6 @@ def _job_from_json(data: dict[str, Any], source: Path, secret: bytes, limits: In
     )
 
 
-def _secret(secret_file: str | Path | None) -> bytes:
-    from pipeline.config import Workdir
-
-    return load_or_create_secret(Path(secret_file) if secret_file else Workdir.resolve().secret_file)
-
-
 @dataclass(frozen=True)
 class IngestPlan:
     """What step 1 decided: every case, and those whose inputs changed since their last outputs."""
@@ -838,7 +807,7 @@ def plan_ingest(
     """
     source, staging = _resolve(source, staging)
     limits = limits or IngestLimits()
-    secret = _secret(secret_file)
+    secret = resolve_secret(secret_file)
     staging.mkdir(parents=True, exist_ok=True)
     files = discover(source)
     planner = CasePlanner(source, secret, limits)
@@ -897,7 +866,7 @@ def convert_case(
     try:
         job = _job if _job is not None else _planned_job(staging, case_id)
         if job is None or job.inputs_sha256 != data["inputs_sha256"]:
-            job = _job_from_json(data, source, _secret(secret_file), limits)
+            job = _job_from_json(data, source, resolve_secret(secret_file), limits)
     except InputRejected as err:
         err.details.setdefault("files", data["sources"])
         result: tuple[str, dict | None, InputRejected | None] = (case_id, None, err)

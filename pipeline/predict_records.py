@@ -1,12 +1,13 @@
-"""What a predicted case leaves behind: its key, its done-marker, and the failure of one step.
+"""What a predicted case leaves behind: its settings, its done-marker, and the failure of one step.
 
-The case key is one function (`case_key`) over the case's input bytes (their sha256) and
-everything else its outputs depend on (`output_settings`: the model's identity, plan and label
-names, the post-processing and precision, which outputs are written, the input limits and the
-output format version). The done-marker of a case stores that key and the sha256 of every output
-it lists; the Prefect task cache of `flows.inference` keys on the same function. A marker counts
-only while its key matches and every output it lists is present with the recorded bytes, so a
-rerun redoes a case whose options changed or whose outputs went missing or were damaged.
+The case key (`pipeline.io.batchdir.case_key`) is one function over the case's input bytes
+(their sha256) and everything else its outputs depend on (`output_settings`: the model's
+identity, plan and label names, the post-processing and precision, which outputs are written, the
+input limits and the output format version). The done-marker of a case stores that key and the
+sha256 of every output it lists; the Prefect task cache of `flows.inference` keys on the same
+function. A marker counts only while its key matches and every output it lists is present with
+the recorded bytes (`batchdir.read_done_marker`), so a rerun redoes a case whose options changed
+or whose outputs went missing or were damaged.
 
 A case runs as steps (read, predict, write the mask, the SEG, the QC picture, the records); an
 exception in a step becomes `CaseFailed` with the step's reason code and a one-line message,
@@ -15,8 +16,6 @@ so one case's failure is that case's record and never the batch's traceback.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import logging
 import re
 from collections.abc import Iterator, Mapping, Sequence
@@ -25,13 +24,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import InputRejected, Reason
-from pipeline.io.atomic import atomic_open
+from pipeline.io import batchdir
 
 log = logging.getLogger(__name__)
 
 # Bump when what a case's outputs contain changes, so reruns redo cases done by older code.
 OUTPUT_VERSION = "2"
-DONE_FILE = "done.json"
 MESSAGE_MAX = 240  # characters of a failure message kept in results.csv and the report
 
 
@@ -59,64 +57,11 @@ def output_settings(
     }
 
 
-def case_key(inputs_sha256: str, settings: Mapping[str, Any]) -> str:
-    """The one key of a case's outputs: its input hash and `output_settings`, as a sha256.
-
-    Done-markers and the Prefect task cache both use it, so the two cannot disagree.
-    """
-    blob = json.dumps({"inputs_sha256": inputs_sha256, "settings": settings}, sort_keys=True, default=str)
-    return hashlib.sha256(blob.encode("utf-8")).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def write_done_marker(
     case_dir: Path, key: str, outputs: Sequence[str], result: Mapping[str, Any], **extra: Any
 ) -> dict[str, Any]:
-    """Write `case_dir/done.json` (atomically, last): the key, each output's sha256, the result."""
-    marker = {
-        "case_key": key,
-        "output_version": OUTPUT_VERSION,
-        **extra,
-        "outputs": {name: sha256_file(case_dir / name) for name in outputs},
-        "result": dict(result),
-    }
-    with atomic_open(case_dir / DONE_FILE) as fh:
-        json.dump(marker, fh, indent=2, default=str)
-    return marker
-
-
-def read_done_marker(case_dir: Path, key: str) -> dict[str, Any] | None:
-    """The marker in `case_dir` when it is valid for `key`, else None.
-
-    Valid: its case key equals `key` and every output it lists exists with the recorded sha256.
-    A marker from older code (no key, outputs without hashes) is never valid: the case is redone.
-    """
-    try:
-        marker = json.loads((case_dir / DONE_FILE).read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    if not isinstance(marker, dict) or marker.get("case_key") != key:
-        return None
-    outputs = marker.get("outputs")
-    if not isinstance(outputs, dict) or not isinstance(marker.get("result"), dict):
-        return None
-    for name, recorded in outputs.items():
-        try:
-            actual = sha256_file(case_dir / name)
-        except OSError:
-            log.info("case %s: %s is missing; the case is redone", case_dir.name, name)
-            return None
-        if actual != recorded:
-            log.warning("case %s: %s differs from its done-marker; the case is redone", case_dir.name, name)
-            return None
-    return marker
+    """`batchdir.write_done_marker` with the OUTPUT_VERSION of the code that wrote the outputs."""
+    return batchdir.write_done_marker(case_dir, key, outputs, result, output_version=OUTPUT_VERSION, **extra)
 
 
 # ------------------------------------------------------------------------------------------

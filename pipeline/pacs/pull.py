@@ -105,10 +105,9 @@ def resolve_source(
     """(the folder to read, the pull report): a folder is returned as is; a PACS URL is pulled."""
     if not is_pacs_url(str(source)):
         return Path(source), None
-    from pipeline.config import Workdir
-    from pipeline.ingest import load_or_create_secret
+    from pipeline.io.batchdir import resolve_secret
 
-    secret = load_or_create_secret(Path(secret_file) if secret_file else Workdir.resolve().secret_file)
+    secret = resolve_secret(secret_file)
     report = pull(
         str(source),
         out,

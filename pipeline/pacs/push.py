@@ -10,8 +10,6 @@ stored, so a case is never pushed twice.
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import json
 import logging
 import time
@@ -23,6 +21,7 @@ from typing import Any
 
 from pipeline.errors import Reason
 from pipeline.io.atomic import write_text
+from pipeline.io.batchdir import exclusive, sha256_file
 from pipeline.pacs.common import PULL_PREFIX, PUSH_PREFIX, Credentials, PacsError
 from pipeline.pacs.record import PUSH_FILE, PushStatus, read_push_record
 from pipeline.pacs.url import PacsUrl, parse_pacs_url
@@ -72,14 +71,6 @@ def push_credentials() -> Credentials:
     return Credentials.from_env(PUSH_PREFIX, fallback=PULL_PREFIX)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def push_case(
     out: str | Path,
     case_id: str,
@@ -100,8 +91,7 @@ def push_case(
     creds = (
         credentials if credentials is not None else Credentials.from_env(PUSH_PREFIX, fallback=PULL_PREFIX)
     )
-    with open(case_dir / ".push.lock", "a+") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # two pushes of one case (a flow and a CLI run) take turns
+    with exclusive(case_dir / ".push.lock"):  # two pushes of one case (a flow and a CLI run) take turns
         if with_sr and (case_dir / SEG_FILE).is_file():
             from pipeline.pacs.sr import write_volume_sr
 
@@ -121,7 +111,7 @@ def _push_locked(case_dir: Path, case_id: str, url: PacsUrl, creds: Credentials)
         entry.update(status=PushStatus.NOTHING_TO_PUSH.value, reason="", message="no DICOM output")
         outcome["status"] = PushStatus.NOTHING_TO_PUSH.value
     else:
-        hashes = {name: _sha256(case_dir / name) for name in files}
+        hashes = {name: sha256_file(case_dir / name) for name in files}
         objects = entry["objects"]
         for name in list(objects):  # outputs that a later predict run replaced or removed
             if name not in hashes:

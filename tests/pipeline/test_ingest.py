@@ -17,7 +17,8 @@ from typer.testing import CliRunner
 
 from pipeline.cli import app
 from pipeline.errors import IGNORED_REASONS, Reason
-from pipeline.ingest import case_id_for, ingest, load_or_create_secret
+from pipeline.ingest import case_id_for, ingest
+from pipeline.io.batchdir import load_or_create_secret
 from pipeline.io.manifest import read_manifest
 from pipeline.synthetic.dataset import make_demo_dataset
 
