@@ -9,7 +9,7 @@ import pytest
 
 from pipeline.io.manifest import read_manifest
 from tests.flows.prefect_api import temporary_prefect_api
-from tests.pipeline import ingest_situations as situations
+from tests.pipeline.ingest import situations
 
 
 @pytest.fixture(scope="module")

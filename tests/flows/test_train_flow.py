@@ -14,7 +14,7 @@ import pytest
 from pipeline import tracking
 from pipeline.config import Workdir
 from tests.flows.prefect_api import temporary_prefect_api
-from tests.pipeline.staging_fixture import TINY, make_staging
+from tests.pipeline.ingest.staging_fixture import TINY, make_staging
 
 UI = "http://prefect.test:4200"
 

@@ -33,7 +33,7 @@ from pipeline.io.manifest import read_manifest
 from pipeline.model_store import load_model_dir
 from pipeline.synthetic.dataset import make_demo_dataset
 from pipeline.tracking.release import gate_run, register_model, train_and_log
-from tests.pipeline.staging_fixture import tiny_config
+from tests.pipeline.ingest.staging_fixture import tiny_config
 
 psycopg2 = pytest.importorskip("psycopg2")
 

@@ -604,7 +604,7 @@ def test_restore_by_lookup_equals_spatial_resample_away_from_ties(orientation, s
 
     from pipeline.planning.plan import Plan
     from pipeline.planning.transforms import _restore_axis_aligned, preprocess_volume, restore
-    from tests.pipeline.staging_fixture import _affine
+    from tests.pipeline.ingest.staging_fixture import _affine
 
     plan = Plan(
         slice_axis=2,

@@ -23,7 +23,7 @@ from pipeline.model_store import WEIGHTS_FILE, ModelIntegrityError, load_model_d
 from pipeline.planning.plan import Plan
 from pipeline.tracking import Tracker, load_registered, promote, register
 from pipeline.tracking import pyfunc as tracking_pyfunc
-from tests.pipeline.staging_fixture import make_staging
+from tests.pipeline.ingest.staging_fixture import make_staging
 from unet_model import UNet, UNetConfig
 
 matplotlib.use("Agg")

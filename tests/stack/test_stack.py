@@ -25,7 +25,7 @@ import pytest
 
 from pipeline.synthetic.dataset import make_demo_dataset
 from tests.deploy.schemas import assert_compose_valid
-from tests.pipeline.staging_fixture import TINY
+from tests.pipeline.ingest.staging_fixture import TINY
 from tests.stack.local import (
     DEPLOY,
     REPO,

@@ -13,7 +13,7 @@ from pipeline.planning.plan import (
     plan_dataset,
     save_plan,
 )
-from tests.pipeline.staging_fixture import make_staging
+from tests.pipeline.ingest.staging_fixture import make_staging
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 CT_STATS = {"mean": 60.0, "std": 20.0, "min": -50.0, "max": 400.0, "p0.5": -10.0, "p99.5": 200.0, "p1": 0.0}

@@ -8,7 +8,7 @@ from pipeline.io.manifest import read_manifest
 from pipeline.planning.plan import plan_dataset
 from pipeline.training.augment import train_transforms
 from pipeline.training.data import make_train_dataset
-from tests.pipeline.staging_fixture import make_staging
+from tests.pipeline.ingest.staging_fixture import make_staging
 
 
 @pytest.fixture(scope="module")

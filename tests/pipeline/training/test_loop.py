@@ -16,7 +16,7 @@ import torch.distributed as dist
 from pipeline.planning.plan import load_plan
 from pipeline.training.loop import TrainCallback, train
 from pipeline.training.result import plot_training_curves
-from tests.pipeline.staging_fixture import tiny_config
+from tests.pipeline.ingest.staging_fixture import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -433,16 +433,16 @@ def test_every_dicom_situation_at_once(tmp_path):
 
 
 # What hospitals really send: every entry accounted for, nothing blocks, one bad entry never
-# stops the others (tests/pipeline/ingest_situations.py builds each situation).
+# stops the others (tests/pipeline/ingest/situations.py builds each situation).
 
-from tests.pipeline import ingest_situations as situations  # noqa: E402
+from tests.pipeline.ingest import situations  # noqa: E402
 
 CLI = "from pipeline.cli import app; app()"
 
 
 def run_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
     """The real command in its own process: a FIFO that were opened would hang it, not the suite."""
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     return subprocess.run(
         [sys.executable, "-c", CLI, *args], capture_output=True, text=True, timeout=timeout, env=env
     )
@@ -621,7 +621,7 @@ def _ingest_peak(source: Path, staging: Path, config: Path, secret: Path) -> int
         "    print('maxrss', int(hwm) * 1024, file=sys.stderr)\n"
     )
     args = ["ingest", str(source), "--out", str(staging), "--secret-file", str(secret)]
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[3])}
     proc = subprocess.Popen(
         [sys.executable, "-c", code, *args, "--config", str(config)],
         stdout=subprocess.PIPE,

@@ -137,7 +137,7 @@ def default_memory_budget() -> int:
 # Peak resident memory of one ingest process: at most PEAK_FACTOR x its largest volume's decoded
 # size (the voxels as held: float32 for float or scaled NIfTI) plus FIXED_OVERHEAD_BYTES (the
 # interpreter, numpy, nibabel, pydicom, gzip and chunk buffers). Checked by the memory test in
-# tests/pipeline/test_ingest.py. Measured with its label: 377 MiB for a 256 MiB float32 NIfTI
+# tests/pipeline/ingest/test_ingest.py. Measured with its label: 377 MiB for a 256 MiB float32 NIfTI
 # at the limit (before streaming: 1008 MiB), 4.12 GiB for a 4 GiB one at 2**30 voxels (9.5 GB).
 # DICOM (frames decoded into the one output array): 252 MiB for a 128 MiB int16 series at the
 # limit, 641 MiB for a 512 MiB one (before: 369 and 1142 MiB, every decoded slice kept).
