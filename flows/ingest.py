@@ -9,32 +9,34 @@ from prefect.futures import as_completed
 
 from flows.common import CaseTimeout, case_runner, check_task_runner, content_key, path_key, run_isolated
 from flows.pull import is_pacs_url, pull_task
+from pipeline.errors import Reason
 from pipeline.ingest import (
     CONVERTER_VERSION,
     ConversionQueue,
+    IngestJobs,
     IngestLimits,
-    IngestPlan,
     convert_case,
     finalize_ingest,
     ingest_limits,
-    plan_ingest,
+    prepare_ingest,
+    record_case_failure,
 )
 
 
-@task(name="plan-ingest", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
-def plan_task(source: str, staging: str, secret_file: str | None, limits: IngestLimits) -> IngestPlan:
+@task(name="prepare-ingest", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
+def prepare_task(source: str, staging: str, secret_file: str | None, limits: IngestLimits) -> IngestJobs:
     """Header pass and validation (I/O: retried when a share hiccups)."""
-    return plan_ingest(source, staging, secret_file=secret_file, limits=limits)
+    return prepare_ingest(source, staging, secret_file=secret_file, limits=limits)
 
 
 def _convert_key(context, parameters) -> str:
     """Content key: the case's input bytes, the converter version, the staging folder."""
-    plan: IngestPlan = parameters["plan"]
+    jobs: IngestJobs = parameters["jobs"]
     staging = parameters["staging"]
     return content_key(
         "ingest",
         parameters["case_id"],
-        plan.input_hash(staging, parameters["case_id"]),
+        jobs.input_hash(staging, parameters["case_id"]),
         CONVERTER_VERSION,
         path_key(staging),
     )
@@ -51,19 +53,19 @@ def _convert_key(context, parameters) -> str:
     result_serializer="json",
 )
 def convert_task(
-    source: str, staging: str, case_id: str, plan: IngestPlan, secret_file: str | None, timeout_s: float
+    source: str, staging: str, case_id: str, jobs: IngestJobs, secret_file: str | None, timeout_s: float
 ) -> dict:
     """Convert one case (a DICOM series or a NIfTI case); bad input is quarantined, not raised.
 
     Runs in a child process that is killed at `timeout_s`, so a decoder hung on a hostile file
-    really stops; the case is then reported failed and the batch goes on.
+    really stops; the case is then recorded failed (TIMEOUT) and the batch goes on.
     """
     try:
         return run_isolated(
             convert_case, source, staging, case_id, secret_file=secret_file, timeout_s=timeout_s
         )
     except CaseTimeout as exc:
-        return {"case_id": case_id, "status": "failed", "reason": f"TIMEOUT: {exc}"}
+        return record_case_failure(source, staging, case_id, Reason.TIMEOUT, str(exc))
 
 
 @task(name="finalize-ingest", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
@@ -101,12 +103,12 @@ def ingest_flow(
         source = pull_task(source, staging, secret_file, None, credentials_block, include_derived=True)[
             "folder"
         ]
-    plan = plan_task(source, staging, secret_file, limits)
-    todo = set(plan.todo)
+    jobs = prepare_task(source, staging, secret_file, limits)
+    todo = set(jobs.todo)
     running, done = {}, {}
     with case_runner(task_runner, device="cpu") as runner:
         # Conversions start only while their planned memory fits the budget (and a slot is free).
-        queue = ConversionQueue(staging, plan.cases, limits, runner.slots, todo=todo)
+        queue = ConversionQueue(staging, jobs.cases, limits, runner.slots, todo=todo)
         while queue.busy:
             for case_id in queue.ready():
                 # Cases whose outputs are missing or stale always run; the others may come from cache.
@@ -115,7 +117,7 @@ def ingest_flow(
                     source=source,
                     staging=staging,
                     case_id=case_id,
-                    plan=plan,
+                    jobs=jobs,
                     secret_file=secret_file,
                     timeout_s=case_timeout_s,
                 )
@@ -124,7 +126,7 @@ def ingest_flow(
             case_id = running.pop(finished)
             queue.finished(case_id)
             done[case_id] = finished.result()
-    results = [done[case_id] for case_id in plan.cases]
+    results = [done[case_id] for case_id in jobs.cases]
     report = finalize_task(source, staging)
     create_table_artifact(
         key="ingest-cases",

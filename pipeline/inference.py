@@ -8,7 +8,7 @@
     and, for the batch: results.csv, quarantine.jsonl, run_manifest.json and report.html.
 
 The model is loaded and verified (sha256, no pickle) once, before any case runs. SOURCE goes
-through the ingest rules (`CasePlanner`: DICOM series, NIfTI, MSD datasets; MSD datasets predict
+through the ingest rules (`CaseFinder`: DICOM series, NIfTI, MSD datasets; MSD datasets predict
 their imagesTs) or is a staging folder (its manifest). Each case is preprocessed with the model's
 own plan, its slices run through the network in batches, argmax'd (uint8 labels, never a whole
 volume of float probabilities), mapped back to the native grid and optionally post-processed
@@ -53,11 +53,12 @@ from scipy import ndimage
 from tqdm.auto import tqdm
 
 from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
-from pipeline.ingest import CaseJob, CasePlanner, IngestLimits, discover, load_case
+from pipeline.ingest import CaseFinder, CaseJob, IngestLimits, job_from_json, job_to_json, load_case
 from pipeline.io.atomic import atomic_open, write_text
 from pipeline.io.batchdir import DONE_FILE, case_key, load_or_create_secret, read_done_marker
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
+from pipeline.io.walk import discover
 from pipeline.model_store import LoadedModel, code_version
 from pipeline.predict_memory import Pending, default_budget, planned_case_bytes, prefetch
 from pipeline.predict_records import (
@@ -197,12 +198,12 @@ def plan_cases(
     """The cases under `source` by the ingest rules, and the rejected inputs."""
     if (source / "manifest.jsonl").is_file() and (source / "images").is_dir():
         return _staging_cases(source), []
-    planner = CasePlanner(source, secret, limits)
-    planner.plan(discover(source), progress)
+    finder = CaseFinder(source, secret, limits)
+    finder.find(discover(source), progress)
     cases = []
-    for job in planner.jobs:
+    for job in finder.jobs:
         if job.kind == "dicom":
-            assert job.group is not None  # CasePlanner always sets it for DICOM jobs
+            assert job.group is not None  # CaseFinder always sets it for DICOM jobs
             # Predict ignores annotations: a broken manual SEG must not stop a prediction.
             job = dataclasses.replace(job, segs=[])
             images = job.group.files
@@ -213,7 +214,7 @@ def plan_cases(
                 continue  # an MSD dataset: predict its imagesTs, not the cases it was trained on
             job = dataclasses.replace(job, nifti=dataclasses.replace(job.nifti, label=None))
             cases.append(PredictCase(job.case_id, job.nifti.image, "nifti", job.inputs_sha256, job))
-    return cases, planner.rejected
+    return cases, finder.rejected
 
 
 def _staging_cases(staging: Path) -> list[PredictCase]:
@@ -554,14 +555,12 @@ def _plan_dir(out: Path) -> Path:
 
 
 def _case_to_json(case: PredictCase) -> dict[str, Any]:
-    from pipeline.ingest import _job_to_json
-
     return {
         "case_id": case.case_id,
         "source": case.source,
         "kind": case.kind,
         "inputs_sha256": case.inputs_sha256,
-        "job": _job_to_json(case.job) if case.job is not None else None,
+        "job": job_to_json(case.job) if case.job is not None else None,
         "image_path": str(case.image_path) if case.image_path is not None else None,
         "modality": case.modality,
     }
@@ -871,13 +870,11 @@ class _Batch:
 
     def job_for(self, case: PredictCase) -> PredictCase:
         """The case with its ingest job rebuilt (DICOM: headers re-read; raises InputRejected)."""
-        from pipeline.ingest import _job_from_json
-
         data = json.loads((_plan_dir(self.out) / "cases" / f"{case.case_id}.json").read_text("utf-8"))
         if data["job"] is None:
             return case
         secret = load_or_create_secret(Path(self.meta["secret_file"]))
-        job = _job_from_json(data["job"], self.source, secret, self.limits)
+        job = job_from_json(data["job"], self.source, secret, self.limits)
         return dataclasses.replace(case, job=job)
 
 
