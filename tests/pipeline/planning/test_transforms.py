@@ -6,7 +6,7 @@ from pipeline.io.manifest import read_manifest
 from pipeline.io.volume import Volume
 from pipeline.planning.plan import Plan, plan_dataset
 from pipeline.planning.transforms import body_mask, preprocess_volume, restore_labels
-from tests.pipeline.staging_fixture import make_staging
+from tests.pipeline.ingest.staging_fixture import make_staging
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
 

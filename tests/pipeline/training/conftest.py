@@ -1,6 +1,6 @@
 import pytest
 
-from tests.pipeline.staging_fixture import make_staging
+from tests.pipeline.ingest.staging_fixture import make_staging
 
 
 @pytest.fixture(scope="module")

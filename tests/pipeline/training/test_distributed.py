@@ -4,7 +4,7 @@ import torch.distributed as dist
 from pipeline.training import distributed
 from pipeline.training.distributed import DistContext, process_group
 from pipeline.training.loop import TrainCallback, train
-from tests.pipeline.staging_fixture import tiny_config
+from tests.pipeline.ingest.staging_fixture import tiny_config
 
 
 @pytest.fixture
