@@ -13,6 +13,10 @@
 - `broken_nifti/`: NIfTI files that the NIfTI checks must reject.
 - `expected.json`: what ingest should make of all this (`DemoDatasetInfo`, paths relative to `out`).
 
+Each case is one body drawn in patient coordinates (`phantom.Anatomy`) and sampled through its
+series' own affine, so the orientations differ in how the same kind of body is seen, not in what
+it is; the labels are sampled from the same shapes on the same grid.
+
 Same seed, same bytes: UIDs, dates and noise all derive from the seed, never from the clock.
 """
 
@@ -47,10 +51,11 @@ from pipeline.synthetic.dicom import (
     SAGITTAL,
     Patient,
     SeriesSpec,
+    slice_normal,
     slice_positions,
     write_dicom_series,
 )
-from pipeline.synthetic.phantom import LABELS, make_phantom
+from pipeline.synthetic.phantom import LABELS, Anatomy, make_anatomy, make_phantom, sample
 from pipeline.synthetic.seg import write_seg
 
 log = logging.getLogger(__name__)
@@ -177,6 +182,24 @@ def dicom_affine(spec: SeriesSpec, positions: np.ndarray) -> np.ndarray:
     return np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps
 
 
+def _slab(
+    anatomy: Anatomy, orientation: tuple[float, ...], spacing: float, *, coverage: float, max_slices: int
+) -> tuple[int, float, np.ndarray]:
+    """(slices, slice spacing mm, centre LPS) of an acquisition of `anatomy` in `orientation`.
+
+    Its centre is on the body's axis in-plane and on the organ along the slice normal; its
+    slices cover `coverage` of the organ's extent along the normal (at most `max_slices`; at
+    least 6, thinner than `spacing` for a small organ), so the organ crosses nearly every slice
+    in any orientation and a lesion inside or at the edge of it is always in the slab.
+    """
+    normal = slice_normal(orientation)
+    mid, half = anatomy.organ_extent(normal)
+    spacing = min(spacing, round(2 * half * coverage / 6, 1))
+    n = int(np.clip(round(2 * half * coverage / spacing), 6, max(6, max_slices)))
+    center = anatomy.body_center + normal * (mid - normal @ anatomy.body_center)
+    return n, spacing, np.round(center, 1)
+
+
 def _file_names(rng: np.random.Generator, n: int, style: int, subfolders: int) -> list[str]:
     """Shuffled, scanner-like file names in slice order; `subfolders` > 1 spreads them out."""
     order = rng.permutation(n)
@@ -296,13 +319,18 @@ def _write_case(i: int, seed: int, size: int, *, split: str, info: DemoDatasetIn
     name = f"demo_{i + 1:03d}"
     rows = max(MIN_SIZE, size + 8 * (i % 3 - 1))
     cols = max(MIN_SIZE, size + 8 * (i % 2))
-    n = max(6, round(size * rng.uniform(0.22, 0.42)))
     ps = round(float(np.round(rng.uniform(1.0, 1.5) / 0.05) * 0.05), 2)
     ss = float(rng.choice([2.5, 3.0, 3.5, 4.0]))
-    image, label = make_phantom(
-        (n, rows, cols), (ss, ps, ps), seed=_case_seed(seed, 1000 + i), modality=modality
+    # One body in patient coordinates, seen through this series' geometry (see _slab).
+    anatomy = make_anatomy(
+        _case_seed(seed, 1000 + i),
+        modality,
+        fov=min(rows, cols) * ps,
+        center=np.round(rng.uniform(-20, 20, 3), 1),
     )
-    stored, intercept, signed = _stored(image, modality, unsigned_ct=i % 4 != 1)
+    orientation = _orientation(orientation_name)
+    coverage = rng.uniform(0.8, 1.0)
+    n, ss, center = _slab(anatomy, orientation, ss, coverage=coverage, max_slices=round(0.45 * size))
 
     p = _patient_number(i)
     patient = Patient(
@@ -314,8 +342,6 @@ def _write_case(i: int, seed: int, size: int, *, split: str, info: DemoDatasetIn
     study_uid = shared[p] if i == 3 else _uid(rng)  # cases 2 and 3 share a study
     shared[p] = study_uid
     folder, subfolders = _case_folder(i)
-    orientation = _orientation(orientation_name)
-    center = np.round(rng.uniform(-20, 20, 3), 1)
     instance_numbers = list(range(1, n + 1))
     if i % 4 == 2:
         instance_numbers.reverse()  # numbering against position: ordering must use positions
@@ -327,8 +353,6 @@ def _write_case(i: int, seed: int, size: int, *, split: str, info: DemoDatasetIn
         origin=_origin(orientation, (n, rows, cols), (ps, ps), ss, center),
         pixel_spacing=(ps, ps),
         slice_spacing=ss,
-        rescale_intercept=intercept,
-        signed=signed,
         patient=patient,
         study_uid=study_uid,
         series_uid=_uid(rng),
@@ -342,6 +366,11 @@ def _write_case(i: int, seed: int, size: int, *, split: str, info: DemoDatasetIn
         file_names=_file_names(rng, n, style=i % 4, subfolders=subfolders),
         seed=_case_seed(seed, 2000 + i),
     )
+    # The voxels: the anatomy sampled through the very affine the DICOM and NIfTI headers carry.
+    affine = dicom_affine(spec, slice_positions(spec, n))
+    image, label = sample(anatomy, (n, rows, cols), affine, seed=_case_seed(seed, 4000 + i))
+    stored, intercept, signed = _stored(image, modality, unsigned_ct=i % 4 != 1)
+    spec.rescale_intercept, spec.signed = intercept, signed
     out_dir = info.dicom_root / folder
     for sub in {Path(f).parent for f in spec.file_names}:
         (out_dir / sub).mkdir(parents=True, exist_ok=True)
@@ -350,7 +379,6 @@ def _write_case(i: int, seed: int, size: int, *, split: str, info: DemoDatasetIn
     write_seg(label, paths, info.dicom_root / seg_rel, LABEL_NAMES, seed=_case_seed(seed, 3000 + i))
 
     # MSD copy: voxels are the DICOM modality values, on the DICOM grid (column, row, slice).
-    affine = dicom_affine(spec, slice_positions(spec, n))
     values = (stored.astype(np.int32) + int(intercept)).astype(np.int16)
     folder_img = "imagesTr" if split == "train" else "imagesTs"
     msd_image = f"{folder_img}/{name}.nii.gz"

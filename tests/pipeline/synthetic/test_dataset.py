@@ -23,6 +23,15 @@ def _digest(root):
     }
 
 
+def _seg_label(demo, case):
+    """(the case's DICOM SEG, its label map in the series' slice order)."""
+    seg = hd.seg.segread(demo.dicom_root / case.seg)
+    uids = [
+        pydicom.dcmread(demo.dicom_root / f, stop_before_pixels=True).SOPInstanceUID for f in case.dicom_files
+    ]
+    return seg, seg.get_pixels_by_source_instance(uids, combine_segments=True)
+
+
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     return make_demo_dataset(tmp_path_factory.mktemp("demo") / "out", n_cases=N_CASES, seed=0, size=SIZE)
@@ -89,11 +98,7 @@ def test_dicom_series_has_the_tags_and_geometry_intended(demo, index):
 @pytest.mark.parametrize("index", range(N_CASES))
 def test_seg_references_its_series_and_holds_the_label(demo, index):
     case = demo.cases[index]
-    seg = hd.seg.segread(demo.dicom_root / case.seg)
-    uids = [
-        pydicom.dcmread(demo.dicom_root / f, stop_before_pixels=True).SOPInstanceUID for f in case.dicom_files
-    ]
-    array = seg.get_pixels_by_source_instance(uids, combine_segments=True)
+    seg, array = _seg_label(demo, case)
     assert [d.SegmentLabel for d in seg.SegmentSequence] == ["organ", "lesion"]
     assert {int(k): int((array == k).sum()) for k in (1, 2)} == case.label_voxels
     if case.msd_label is not None:
@@ -174,3 +179,13 @@ def test_cli_demo_data_prints_a_summary(tmp_path):
     rerun = CliRunner().invoke(app, ["demo-data", str(tmp_path / "d"), "--cases", "1", "--size", "32"])
     assert rerun.exit_code == 0, rerun.output  # its own earlier output is replaced
     assert len(json.loads((tmp_path / "d" / "expected.json").read_text())["cases"]) == 1
+
+
+@pytest.mark.parametrize("index", range(N_CASES))
+def test_every_orientation_shows_the_organ_on_most_slices_and_the_lesion(demo, index):
+    # The anatomy is drawn in patient coordinates and each series is placed on it: whatever the
+    # orientation, the organ crosses nearly every slice and the lesion is in the slab.
+    case = demo.cases[index]
+    _, label = _seg_label(demo, case)
+    assert (label > 0).any(axis=(1, 2)).mean() >= 0.8, case.orientation
+    assert (label == 2).any(axis=(1, 2)).mean() >= 0.3, case.orientation
