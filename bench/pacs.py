@@ -26,7 +26,7 @@ from pipeline.config import PipelineConfig
 from pipeline.inference import predict
 from pipeline.ingest import ingest
 from pipeline.io.batchdir import load_or_create_secret
-from pipeline.model_store import save_model_dir
+from pipeline.io.model_dir import save_model_dir
 from pipeline.pacs.pull import pull
 from pipeline.pacs.push import push_batch
 from pipeline.planning.plan import plan_dataset

@@ -28,7 +28,7 @@ from bench.common import sync
 from pipeline.config import PipelineConfig
 from pipeline.inference import load_image, load_model, plan_cases, predict, segment_slices
 from pipeline.ingest import IngestLimits, ingest
-from pipeline.model_store import save_model_dir
+from pipeline.io.model_dir import save_model_dir
 from pipeline.planning.plan import plan_dataset
 from pipeline.planning.transforms import preprocess_volume
 from pipeline.runtime import configure_threads, prepare_model, resolve_precision

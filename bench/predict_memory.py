@@ -42,8 +42,8 @@ def measure(
 
     from pipeline.inference import predict
     from pipeline.ingest import IngestLimits
+    from pipeline.io.model_dir import save_model_dir
     from pipeline.io.volume import Volume, save_nifti
-    from pipeline.model_store import save_model_dir
     from pipeline.planning.plan import Plan
     from pipeline.predict_memory import planned_case_bytes
     from pipeline.synthetic.phantom import make_phantom

@@ -12,7 +12,7 @@ from prefect.settings import PREFECT_UI_URL
 
 from flows.common import config_hash, content_key, path_key
 from pipeline.config import PipelineConfig, Workdir, load_config
-from pipeline.model_store import code_version
+from pipeline.io.model_dir import code_version
 from pipeline.tracking import TAG_PREFECT_FLOW_RUN_ID, TAG_PREFECT_FLOW_RUN_URL, dataset_sha256
 from pipeline.tracking.release import gate_run, register_model, summary_markdown, train_and_log
 

@@ -56,10 +56,10 @@ from pipeline.errors import IGNORED_REASONS, InputRejected, Reason
 from pipeline.ingest import CaseFinder, CaseJob, IngestLimits, job_from_json, job_to_json, load_case
 from pipeline.io.atomic import atomic_open, write_text
 from pipeline.io.batchdir import DONE_FILE, case_key, load_or_create_secret, read_done_marker
+from pipeline.io.model_dir import LoadedModel, code_version
 from pipeline.io.nifti import load_nifti
 from pipeline.io.volume import Volume
 from pipeline.io.walk import discover
-from pipeline.model_store import LoadedModel, code_version
 from pipeline.predict_memory import Pending, default_budget, planned_case_bytes, prefetch
 from pipeline.predict_records import (
     OUTPUT_VERSION,
@@ -394,7 +394,7 @@ def predict_volume(
 ) -> np.ndarray:
     """A uint8 label map on `volume`'s own grid (same shape; its affine applies).
 
-    `model` is a loaded model (`model_store.load_model_dir`, or `load_model`'s handle) with its
+    `model` is a loaded model (`model_dir.load_model_dir`, or `load_model`'s handle) with its
     plan; its network is put in eval mode. `options` default to PredictOptions(); `device` to
     the network's. `prepared` is `preprocess_volume(volume, plan)` when already computed.
     """
@@ -580,7 +580,7 @@ def _case_from_json(data: dict[str, Any]) -> PredictCase:
 
 def _stage_model(handle: ModelHandle, dst: Path) -> None:
     """Copy the verified model folder to `dst` (workers reload it from there, never the registry)."""
-    from pipeline.model_store import MODEL_FILE, save_model_dir
+    from pipeline.io.model_dir import MODEL_FILE, save_model_dir
 
     try:
         if json.loads((dst / MODEL_FILE).read_text(encoding="utf-8"))["weights_sha256"] == handle.sha256:
@@ -677,7 +677,7 @@ def _write_plan(
 ) -> BatchPlan:
     """prepare_batch once the model is staged (under the plan lock): plan the cases, write the plan."""
     from pipeline.config import PipelineConfig, Workdir
-    from pipeline.model_store import MODEL_FILE
+    from pipeline.io.model_dir import MODEL_FILE
 
     plan_dir = _plan_dir(out)
     model_dir = plan_dir / "model"
@@ -824,7 +824,7 @@ def _remember_model(handle: ModelHandle, device: str) -> None:
 
 def _cached_model(model_dir: Path, sha256: str, device: str) -> LoadedModel:
     """The verified model of a batch, loaded at most once per process and device."""
-    from pipeline.model_store import load_model_dir
+    from pipeline.io.model_dir import load_model_dir
     from pipeline.runtime import resolve_device
 
     key = _model_key(sha256, device)

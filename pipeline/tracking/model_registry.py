@@ -24,7 +24,7 @@ from urllib.parse import urlparse
 import mlflow
 from mlflow.models import Model
 
-from pipeline.model_store import LoadedModel, ModelIntegrityError, load_model_dir
+from pipeline.io.model_dir import LoadedModel, ModelIntegrityError, load_model_dir
 from pipeline.tracking.store import (
     CHALLENGER,
     CHAMPION,

@@ -218,7 +218,7 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from pipeline.config import PipelineConfig
         from pipeline.inference import ModelHandle, PredictOptions
-        from pipeline.model_store import load_model_dir
+        from pipeline.io.model_dir import load_model_dir
         from pipeline.runtime import configure_threads, prepare_model, resolve_device
 
         self.device = resolve_device("auto")

@@ -24,7 +24,7 @@ from pipeline import tracking
 from pipeline.config import PipelineConfig, Workdir
 from pipeline.inference import PredictOptions
 from pipeline.io.manifest import read_manifest
-from pipeline.model_store import LoadedModel
+from pipeline.io.model_dir import LoadedModel
 from pipeline.planning.plan import Plan
 from pipeline.runtime import prepare_model, resolve_device
 from pipeline.training.loop import train

@@ -8,7 +8,7 @@
   network; GPU where NVML is installed) under system/.
 - `Tracker.log_dataset` records the staged dataset as the run's input (digest: the manifest
   hash; profile: case counts and the split).
-- `Tracker.log_model` logs a folder written by `pipeline.model_store.save_model_dir` as the
+- `Tracker.log_model` logs a folder written by `pipeline.io.model_dir.save_model_dir` as the
   volume pyfunc of `pipeline.tracking.pyfunc` (from code, with the project's code and pinned
   requirements; the weights stay safetensors, checked by sha256 on load).
 
@@ -34,7 +34,7 @@ import yaml
 from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
 from mlflow.models import Model
 
-from pipeline.model_store import code_version, load_model_dir
+from pipeline.io.model_dir import code_version, load_model_dir
 from pipeline.tracking import pyfunc
 from pipeline.tracking.datasets import CONTEXT_TRAINING, manifest_dataset
 from pipeline.tracking.store import (

@@ -5,7 +5,7 @@ splits cases, trains with Dice + cross-entropy, validates every `val_every` epoc
 validation volumes through predict's own path (`validate.validate`), keeps the best weights by
 mean validation Dice, stops early or at the wall-clock budget, checkpoints every epoch and
 resumes from the last checkpoint after a crash. It ends by writing the model folder
-(`pipeline.model_store.save_model_dir`) and returns a `TrainResult`.
+(`pipeline.io.model_dir.save_model_dir`) and returns a `TrainResult`.
 
 What carries from epoch to epoch is a `LoopState`; what a run builds once (network, optimizer,
 schedule, device) is a `_Run`; an epoch is `run_epoch`: `train_epoch`, then `validate_epoch` on

@@ -13,7 +13,7 @@ from torch import nn
 
 from pipeline.config import PipelineConfig
 from pipeline.io.atomic import atomic_path, write_text
-from pipeline.model_store import save_model_dir
+from pipeline.io.model_dir import save_model_dir
 from pipeline.planning.plan import Plan
 
 MODEL_DIR = "model"

@@ -30,7 +30,7 @@ import pytest
 
 from pipeline.ingest import ingest
 from pipeline.io.manifest import read_manifest
-from pipeline.model_store import load_model_dir
+from pipeline.io.model_dir import load_model_dir
 from pipeline.synthetic.dataset import make_demo_dataset
 from pipeline.tracking.release import gate_run, register_model, train_and_log
 from tests.pipeline.ingest.staging_fixture import tiny_config

@@ -14,7 +14,7 @@ import torch
 
 from pipeline.config import PipelineConfig
 from pipeline.ingest import ingest
-from pipeline.model_store import save_model_dir
+from pipeline.io.model_dir import save_model_dir
 from pipeline.planning.plan import Plan, plan_dataset
 from pipeline.synthetic.dataset import DemoDatasetInfo, make_demo_dataset
 from unet_model import UNet, UNetConfig

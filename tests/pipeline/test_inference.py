@@ -301,7 +301,7 @@ def test_tampered_model_is_refused_before_any_case(setup, nifti_source, tmp_path
 def test_two_prepares_of_one_out_at_once_both_succeed_with_one_plan(setup, nifti_source, tmp_path):
     """Two orchestrators planning the same OUT at the same moment (fresh folders: the model is
     staged by both); a few rounds, since a collision depends on timing."""
-    from pipeline.model_store import load_model_dir
+    from pipeline.io.model_dir import load_model_dir
 
     for round_ in range(3):
         out = tmp_path / f"out{round_}"

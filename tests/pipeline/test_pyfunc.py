@@ -137,7 +137,7 @@ def test_a_refused_nifti_names_its_reason_code(served, tmp_path):
 def test_the_slice_level_returns_the_networks_logits(served):
     import torch
 
-    from pipeline.model_store import load_model_dir
+    from pipeline.io.model_dir import load_model_dir
 
     net = load_model_dir(served["model_dir"]).model.eval()
     x = np.random.default_rng(3).normal(size=(3, 1, 33, 37)).astype(np.float32)

@@ -19,7 +19,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.config import Workdir
-from pipeline.model_store import WEIGHTS_FILE, ModelIntegrityError, load_model_dir, save_model_dir
+from pipeline.io.model_dir import WEIGHTS_FILE, ModelIntegrityError, load_model_dir, save_model_dir
 from pipeline.planning.plan import Plan
 from pipeline.tracking import Tracker, load_registered, promote, register
 from pipeline.tracking import pyfunc as tracking_pyfunc

@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 
-from pipeline.model_store import (
+from pipeline.io.model_dir import (
     CONFIG_FILE,
     MODEL_FILE,
     PLAN_FILE,
