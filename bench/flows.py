@@ -146,11 +146,12 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 def _measure(args, tmp: Path) -> dict[str, float]:
     from flows.common import task_runner
     from flows.inference import batch_inference_flow
-    from pipeline.inference import finalize_batch, predict_case, prepare_batch, track_batch
+    from pipeline.inference.batch import finalize_batch, predict_case, prepare_batch
     from pipeline.ingest import ingest
     from pipeline.planning.plan import plan_dataset
     from pipeline.synthetic.dataset import make_demo_dataset
-    from tests.pipeline.predict_fixture import save_untrained_model
+    from pipeline.tracking.batch import track_batch
+    from tests.pipeline.inference.predict_fixture import save_untrained_model
 
     demo = make_demo_dataset(tmp / "demo", n_cases=3, size=48)
     secret = tmp / "secret"

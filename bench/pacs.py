@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PipelineConfig
-from pipeline.inference import predict
+from pipeline.inference.batch import predict
 from pipeline.ingest import ingest
 from pipeline.io.batchdir import load_or_create_secret
 from pipeline.io.model_dir import save_model_dir

@@ -3,7 +3,7 @@
     python bench/predict.py                         # demo DICOM tree, default model config, CPU
     python bench/predict.py --cases 12 --size 160 --device cuda
 
-End to end: `pipeline.inference.predict` on the demo's DICOM tree (validation, decoding,
+End to end: `pipeline.inference.batch.predict` on the demo's DICOM tree (validation, decoding,
 preprocessing, forward, argmax, restore to the native grid, NIfTI + DICOM SEG + QC + tables +
 report), with the model already loaded (it is loaded once per process). Model-only bound: the
 network's forward + argmax on the same preprocessed slices, already in memory. Ratio = end-to-end
@@ -26,7 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import sync
 from pipeline.config import PipelineConfig
-from pipeline.inference import load_image, load_model, plan_cases, predict, segment_slices
+from pipeline.inference.batch import predict
+from pipeline.inference.cases import load_image, plan_cases
+from pipeline.inference.model import load_model
+from pipeline.inference.predictor import segment_slices
 from pipeline.ingest import IngestLimits, ingest
 from pipeline.io.model_dir import save_model_dir
 from pipeline.planning.plan import plan_dataset

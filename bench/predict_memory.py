@@ -40,12 +40,12 @@ def measure(
     volume's size (a volume at the limit), and return the measured figures."""
     import torch
 
-    from pipeline.inference import predict
+    from pipeline.inference.batch import predict
+    from pipeline.inference.memory import planned_case_bytes
     from pipeline.ingest import IngestLimits
     from pipeline.io.model_dir import save_model_dir
     from pipeline.io.volume import Volume, save_nifti
     from pipeline.planning.plan import Plan
-    from pipeline.predict_memory import planned_case_bytes
     from pipeline.synthetic.phantom import make_phantom
     from unet_model import UNet, UNetConfig
 

@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _measure(args, tmp: Path) -> list[dict]:
     from flows.common import run_isolated
     from flows.inference import batch_inference_flow, chunk_size_for
-    from pipeline.inference import finalize_batch, predict_case, prepare_batch
+    from pipeline.inference.batch import finalize_batch, predict_case, prepare_batch
     from pipeline.system import available_cores
 
     model, secret = _setup(tmp)
@@ -165,7 +165,7 @@ def _setup(tmp: Path) -> tuple[Path, Path]:
     from pipeline.ingest import ingest
     from pipeline.planning.plan import plan_dataset
     from pipeline.synthetic.dataset import make_demo_dataset
-    from tests.pipeline.predict_fixture import save_untrained_model
+    from tests.pipeline.inference.predict_fixture import save_untrained_model
 
     demo = make_demo_dataset(tmp / "demo", n_cases=3, size=48)
     secret = tmp / "secret"
@@ -178,8 +178,8 @@ def _footprint(shape: tuple[int, int, int]) -> dict:
     import resource
 
     from flows.common import WorkerPool
-    from pipeline.footprint import BYTES_PER_VOXEL, planned_voxels
-    from pipeline.inference import predict_case, prepare_batch
+    from pipeline.inference.batch import predict_case, prepare_batch
+    from pipeline.inference.footprint import BYTES_PER_VOXEL, planned_voxels
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
     pool = WorkerPool()
@@ -201,7 +201,7 @@ def _footprint(shape: tuple[int, int, int]) -> dict:
     per_voxel = (after - before) / voxels
     print(f"one {'x'.join(map(str, shape))} case ({voxels / 1e6:.1f} M voxels) on a warm CPU worker:")
     print(f"  peak RSS {before / 2**20:.0f} -> {after / 2**20:.0f} MiB: {per_voxel:.1f} B/voxel")
-    print(f"  pipeline.footprint.BYTES_PER_VOXEL = {BYTES_PER_VOXEL}")
+    print(f"  pipeline.inference.footprint.BYTES_PER_VOXEL = {BYTES_PER_VOXEL}")
     return {"voxels": voxels, "bytes_per_voxel": per_voxel}
 
 

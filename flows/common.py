@@ -145,7 +145,7 @@ def _context():
         ctx.set_forkserver_preload(
             [
                 "pipeline.ingest",
-                "pipeline.inference",
+                "pipeline.inference.batch",
                 "pipeline.planning.transforms",
                 "pipeline.planning.plan",
                 "pipeline.export",

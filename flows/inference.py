@@ -28,15 +28,9 @@ from prefect.states import Completed, Failed
 from flows.common import CaseTimeout, case_runner, check_task_runner, content_key, path_key, run_isolated
 from flows.pull import is_pacs_url, pull_task
 from pipeline.errors import Reason
-from pipeline.inference import (
-    TRACKING_EXPERIMENT,
-    BatchPlan,
-    case_key,
-    finalize_batch,
-    predict_case,
-    prepare_batch,
-    track_batch,
-)
+from pipeline.inference.batch import BatchPlan, finalize_batch, predict_case, prepare_batch
+from pipeline.io.batchdir import case_key
+from pipeline.tracking.batch import TRACKING_EXPERIMENT, track_batch
 
 
 @task(
@@ -56,7 +50,7 @@ def prepare_task(
 
 
 def _case_key(context, parameters) -> str:
-    """The case key of its done-marker (`pipeline.inference.case_key`: input bytes, model, every
+    """The case key of its done-marker (`pipeline.io.batchdir.case_key`: input bytes, model, every
     option that changes the outputs) and the output folder."""
     plan: BatchPlan = parameters["plan"]
     case_id = parameters["case_id"]
@@ -66,7 +60,7 @@ def _case_key(context, parameters) -> str:
 
 def _predict_one(out: str, case_id: str, timeout_s: float) -> dict:
     """predict_case in a worker process, once its planned memory fits beside the cases running."""
-    from pipeline.footprint import planned_case_bytes
+    from pipeline.inference.footprint import planned_case_bytes
 
     need = planned_case_bytes(out, case_id)
     return run_isolated(predict_case, out, case_id, timeout_s=timeout_s, memory_bytes=need)

@@ -395,7 +395,9 @@ def predict_command(
     """
     import sys
 
-    from pipeline.inference import ModelLoadError, check_out_folder, predict
+    from pipeline.inference.batch import predict
+    from pipeline.inference.batchdir import check_out_folder
+    from pipeline.inference.model import ModelLoadError
 
     setup_logging(verbose)
     try:
@@ -507,7 +509,7 @@ def _pull_incomplete(out: Path) -> bool:
 
 def _push_results(summary, push: str, ca_bundle: Path | None, with_sr: bool) -> int:
     """Push the ok cases, refresh results.csv's push columns; 1 when any push failed, else 0."""
-    from pipeline.inference import finalize_batch
+    from pipeline.inference.batch import finalize_batch
     from pipeline.pacs.push import push_batch
     from pipeline.pacs.record import PushStatus
 

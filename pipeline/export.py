@@ -28,7 +28,7 @@ from pipeline.qc import write_qc_png  # noqa: F401
 from pipeline.report import write_report_html  # noqa: F401
 
 if TYPE_CHECKING:
-    from pipeline.inference import CaseResult
+    from pipeline.inference.results import CaseResult
     from pipeline.io.dicom import SeriesGroup
 
 log = logging.getLogger(__name__)

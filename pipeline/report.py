@@ -21,7 +21,7 @@ from pipeline.io.atomic import write_text
 from pipeline.qc import label_list_colours
 
 if TYPE_CHECKING:
-    from pipeline.inference import CaseResult
+    from pipeline.inference.results import CaseResult
 
 # Outlier rule (Iglewicz and Hoaglin): modified z = 0.6745 (x - median) / MAD; |z| > 3.5 is
 # flagged. Needs at least this many ok cases with the label to say anything.

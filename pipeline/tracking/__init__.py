@@ -6,7 +6,9 @@
 - `datasets`: the staged dataset as an MLflow dataset input;
 - `store`: where the store lives, tag names, redaction of credentials and identifiers;
 - `release`: train -> log -> register -> champion gate (import it from `pipeline.tracking.release`:
-  it sits above the training stage, so the names below leave it out).
+  it sits above the training stage, so the names below leave it out);
+- `batch`: a finished predict batch as one run (`track_batch`; import it from
+  `pipeline.tracking.batch`: it reads the inference stage's batch folder).
 
 The names below are the package's interface; import them from `pipeline.tracking`.
 """

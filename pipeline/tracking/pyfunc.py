@@ -13,7 +13,7 @@ writes seg.nii.gz; an existing file is never replaced).
 Output: one row per input row: ``mask``, the uint8 label volume on the input's own grid (same
 shape; the input's affine applies), and ``mask_path``, the file written for ``out`` (else None).
 
-The work is `pipeline.inference.predict_volume`, the function `unet-pipeline predict` runs for
+The work is `pipeline.inference.predictor.predict_volume`, the function `unet-pipeline predict` runs for
 each case: the model's own plan, preprocessing, slice-wise prediction, post-processing as the
 training config's infer section says, and the return to the input's grid. So the pyfunc's mask
 is predict's mask, voxel for voxel.
@@ -217,7 +217,8 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         from pipeline.config import PipelineConfig
-        from pipeline.inference import ModelHandle, PredictOptions
+        from pipeline.inference.model import ModelHandle
+        from pipeline.inference.predictor import PredictOptions
         from pipeline.io.model_dir import load_model_dir
         from pipeline.runtime import configure_threads, prepare_model, resolve_device
 
@@ -310,7 +311,7 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
 
     def _segment(self, i: int, row: Mapping[str, Any]) -> dict[str, Any]:
         from pipeline import export
-        from pipeline.inference import predict_volume
+        from pipeline.inference.predictor import predict_volume
 
         target = _out_path(i, row)
         volume = self._volume(i, row)

@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, Workdir
-from pipeline.inference import PredictOptions
+from pipeline.inference.predictor import PredictOptions
 from pipeline.io.manifest import read_manifest
 from pipeline.io.model_dir import LoadedModel
 from pipeline.planning.plan import Plan

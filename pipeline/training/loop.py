@@ -38,7 +38,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from pipeline.config import PipelineConfig
-from pipeline.inference import PredictOptions
+from pipeline.inference.predictor import PredictOptions
 from pipeline.io.atomic import write_text
 from pipeline.io.manifest import read_manifest
 from pipeline.planning.plan import Plan, load_plan, plan_dataset, save_plan

@@ -18,7 +18,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline.inference import PredictOptions, load_staged_volume, predict_prepared
+from pipeline.inference.cases import load_staged_volume
+from pipeline.inference.predictor import PredictOptions, predict_prepared
 from pipeline.planning.plan import Plan
 from pipeline.planning.transforms import PreprocessInfo, preprocess_volume
 from pipeline.training.metrics import mean_over_cases, segmentation_metrics

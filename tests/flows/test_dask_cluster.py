@@ -28,7 +28,7 @@ import psutil
 import pytest
 
 from tests.flows.prefect_api import temporary_prefect_api
-from tests.pipeline.predict_fixture import PredictSetup, make_predict_setup
+from tests.pipeline.inference.predict_fixture import PredictSetup, make_predict_setup
 
 REPO = Path(__file__).resolve().parents[2]
 N_CASES = 8

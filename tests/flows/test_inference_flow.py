@@ -17,9 +17,9 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.inference import finalize_batch, predict_case, prepare_batch
+from pipeline.inference.batch import finalize_batch, predict_case, prepare_batch
 from tests.flows.prefect_api import temporary_prefect_api
-from tests.pipeline.predict_fixture import PredictSetup, make_predict_setup
+from tests.pipeline.inference.predict_fixture import PredictSetup, make_predict_setup
 
 CASE_ID = re.compile(r"^case_[0-9a-f]{16}$")
 
@@ -219,7 +219,7 @@ def test_a_failing_case_fails_the_flow_and_the_others_finish(prefect_api, setup,
 def test_the_task_cache_key_is_the_done_markers_case_key(prefect_api, setup, tmp_path):
     """One function keys both: the Prefect cache of predict-case and the done-markers."""
     from flows.common import content_key, path_key
-    from pipeline.inference import case_key
+    from pipeline.io.batchdir import case_key
 
     src, out = _source(setup, tmp_path, 2), tmp_path / "out"
     plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)

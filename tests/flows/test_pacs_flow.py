@@ -14,8 +14,8 @@ import pydicom
 import pytest
 
 from tests.flows.prefect_api import temporary_prefect_api
+from tests.pipeline.inference.predict_fixture import make_predict_setup
 from tests.pipeline.pacs.orthanc import ORTHANC_BIN, PASSWORD, SKIP_REASON, USER, start_orthanc
-from tests.pipeline.predict_fixture import make_predict_setup
 
 TZ = "Europe/Berlin"
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import tracking
-from pipeline.inference import predict
+from pipeline.inference.batch import predict
 from pipeline.ingest import ingest
 from pipeline.io.manifest import read_manifest
 from pipeline.io.model_dir import load_model_dir

@@ -35,7 +35,7 @@ import pytest
 
 from pipeline.tracking import Tracker, promote, register
 from tests.integration.test_servers import Service, _clean_env, _free_port, _healthy
-from tests.pipeline.predict_fixture import make_predict_setup, save_untrained_model
+from tests.pipeline.inference.predict_fixture import make_predict_setup, save_untrained_model
 
 # A cold cache installs the whole environment (about 10 minutes on a busy 2-core machine).
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(2400)]

@@ -430,7 +430,7 @@ def test_worker_killed_mid_batch_and_restarted_finishes_only_what_is_left(world,
 
 def test_same_case_submitted_twice_at_once_is_processed_once(servers, world, tmp_path, monkeypatch):
     """Two workers given the same planned case at the same moment: one runs it, one finds it done."""
-    from pipeline.inference import predict_case, prepare_batch
+    from pipeline.inference.batch import predict_case, prepare_batch
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow_uri)
     out = tmp_path / "out"

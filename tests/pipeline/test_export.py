@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from pipeline import export
-from pipeline.inference import CaseResult
+from pipeline.inference.results import CaseResult
 
 NAMES = {0: "background", 1: "organ", 2: "lesion"}
 

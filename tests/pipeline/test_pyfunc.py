@@ -9,9 +9,11 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from pipeline import inference
+from pipeline.inference.batch import predict
+from pipeline.inference.batchdir import MASK_FILE
+from pipeline.inference.results import EXIT_OK
 from pipeline.tracking import Tracker, promote, register
-from tests.pipeline.predict_fixture import make_predict_setup, save_untrained_model
+from tests.pipeline.inference.predict_fixture import make_predict_setup, save_untrained_model
 
 NAME = "unet-volume"
 
@@ -33,14 +35,14 @@ def served(tmp_path_factory):
     images = sorted((setup.demo.msd_root / "imagesTr").glob("*.nii.gz"))
     # What `unet-pipeline predict` writes for these files (the same function, in-process).
     out = root / "predicted"
-    summary = inference.predict(
+    summary = predict(
         images[0].parent, model_dir, out, secret_file=setup.secret, write_seg=False, write_qc=False
     )
-    assert summary.exit_code == inference.EXIT_OK
+    assert summary.exit_code == EXIT_OK
     masks = {}
     for image in images:
         case_dir = _case_dir_for(out, image)
-        masks[image.name] = np.asarray(nib.load(case_dir / inference.MASK_FILE).dataobj)
+        masks[image.name] = np.asarray(nib.load(case_dir / MASK_FILE).dataobj)
     assert all(len(np.unique(m)) > 1 for m in masks.values())
     return {
         "setup": setup,

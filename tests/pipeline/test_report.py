@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 
 from pipeline import report
-from pipeline.inference import CaseResult
+from pipeline.inference.results import CaseResult
 
 
 def _result(case_id: str, organ_ml: float, status: str = "ok", skipped: bool = False) -> CaseResult:

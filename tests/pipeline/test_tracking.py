@@ -157,7 +157,7 @@ def test_logged_model_segments_volumes_carries_its_code_and_no_pickle(trained, s
     assert WEIGHTS_FILE in files
     assert not [f for f in files if f.endswith((".pkl", ".pickle", ".pt", ".pth", ".pyc"))], files
     # The project's code travels with the model (no checkout needed where it is served) ...
-    assert (local / "code" / "pipeline" / "inference.py").is_file()
+    assert (local / "code" / "pipeline" / "inference" / "predictor.py").is_file()
     assert (local / "code" / "unet_model" / "model.py").is_file()
     assert not (local / "code" / "flows").exists()
     # ... and every requirement is pinned to a release an index holds (no local build tags).

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from tests.pipeline.inference.predict_fixture import make_predict_setup
 from tests.pipeline.pacs.orthanc import ORTHANC_BIN, PASSWORD, SKIP_REASON, USER, start_orthanc
-from tests.pipeline.predict_fixture import make_predict_setup
 
 
 @pytest.fixture(scope="session")

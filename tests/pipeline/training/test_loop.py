@@ -143,7 +143,7 @@ def test_validation_dice_equals_evaluate_on_predicts_output(staging, tmp_path, p
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from pipeline.inference import predict
+    from pipeline.inference.batch import predict
     from pipeline.training.metrics import evaluate_folders
 
     cfg = tiny_config(epochs=3).replace(infer={"largest_component": postprocess, "fill_holes": postprocess})

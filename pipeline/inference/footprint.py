@@ -7,12 +7,11 @@ pixel data is read.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from pathlib import Path
 
-from pipeline.inference import PLAN_DIR, PLAN_FILE
+from pipeline.inference.batchdir import read_batch, read_case_record
 
 log = logging.getLogger(__name__)
 
@@ -34,7 +33,6 @@ def planned_voxels(out: str | Path, case_id: str) -> int:
     from pydicom.errors import InvalidDicomError
 
     out = Path(out)
-    plan_dir = out / PLAN_DIR
     unreadable = (
         OSError,
         EOFError,
@@ -46,10 +44,10 @@ def planned_voxels(out: str | Path, case_id: str) -> int:
         HeaderDataError,
     )
     try:
-        case = json.loads((plan_dir / "cases" / f"{case_id}.json").read_text(encoding="utf-8"))
+        case = read_case_record(out, case_id)
         if case["kind"] == "staging":
             return _nifti_voxels(Path(case["image_path"]))
-        source = Path(json.loads((plan_dir / PLAN_FILE).read_text(encoding="utf-8"))["source"])
+        source = Path(read_batch(out)["source"])
         job = case["job"]
         if case["kind"] == "nifti":
             return sum(_nifti_voxels(source / rel) for rel in job["nifti"]["channels"])

@@ -1,0 +1,451 @@
+"""Batch inference: a registered model to label masks in each source's own geometry.
+
+    predict(SOURCE, MODEL, OUT) writes, per case (OUT/<case_id>/, pseudonymous folder names):
+        seg.nii.gz   uint8 labels, the source image's exact shape and affine (qform == sform)
+        seg.dcm      a DICOM SEG referencing the source instances (DICOM inputs only)
+        qc.png       three planes through the labels and an axial montage, contours over the slice
+        done.json    the done-marker, written last: the case key, each output's sha256, the result
+    and, for the batch: results.csv, quarantine.jsonl, run_manifest.json and report.html.
+
+The batch runs in three steps that orchestrators may run as separate tasks:
+    prepare_batch (model check, case plan; one call) -> predict_case (`worker`: one per case, in
+    any process or machine that sees OUT) -> finalize_batch (tables, manifest, report), and
+    optionally `pipeline.tracking.batch.track_batch` (the batch as one MLflow run).
+`predict` runs the first three in one process. The plan's files are described in `batchdir`.
+
+The model is loaded and verified (sha256, no pickle) once, before any case runs (`model`). The
+cases are found by the ingest rules (`cases`) and predicted by `predictor`. A background thread
+loads and preprocesses the next case while the current one computes, when the planned peaks of
+both fit the memory budget (`memory`).
+
+Reliability: every output is written atomically and the done-marker last, so a crash leaves a
+case without a marker and the rerun redoes it; a case whose case key changed (input bytes,
+model, any option that changes its outputs: `records.case_key`) or whose outputs are missing or
+no longer match the marker's sha256 is redone; one bad case is quarantined (bad input) or failed
+with the reason code of the step that failed (READ_FAILED, PREDICTION_FAILED,
+OUTPUT_WRITE_FAILED, SEG_WRITE_FAILED, QC_WRITE_FAILED, RECORD_WRITE_FAILED) and a one-line
+message, and the batch goes on. Exit codes: see `PredictSummary.exit_code`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import tempfile
+from collections.abc import Callable
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from tqdm.auto import tqdm
+
+from pipeline import export
+from pipeline.config import PipelineConfig, Workdir
+from pipeline.errors import IGNORED_REASONS, Reason
+from pipeline.inference import batchdir
+from pipeline.inference.batchdir import MODEL_DIR, case_lock, done_marker, plan_dir, plan_lock
+from pipeline.inference.cases import (
+    PredictCase,
+    case_from_json,
+    case_size,
+    case_to_json,
+    common_folder,
+    plan_cases,
+)
+from pipeline.inference.memory import Pending, default_budget, planned_case_bytes, prefetch
+from pipeline.inference.model import ModelHandle, ModelLoadError, load_model, remember_model
+from pipeline.inference.predictor import PredictOptions
+from pipeline.inference.records import OUTPUT_VERSION, clip_line, output_settings
+from pipeline.inference.results import CaseResult, PredictSummary
+from pipeline.inference.worker import load, open_batch, run_case
+from pipeline.ingest import IngestLimits
+from pipeline.io.batchdir import case_key, load_or_create_secret
+from pipeline.io.model_dir import code_version
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    """What `prepare_batch` decided; case IDs and hashes only (nothing identifying)."""
+
+    case_ids: list[str]
+    todo: list[str]  # cases without a valid done-marker
+    inputs_sha256: dict[str, str]  # case ID -> sha256 over its input files' bytes
+    model_sha256: str
+    model_name: str
+    model_version: str
+    settings: dict[str, Any]  # records.output_settings: all but the input a case depends on
+    options_sha256: str  # sha256 of `settings`
+    model_run_id: str | None = None
+    rejected: int = 0  # inputs quarantined while planning (no case ID)
+    case_bytes: dict[str, int] = field(default_factory=dict)  # case ID -> planned peak memory
+
+    def case_key(self, case_id: str) -> str:
+        """The case key (`records.case_key`) of one planned case."""
+        return case_key(self.inputs_sha256[case_id], self.settings)
+
+
+def prepare_batch(
+    source: str | Path,
+    model: str | Path | ModelHandle,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    postprocess_masks: bool | None = None,
+    secret_file: str | Path | None = None,
+    limits: IngestLimits | None = None,
+    write_seg: bool = True,
+    write_qc: bool = True,
+    progress: bool = False,
+) -> BatchPlan:
+    """Step 1: verify the model (ModelLoadError before anything is written), plan the cases and
+    record the plan in OUT/.plan/; see `predict` for the arguments.
+
+    Cases with a valid done-marker from an earlier run (same input, model and options) are not
+    in `todo`.
+    """
+    started = datetime.now(UTC)
+    source, out = batchdir.resolve_paths(source, out)
+    with ExitStack() as held:
+        with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
+            handle = model if isinstance(model, ModelHandle) else load_model(model, device, dst=tmp)
+            if isinstance(model, ModelHandle):  # already on its device: workers use the same kind
+                device = next(model.loaded.model.parameters()).device.type
+            plan_dir(out).mkdir(parents=True, exist_ok=True)
+            # Held until batch.json is written: a second prepare of this OUT waits, then finds
+            # the model staged and writes the same plan again.
+            held.enter_context(plan_lock(out))
+            batchdir.stage_model(handle, plan_dir(out) / MODEL_DIR)
+        return _write_plan(
+            handle,
+            source,
+            out,
+            started=started,
+            device=device,
+            batch_size=batch_size,
+            postprocess_masks=postprocess_masks,
+            secret_file=secret_file,
+            limits=limits,
+            write_seg=write_seg,
+            write_qc=write_qc,
+            progress=progress,
+        )
+
+
+def _write_plan(
+    handle: ModelHandle,
+    source: Path,
+    out: Path,
+    *,
+    started: datetime,
+    device: str,
+    batch_size: int | None,
+    postprocess_masks: bool | None,
+    secret_file: str | Path | None,
+    limits: IngestLimits | None,
+    write_seg: bool,
+    write_qc: bool,
+    progress: bool,
+) -> BatchPlan:
+    """prepare_batch once the model is staged (under the plan lock): plan the cases, write the plan."""
+    model_dir = plan_dir(out) / MODEL_DIR
+    staged_sha = batchdir.read_model_record(model_dir)["weights_sha256"]
+    if staged_sha != handle.sha256:
+        raise ModelLoadError(f"the model staged at {model_dir} has sha256 {staged_sha}, not {handle.sha256}")
+    remember_model(handle, device)
+    try:
+        infer = PipelineConfig.from_dict(handle.loaded.config or {}).infer
+    except ValueError:  # a config from another code version: its infer section is advisory only
+        log.warning("the model's training config does not validate here; using default infer options")
+        infer = PipelineConfig().infer
+    options = PredictOptions.from_config(infer, batch_size=batch_size, postprocess=postprocess_masks)
+    limits = limits or IngestLimits()
+    secret_path = Path(secret_file) if secret_file else Workdir.resolve().secret_file
+    secret = load_or_create_secret(secret_path)
+    if source.is_file():  # one NIfTI file: plan its folder, keep that file
+        root = source.parent
+        cases, rejected = plan_cases(root, secret, limits, progress)
+        cases = [c for c in cases if c.source == source.name]
+        rejected = [e for e in rejected if e.path == source.name]
+        source = root
+    else:
+        cases, rejected = plan_cases(source, secret, limits, progress)
+
+    quarantine: list[dict[str, Any]] = []
+    rejected_results: list[dict[str, Any]] = []
+    ignored = 0
+    for err in rejected:
+        files = err.details.get("files") or [err.path]
+        if err.reason in IGNORED_REASONS:
+            ignored += 1
+            quarantine.append({"status": "ignored", **err.to_record()})
+            continue
+        quarantine.append({"status": "quarantined", **err.to_record()})
+        where = common_folder(files) if len(files) > 1 else err.path
+        rejected_results.append(
+            CaseResult("", where, "quarantined", err.reason.value, message=clip_line(err.message)).to_json()
+        )
+
+    settings = batch_output_settings(handle, options, write_seg=write_seg, write_qc=write_qc, limits=limits)
+    batchdir.clear_failures(out)
+    todo = []
+    case_bytes = {}
+    target = float(handle.loaded.plan.get("target_spacing") or 1.0)
+    for case in cases:
+        case_bytes[case.case_id] = planned_case_bytes(*case_size(case, source), target_spacing=target)
+        batchdir.write_case_record(
+            out, case.case_id, {**case_to_json(case), "planned_bytes": case_bytes[case.case_id]}
+        )
+        if done_marker(out, case, settings) is None:
+            todo.append(case.case_id)
+    batch = {
+        "source": str(source),
+        "secret_file": str(secret_path.resolve()),
+        "device": device,
+        "model": {
+            "uri": handle.uri,
+            "name": handle.name,
+            "version": handle.version,
+            "sha256": handle.sha256,
+            "run_id": handle.run_id,
+            "code_version": handle.loaded.metadata.get("code_version"),
+            "label_names": {str(k): v for k, v in handle.label_names.items()},
+            "val_dice": handle.loaded.metadata.get("validation", {}).get("val_dice_mean"),
+        },
+        "model_dir": str(model_dir),
+        "options": dataclasses.asdict(options),
+        "write_seg": write_seg,
+        "write_qc": write_qc,
+        "limits": dataclasses.asdict(limits),
+        "output_version": OUTPUT_VERSION,
+        "settings": settings,
+        "options_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "case_bytes": case_bytes,
+        "cases": [c.case_id for c in cases],
+        "todo": todo,
+        "quarantine": quarantine,
+        "rejected_results": rejected_results,
+        "ignored": ignored,
+        "started": started.isoformat(timespec="seconds"),
+    }
+    batchdir.write_batch(out, batch)
+    log.info("predict: %d cases, %d already done, %d to run", len(cases), len(cases) - len(todo), len(todo))
+    return BatchPlan(
+        case_ids=batch["cases"],
+        todo=todo,
+        inputs_sha256={c.case_id: c.inputs_sha256 for c in cases},
+        model_sha256=handle.sha256,
+        model_name=handle.name,
+        model_version=handle.version,
+        settings=settings,
+        options_sha256=batch["options_sha256"],
+        model_run_id=handle.run_id,
+        rejected=len(rejected_results),
+        case_bytes=case_bytes,
+    )
+
+
+def batch_output_settings(
+    handle: ModelHandle, options: PredictOptions, *, write_seg: bool, write_qc: bool, limits: IngestLimits
+) -> dict[str, Any]:
+    """`records.output_settings` of a batch: the model's identity, plan and label names,
+    the mask options, which outputs are written and the input limits."""
+    plan_json = json.dumps(handle.loaded.plan, sort_keys=True, default=str)
+    plan_sha = hashlib.sha256(plan_json.encode()).hexdigest()
+    model = {
+        "name": handle.name,
+        "version": handle.version,
+        "sha256": handle.sha256,
+        "plan_sha256": plan_sha,
+        "label_names": {str(k): v for k, v in sorted(handle.label_names.items())},
+    }
+    # The memory budget only decides how many cases run at once, never what a case writes.
+    refusals = {k: v for k, v in dataclasses.asdict(limits).items() if k != "memory_budget"}
+    return output_settings(
+        model=model,
+        mask_options=options.mask_key(),
+        write_seg=write_seg,
+        write_qc=write_qc,
+        limits=refusals,
+    )
+
+
+def _case_summary(result: CaseResult, status: str | None = None) -> dict[str, Any]:
+    return {
+        "case_id": result.case_id,
+        "status": status or result.status,
+        "reason": result.reason,
+        "message": result.message,
+        "seconds": result.seconds,
+        "volumes": dict(result.volumes_ml),
+    }
+
+
+def predict_case(out: str | Path, case_id: str) -> dict[str, Any]:
+    """Step 2: run one planned case to its done-marker; returns its summary (nothing identifying).
+
+    {"case_id", "status": ok | quarantined | failed | skipped, "reason", "message", "seconds",
+    "volumes"}.
+    "skipped": a valid done-marker already stood (an earlier run, or the same case submitted
+    twice: the per-case lock makes the second call wait and then find the first one's marker).
+    Never raises for a bad case; raises ModelLoadError or FileNotFoundError when the batch
+    itself cannot run (no plan, a changed model).
+    """
+    out = Path(out).resolve()
+    batch = open_batch(out)
+    case = batch.case(case_id)
+    with case_lock(out, case_id):
+        marker = done_marker(out, case, batch.settings)
+        if marker is not None:
+            return _case_summary(CaseResult(**marker["result"]), "skipped")
+        return _case_summary(run_case(case, Pending.run(lambda: load(batch, case)), batch))
+
+
+def label_list_of(meta: dict[str, Any]) -> list[str]:
+    """The model's label names without background, in label order (the tables' columns)."""
+    names = {int(k): v for k, v in meta["model"]["label_names"].items()}
+    return [names[v] for v in sorted(names) if v != 0]
+
+
+def collect_results(
+    out: Path, meta: dict[str, Any]
+) -> tuple[list[PredictCase], list[CaseResult], list[dict[str, Any]]]:
+    """(planned cases, every result row, quarantine records) from the plan and the done-markers."""
+    todo = set(meta["todo"])
+    quarantine: list[dict[str, Any]] = list(meta["quarantine"])
+    results: list[CaseResult] = []
+    cases: list[PredictCase] = []
+    for case_id in meta["cases"]:
+        case = case_from_json(batchdir.read_case_record(out, case_id))
+        cases.append(case)
+        marker = done_marker(out, case, meta["settings"])
+        if marker is not None:
+            results.append(CaseResult(**{**marker["result"], "skipped": case_id not in todo}))
+            continue
+        record = batchdir.read_failure(out, case_id)
+        if record is None:
+            record = {
+                "status": "failed",
+                "case_id": case_id,
+                "path": case.source,
+                "reason": Reason.NO_RESULT.value,
+                "message": "no result: the case timed out, its worker died, or it was not run",
+            }
+        quarantine.append(record)
+        results.append(
+            CaseResult(
+                case_id, case.source, record["status"], record["reason"], message=clip_line(record["message"])
+            )
+        )
+    results += [CaseResult(**r) for r in meta["rejected_results"]]
+    return cases, results, quarantine
+
+
+def finalize_batch(out: str | Path) -> PredictSummary:
+    """Step 3: results.csv, quarantine.jsonl, run_manifest.json and report.html from the plan and
+    the cases' done-markers. A planned case with neither a marker nor a failure record (its
+    worker was killed or timed out, or it never ran) is listed as failed."""
+    out = Path(out).resolve()
+    meta = batchdir.read_batch(out)
+    m = meta["model"]
+    cases, results, quarantine = collect_results(out, meta)
+    summary = PredictSummary(out=out, results=results, ignored=meta["ignored"])
+    label_list = label_list_of(meta)
+    export.write_results_csv(out / "results.csv", results, label_list, m["name"], m["version"], case_root=out)
+    export.write_jsonl(out / "quarantine.jsonl", quarantine)
+    model_dir = Path(meta["model_dir"])
+    read = {n: json.loads((model_dir / f"{n}.json").read_text(encoding="utf-8")) for n in ("plan", "config")}
+    manifest = {
+        "model": dict(m),
+        "code_version": code_version(),
+        "plan": read["plan"],
+        "config": read["config"],
+        "options": meta["options"] | {"device": meta["device"]},
+        "inputs": {c.case_id: {"source": c.source, "inputs_sha256": c.inputs_sha256} for c in cases},
+        "counts": {
+            "cases": len(results),
+            "ok": summary.count("ok"),
+            "processed": summary.processed,
+            "skipped": summary.skipped,
+            "quarantined": summary.count("quarantined"),
+            "failed": summary.count("failed"),
+            "ignored_files": meta["ignored"],
+        },
+        "exit_code": summary.exit_code,
+        "started": meta["started"],
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    export.write_json(out / "run_manifest.json", manifest)
+    export.write_report_html(out / "report.html", results, label_list, manifest, out)
+    log.info(
+        "predict: %d ok (%d skipped), %d quarantined, %d failed",
+        summary.count("ok"),
+        summary.skipped,
+        summary.count("quarantined"),
+        summary.count("failed"),
+    )
+    return summary
+
+
+def predict(
+    source: str | Path,
+    model: str | Path | ModelHandle,
+    out: str | Path,
+    *,
+    device: str = "auto",
+    batch_size: int | None = None,
+    postprocess_masks: bool | None = None,
+    secret_file: str | Path | None = None,
+    limits: IngestLimits | None = None,
+    write_seg: bool = True,
+    write_qc: bool = True,
+    progress: bool = False,
+    on_case_done: Callable[[CaseResult], None] | None = None,
+    memory_budget: int | None = None,
+) -> PredictSummary:
+    """Predict every case under `source` with `model` into `out`; see the module docstring.
+
+    `batch_size` and `postprocess_masks` default to the model's training config (infer section);
+    `postprocess_masks=True` turns on both largest-component and hole filling, False turns both off.
+    Raises ModelLoadError (before any case runs), FileNotFoundError or ValueError for bad arguments;
+    never for a bad case. The three steps in one process, the next case loading in the background
+    while the planned peaks of both fit `memory_budget` bytes (default: `limits.memory_budget`, else
+    half the memory available, `memory.default_budget`).
+    """
+    plan = prepare_batch(
+        source,
+        model,
+        out,
+        device=device,
+        batch_size=batch_size,
+        postprocess_masks=postprocess_masks,
+        secret_file=secret_file,
+        limits=limits,
+        write_seg=write_seg,
+        write_qc=write_qc,
+        progress=progress,
+    )
+    out = Path(out).resolve()
+    if plan.todo:
+        batch = open_batch(out)
+        todo = [batch.case(case_id) for case_id in plan.todo]
+        budget = memory_budget if memory_budget is not None else batch.limits.memory_budget
+        if budget is None:
+            budget = default_budget()
+        bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
+        cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
+        for case, pending in prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget):
+            with case_lock(out, case.case_id):
+                result = run_case(case, pending, batch)
+            del pending
+            if on_case_done is not None:
+                on_case_done(result)
+            bar.update(1)
+        bar.close()
+    return finalize_batch(out)

@@ -1,0 +1,136 @@
+"""One volume through the network: preprocessed slices in batches, argmax'd, mapped back, cleaned up.
+
+Each case is preprocessed with the model's own plan, its slices run through the network in
+batches, argmax'd (uint8 labels, never a whole volume of float probabilities), mapped back to
+the native grid and optionally post-processed per label (`predict_prepared`: the same path
+validation during training scores).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.inference.model import ModelHandle, plan_of
+from pipeline.inference.postprocess import postprocess
+from pipeline.io.model_dir import LoadedModel
+from pipeline.io.volume import Volume
+from pipeline.runtime import autocast, resolve_precision, to_input
+
+
+@dataclass(frozen=True)
+class PredictOptions:
+    """How to run the network and post-process its output."""
+
+    batch_size: int = 16  # slices per forward pass
+    largest_component: bool = False  # keep the largest connected component of each label
+    fill_holes: bool = False  # fill enclosed background holes of each label
+    precision: str = "auto"  # runtime.resolve_precision: bf16 autocast on CUDA, fp32 on CPU
+    channels_last: bool = True
+
+    @classmethod
+    def from_config(
+        cls, infer: Any, *, batch_size: int | None = None, postprocess: bool | None = None
+    ) -> PredictOptions:
+        """The options of a config's infer section (`postprocess` overrides both clean-ups).
+
+        Predict and validation during training both build their options here, so the champion
+        gate scores what predict writes.
+        """
+        return cls(
+            batch_size=batch_size or infer.batch_size,
+            largest_component=infer.largest_component if postprocess is None else postprocess,
+            fill_holes=infer.fill_holes if postprocess is None else postprocess,
+        )
+
+    def mask_key(self) -> dict[str, Any]:
+        """What changes the mask (part of the case key); the batch size and layout do not."""
+        return {
+            "largest_component": self.largest_component,
+            "fill_holes": self.fill_holes,
+            "precision": self.precision,
+        }
+
+
+def segment_slices(
+    model: torch.nn.Module,
+    slices: torch.Tensor,
+    *,
+    device: torch.device,
+    batch_size: int,
+    amp_dtype: torch.dtype | None = None,
+    channels_last: bool = True,
+) -> torch.Tensor:
+    """(S, 1, H, W) normalized slices -> (S, H, W) uint8 argmax labels on the CPU.
+
+    The model must be in eval mode. Only one batch of logits exists at a time: memory is
+    bounded by the batch, not the volume.
+    """
+    n, _, h, w = slices.shape
+    out = torch.empty((n, h, w), dtype=torch.uint8)
+    with torch.inference_mode():
+        for start in range(0, n, batch_size):
+            x = to_input(slices[start : start + batch_size], device, channels_last)
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            out[start : start + x.shape[0]] = logits.argmax(dim=1).to(torch.uint8).cpu()
+    return out
+
+
+def predict_prepared(
+    model: torch.nn.Module,
+    slices: torch.Tensor,
+    info: Any,
+    options: PredictOptions,
+    *,
+    device: torch.device,
+) -> np.ndarray:
+    """Preprocessed slices (`planning.transforms.preprocess_volume`) -> post-processed uint8 labels on the
+    original grid: the one prediction path of predict and of validation during training.
+
+    `model` must be in eval mode on `device`.
+    """
+    from pipeline.planning.transforms import restore_labels  # MONAI: imported with the first volume
+
+    labels = segment_slices(
+        model,
+        slices,
+        device=device,
+        batch_size=options.batch_size,
+        amp_dtype=resolve_precision(options.precision, device),
+        channels_last=options.channels_last,
+    )
+    mask = restore_labels(labels, info)
+    del labels
+    if mask.shape != tuple(info.original_shape):  # restore_labels' contract; outputs rely on it
+        raise RuntimeError(f"restored mask shape {mask.shape} != image shape {tuple(info.original_shape)}")
+    return postprocess(mask, largest_component=options.largest_component, fill_holes=options.fill_holes)
+
+
+def predict_volume(
+    model: ModelHandle | LoadedModel,
+    volume: Volume,
+    options: PredictOptions | None = None,
+    *,
+    device: torch.device | None = None,
+    prepared: tuple[torch.Tensor, Any] | None = None,
+) -> np.ndarray:
+    """A uint8 label map on `volume`'s own grid (same shape; its affine applies).
+
+    `model` is a loaded model (`model_dir.load_model_dir`, or `load_model`'s handle) with its
+    plan; its network is put in eval mode. `options` default to PredictOptions(); `device` to
+    the network's. `prepared` is `preprocess_volume(volume, plan)` when already computed.
+    """
+    from pipeline.planning.transforms import preprocess_volume  # MONAI: imported with the first volume
+
+    loaded = model.loaded if isinstance(model, ModelHandle) else model
+    options = options or PredictOptions()
+    net = loaded.model.eval()
+    device = device or next(net.parameters()).device
+    slices, info = prepared or preprocess_volume(volume, plan_of(loaded))
+    if tuple(info.original_shape) != tuple(volume.shape):
+        raise RuntimeError(f"preprocessed for shape {info.original_shape}, not the volume's {volume.shape}")
+    return predict_prepared(net, slices, info, options, device=device)
