@@ -148,7 +148,7 @@ def _context():
                 "pipeline.inference.batch",
                 "pipeline.planning.transforms",
                 "pipeline.planning.plan",
-                "pipeline.export",
+                "pipeline.outputs.masks",
                 "highdicom",
                 "matplotlib.figure",
             ]

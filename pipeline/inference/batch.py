@@ -43,7 +43,6 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from pipeline import export
 from pipeline.config import PipelineConfig, Workdir
 from pipeline.errors import IGNORED_REASONS, Reason
 from pipeline.inference import batchdir
@@ -65,6 +64,7 @@ from pipeline.inference.worker import load, open_batch, run_case
 from pipeline.ingest import IngestLimits
 from pipeline.io.batchdir import case_key, load_or_create_secret
 from pipeline.io.model_dir import code_version
+from pipeline.outputs import report, tables
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +357,8 @@ def finalize_batch(out: str | Path) -> PredictSummary:
     cases, results, quarantine = collect_results(out, meta)
     summary = PredictSummary(out=out, results=results, ignored=meta["ignored"])
     label_list = label_list_of(meta)
-    export.write_results_csv(out / "results.csv", results, label_list, m["name"], m["version"], case_root=out)
-    export.write_jsonl(out / "quarantine.jsonl", quarantine)
+    tables.write_results_csv(out / "results.csv", results, label_list, m["name"], m["version"], case_root=out)
+    tables.write_jsonl(out / "quarantine.jsonl", quarantine)
     model_dir = Path(meta["model_dir"])
     read = {n: json.loads((model_dir / f"{n}.json").read_text(encoding="utf-8")) for n in ("plan", "config")}
     manifest = {
@@ -381,8 +381,8 @@ def finalize_batch(out: str | Path) -> PredictSummary:
         "started": meta["started"],
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    export.write_json(out / "run_manifest.json", manifest)
-    export.write_report_html(out / "report.html", results, label_list, manifest, out)
+    tables.write_json(out / "run_manifest.json", manifest)
+    report.write_report_html(out / "report.html", results, label_list, manifest, out)
     log.info(
         "predict: %d ok (%d skipped), %d quarantined, %d failed",
         summary.count("ok"),

@@ -20,7 +20,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline import export
 from pipeline.errors import InputRejected, Reason
 from pipeline.inference import batchdir
 from pipeline.inference.batchdir import MASK_FILE, QC_FILE, SEG_FILE, clear_case
@@ -34,6 +33,7 @@ from pipeline.ingest import IngestLimits, job_from_json
 from pipeline.io.batchdir import case_key, load_or_create_secret
 from pipeline.io.model_dir import code_version
 from pipeline.io.volume import Volume
+from pipeline.outputs import masks, qc
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +126,12 @@ def _write_outputs(batch: OpenBatch, case: PredictCase, loaded: Loaded, mask: np
     case_dir = batch.out / case.case_id
     with step(Reason.OUTPUT_WRITE_FAILED, "writing the NIfTI mask"):
         clear_case(case_dir)
-        export.write_mask_nifti(case_dir / MASK_FILE, mask, loaded.volume.affine)
+        masks.write_mask_nifti(case_dir / MASK_FILE, mask, loaded.volume.affine)
     outputs = [MASK_FILE]
     job = case.job
     if batch.meta["write_seg"] and case.kind == "dicom" and job is not None and job.group is not None:
         with step(Reason.SEG_WRITE_FAILED, "writing the DICOM SEG"):
-            export.write_dicom_seg(
+            masks.write_dicom_seg(
                 case_dir / SEG_FILE,
                 mask,
                 job.group,
@@ -143,7 +143,7 @@ def _write_outputs(batch: OpenBatch, case: PredictCase, loaded: Loaded, mask: np
         outputs.append(SEG_FILE)
     if batch.meta["write_qc"]:
         with step(Reason.QC_WRITE_FAILED, "drawing the QC picture"):
-            export.write_qc_png(
+            qc.write_qc_png(
                 case_dir / QC_FILE,
                 loaded.volume.data,
                 mask,

@@ -17,10 +17,10 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import export
 from pipeline.config import Workdir
 from pipeline.inference import batchdir
 from pipeline.inference.batch import collect_results, label_list_of
+from pipeline.outputs import report, tables
 from pipeline.tracking.runs import Tracker
 from pipeline.tracking.store import TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_WEIGHTS_SHA, redact
 
@@ -110,7 +110,7 @@ def track_batch(
         tracker.log_metrics(metrics)
         if tracker.active:
             with tempfile.TemporaryDirectory(prefix="unet-batch-") as tmp:
-                table = export.write_results_csv(
+                table = tables.write_results_csv(
                     Path(tmp, "results.csv"),
                     results,
                     label_list,
@@ -119,7 +119,7 @@ def track_batch(
                     with_sources=False,
                     case_root=out,
                 )
-                page = export.write_report_html(
+                page = report.write_report_html(
                     Path(tmp, "report.html"), results, label_list, manifest, out, with_sources=False
                 )
                 tracker.log_artifacts([table, page])
@@ -131,7 +131,7 @@ def track_batch(
         error=tracker.tracking_error,
     )
     manifest["tracking"] = record.to_json()
-    export.write_json(manifest_path, manifest)
+    tables.write_json(manifest_path, manifest)
     if record.ok:
         log.info("batch recorded in MLflow: experiment %s, run %s", experiment, record.run_id)
     else:

@@ -310,15 +310,15 @@ class SegmentationPyfunc(mlflow.pyfunc.PythonModel):
         return volume
 
     def _segment(self, i: int, row: Mapping[str, Any]) -> dict[str, Any]:
-        from pipeline import export
         from pipeline.inference.predictor import predict_volume
+        from pipeline.outputs import masks
 
         target = _out_path(i, row)
         volume = self._volume(i, row)
         mask = predict_volume(self.handle, volume, self.options, device=self.device)
         written = None
         if target is not None:
-            written = str(export.write_mask_nifti(target, mask, volume.affine))
+            written = str(masks.write_mask_nifti(target, mask, volume.affine))
         return {MASK: mask, MASK_PATH: written}
 
 

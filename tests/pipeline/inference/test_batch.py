@@ -345,11 +345,11 @@ def test_rerun_skips_done_cases_and_a_changed_model_redoes_them(setup, nifti_sou
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from pipeline import export
     from pipeline.inference.batch import predict
+    from pipeline.outputs import qc
 
     calls = []
-    real = export.write_qc_png
+    real = qc.write_qc_png
 
     def dying_qc(*args, **kwargs):
         calls.append(1)
@@ -357,7 +357,7 @@ KILLER = textwrap.dedent(
             os.kill(os.getpid(), signal.SIGKILL)
         return real(*args, **kwargs)
 
-    export.write_qc_png = dying_qc
+    qc.write_qc_png = dying_qc
     predict(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", secret_file=sys.argv[4])
     """
 )
@@ -419,14 +419,14 @@ STEPS = [
     ("pipeline.inference.worker", "load_image", OSError("disk went away"), "READ_FAILED"),
     ("pipeline.planning.transforms", "preprocess_volume", ValueError("bad spacing"), "PREDICTION_FAILED"),
     ("pipeline.inference.worker", "predict_volume", MemoryError("out of memory"), "PREDICTION_FAILED"),
-    ("pipeline.export", "write_mask_nifti", PermissionError("read-only share"), "OUTPUT_WRITE_FAILED"),
+    ("pipeline.outputs.masks", "write_mask_nifti", PermissionError("read-only share"), "OUTPUT_WRITE_FAILED"),
     (
-        "pipeline.export",
+        "pipeline.outputs.masks",
         "write_dicom_seg",
         AttributeError("'FileDataset' has no 'PatientSex'"),
         "SEG_WRITE_FAILED",
     ),
-    ("pipeline.export", "write_qc_png", RuntimeError("no font"), "QC_WRITE_FAILED"),
+    ("pipeline.outputs.qc", "write_qc_png", RuntimeError("no font"), "QC_WRITE_FAILED"),
     ("pipeline.inference.worker", "write_done_marker", KeyError("outputs"), "RECORD_WRITE_FAILED"),
 ]
 
@@ -474,9 +474,9 @@ def test_a_failure_in_any_step_fails_that_case_only(
 
 
 def test_cli_exit_code_1_and_a_failed_row_when_one_case_fails(setup, dicom_source, tmp_path, monkeypatch):
-    from pipeline import export
+    from pipeline.outputs import masks
 
-    real = export.write_dicom_seg
+    real = masks.write_dicom_seg
     calls = []
 
     def first_fails(*args, **kwargs):
@@ -485,7 +485,7 @@ def test_cli_exit_code_1_and_a_failed_row_when_one_case_fails(setup, dicom_sourc
             raise AttributeError("'FileDataset' object has no attribute 'PatientSex'")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(export, "write_dicom_seg", first_fails)
+    monkeypatch.setattr(masks, "write_dicom_seg", first_fails)
     out = tmp_path / "out"
     args = ["predict", str(dicom_source), "--model", str(setup.model_dir), "--out", str(out)]
     result = CliRunner().invoke(app, [*args, "--device", "cpu", "--secret-file", str(setup.secret)])

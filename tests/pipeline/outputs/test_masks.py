@@ -1,15 +1,12 @@
-"""The output writers on their own: masks and the results table (QC: test_qc.py, report: test_report.py)."""
+"""The mask writers on their own: the NIfTI mask and the DICOM SEG from sources with odd headers."""
 
 from __future__ import annotations
-
-import csv
 
 import nibabel as nib
 import numpy as np
 import pytest
 
-from pipeline import export
-from pipeline.inference.results import CaseResult
+from pipeline.outputs import masks
 
 NAMES = {0: "background", 1: "organ", 2: "lesion"}
 
@@ -18,35 +15,13 @@ NAMES = {0: "background", 1: "organ", 2: "lesion"}
 def test_mask_nifti_keeps_shape_affine_and_uint8(tmp_path, shape):
     affine = np.array([[0, 0, 2.5, -10], [-0.9, 0, 0, 20], [0, 1.1, 0, 5], [0, 0, 0, 1]], float)
     mask = np.random.default_rng(0).integers(0, 3, shape).astype(np.uint8)
-    path = export.write_mask_nifti(tmp_path / "seg.nii.gz", mask, affine)
+    path = masks.write_mask_nifti(tmp_path / "seg.nii.gz", mask, affine)
     img = nib.load(path)
     assert img.get_data_dtype() == np.uint8 and img.shape == shape
     np.testing.assert_allclose(img.get_sform(), affine, atol=1e-5)
     np.testing.assert_allclose(img.get_qform(), affine, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(img.dataobj), mask)
     assert [p.name for p in tmp_path.iterdir()] == ["seg.nii.gz"]  # no temporary left behind
-
-
-def _result(case_id: str, organ_ml: float, status: str = "ok") -> CaseResult:
-    return CaseResult(
-        case_id,
-        f"src/{case_id}",
-        status,
-        "" if status == "ok" else "TRUNCATED",
-        {"organ": organ_ml, "lesion": 1.0},
-        {"organ": int(organ_ml * 1000), "lesion": 1000},
-        1.5,
-    )
-
-
-def test_results_csv(tmp_path):
-    results = [_result(f"c{i}", v) for i, v in enumerate([100, 102, 98, 101, 99, 400])]
-    results.append(_result("", 0, status="quarantined"))
-    export.write_results_csv(tmp_path / "results.csv", results, ["organ", "lesion"], "unet", "3")
-    with open(tmp_path / "results.csv", newline="") as fh:
-        rows = list(csv.DictReader(fh))
-    assert list(rows[0]) == export.result_columns(["organ", "lesion"])
-    assert rows[0]["model_version"] == "3" and rows[-1]["organ_ml"] == ""
 
 
 # ------------------------------------------------------------------------------------------
@@ -117,14 +92,14 @@ def _check_seg(path, group, mask, paths, empty):
         np.testing.assert_array_equal(pixels, mask[:, :, k].T)
 
 
-@pytest.mark.parametrize("keyword", list(export.TYPE2_PATIENT_STUDY))
+@pytest.mark.parametrize("keyword", list(masks.TYPE2_PATIENT_STUDY))
 def test_seg_from_sources_lacking_one_type2_attribute(tmp_path, keyword):
     root, paths = _series(tmp_path)
     _strip(paths, [keyword])
     group = _group(root, paths)
     before = _digests(paths)
     mask = _seg_mask(group)
-    out = export.write_dicom_seg(
+    out = masks.write_dicom_seg(
         tmp_path / "seg.dcm",
         mask,
         group,
@@ -150,7 +125,7 @@ def test_seg_from_sources_lacking_every_type2_attribute_and_with_unusable_values
     group = _group(root, paths)
     before = _digests(paths)
     mask = _seg_mask(group)
-    out = export.write_dicom_seg(
+    out = masks.write_dicom_seg(
         tmp_path / "seg.dcm",
         mask,
         group,
@@ -171,7 +146,7 @@ def test_seg_keeps_the_sources_patient_and_study_values(tmp_path):
     root, paths = _series(tmp_path, sex="m")  # lower case: carried as "M"
     group = _group(root, paths)
     seg = hd.seg.segread(
-        export.write_dicom_seg(
+        masks.write_dicom_seg(
             tmp_path / "seg.dcm",
             _seg_mask(group),
             group,
@@ -182,7 +157,7 @@ def test_seg_keeps_the_sources_patient_and_study_values(tmp_path):
         )
     )
     src = pydicom.dcmread(paths[0], stop_before_pixels=True)
-    for keyword in export.TYPE2_PATIENT_STUDY:
+    for keyword in masks.TYPE2_PATIENT_STUDY:
         if keyword != "PatientSex":
             assert str(seg[keyword].value) == str(src[keyword].value), keyword
     assert seg.PatientSex == "M"
@@ -199,4 +174,4 @@ def test_type2_list_covers_the_patient_and_general_study_modules():
         for item in modules[key]
         if not item["path"] and item["type"] == "2"
     }
-    assert type2 == set(export.TYPE2_PATIENT_STUDY)
+    assert type2 == set(masks.TYPE2_PATIENT_STUDY)

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import qc
+from pipeline.outputs import qc
 
 NAMES = {0: "background", 1: "organ", 2: "lesion"}
 

@@ -1,40 +1,27 @@
-"""Writers of prediction outputs: NIfTI masks, DICOM SEG, QC montages, the batch tables and report.
+"""A case's label mask as written beside its source: a NIfTI file and, for DICOM sources, a DICOM SEG.
 
 Every writer is atomic (a temporary file renamed into place), so a crash never leaves a partial
 file at a final path. Nothing identifying is written outside the DICOM SEG (which must carry the
-source's patient and study modules to be filed beside it): tables and the report hold case IDs,
-relative source paths, reason codes and numbers only.
+source's patient and study modules to be filed beside it).
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
-import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pipeline.io.atomic import atomic_open, atomic_path, write_text
+from pipeline.io.atomic import atomic_path
 from pipeline.io.volume import Volume, save_nifti
-from pipeline.pacs.record import push_cells, push_columns
-
-# The per-case QC picture and the batch report have modules of their own; the batch writes all
-# its outputs through this module, so they are re-exported here.
-from pipeline.qc import write_qc_png  # noqa: F401
-from pipeline.report import write_report_html  # noqa: F401
 
 if TYPE_CHECKING:
-    from pipeline.inference.results import CaseResult
     from pipeline.io.dicom import SeriesGroup
 
 log = logging.getLogger(__name__)
-
-# ------------------------------------------------------------------------------------------
-# Per case
 
 
 def write_mask_nifti(path: Path, mask: np.ndarray, affine: np.ndarray) -> Path:
@@ -210,72 +197,3 @@ def _quiet_highdicom() -> Iterator[None]:
         yield
     finally:
         logger.setLevel(level)
-
-
-# ------------------------------------------------------------------------------------------
-# Batch tables
-
-
-def result_columns(label_list: Sequence[str], with_sources: bool = True) -> list[str]:
-    """results.csv's columns: case, source, status, reason, message, model, then mL and voxels per
-    label, seconds.
-
-    Without sources (the copy that leaves the site, e.g. to MLflow) there is no `source` column and
-    no `message` (a failure's message may quote a file name).
-    """
-    cols = [
-        "case_id",
-        *(["source"] if with_sources else []),
-        "status",
-        "reason",
-        *(["message"] if with_sources else []),
-        "model_name",
-        "model_version",
-    ]
-    for name in label_list:
-        cols += [f"{name}_ml", f"{name}_voxels"]
-    # push state (pipeline.pacs.record); the pushed UIDs stay in OUT's copy only
-    return [*cols, "seconds", *push_columns(with_uids=with_sources)]
-
-
-def write_results_csv(
-    path: Path,
-    results: Sequence[CaseResult],
-    label_list: Sequence[str],
-    model_name: str,
-    model_version: str,
-    *,
-    with_sources: bool = True,
-    case_root: Path | None = None,
-) -> Path:
-    """`case_root`: the folder holding the case folders (OUT), whose push records fill the push
-    columns; None leaves them blank."""
-    with atomic_open(path) as fh:
-        writer = csv.writer(fh, lineterminator="\n")
-        writer.writerow(result_columns(label_list, with_sources))
-        for r in results:
-            source = [r.source] if with_sources else []
-            message = [r.message] if with_sources else []
-            row: list[Any] = [r.case_id, *source, r.status, r.reason, *message, model_name, model_version]
-            for name in label_list:
-                ok = r.status == "ok"
-                row += [r.volumes_ml.get(name, "") if ok else "", r.voxels.get(name, "") if ok else ""]
-            push = (
-                push_cells(case_root / r.case_id, with_sources)
-                if case_root is not None and r.case_id
-                else [""] * len(push_columns(with_sources))
-            )
-            writer.writerow([*row, f"{r.seconds:.3f}" if r.status == "ok" else "", *push])
-    return path
-
-
-def write_jsonl(path: Path, records: Sequence[Mapping[str, Any]]) -> Path:
-    with atomic_open(path) as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, default=str) + "\n")
-    return path
-
-
-def write_json(path: Path, data: Any) -> Path:
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
-    return path

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import re
 
-from pipeline import report
 from pipeline.inference.results import CaseResult
+from pipeline.outputs import report
 
 
 def _result(case_id: str, organ_ml: float, status: str = "ok", skipped: bool = False) -> CaseResult:

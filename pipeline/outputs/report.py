@@ -13,15 +13,13 @@ import base64
 import html
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
+from pipeline.inference.results import CaseResult
 from pipeline.io.atomic import write_text
-from pipeline.qc import label_list_colours
-
-if TYPE_CHECKING:
-    from pipeline.inference.results import CaseResult
+from pipeline.outputs.qc import label_list_colours
 
 # Outlier rule (Iglewicz and Hoaglin): modified z = 0.6745 (x - median) / MAD; |z| > 3.5 is
 # flagged. Needs at least this many ok cases with the label to say anything.
