@@ -12,6 +12,7 @@ from typing import Annotated
 import typer
 
 from pipeline import __version__
+from pipeline.errors import Status
 
 app = typer.Typer(
     name="unet-pipeline",
@@ -426,11 +427,12 @@ def predict_command(
         typer.echo(f"error: {' '.join(str(exc).split())}", err=True)
         raise typer.Exit(code=2) from None
     typer.echo(
-        f"predict: {summary.count('ok')} ok ({summary.processed} predicted, {summary.skipped} done earlier), "
-        f"{summary.count('quarantined')} quarantined, {summary.count('failed')} failed"
+        f"predict: {summary.count(Status.OK)} ok "
+        f"({summary.processed} predicted, {summary.skipped} done earlier), "
+        f"{summary.count(Status.QUARANTINED)} quarantined, {summary.count(Status.FAILED)} failed"
     )
     code = summary.exit_code
-    if push and summary.count("ok"):
+    if push and summary.count(Status.OK):
         code = max(code, _push_results(summary, push, ca_bundle, push_sr))
     if (summary.out / "pull_report.json").is_file() and _pull_incomplete(summary.out):
         code = max(code, 1)
@@ -513,7 +515,7 @@ def _push_results(summary, push: str, ca_bundle: Path | None, with_sr: bool) -> 
     from pipeline.pacs.push import push_batch
     from pipeline.pacs.record import PushStatus
 
-    ok = [r.case_id for r in summary.results if r.status == "ok"]
+    ok = [r.case_id for r in summary.results if r.status == Status.OK]
     report = push_batch(
         summary.out, push, ok, credentials=_pacs_credentials(ca_bundle, push=True), with_sr=with_sr
     )

@@ -44,7 +44,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from pipeline.config import PipelineConfig, Workdir
-from pipeline.errors import IGNORED_REASONS, Reason
+from pipeline.errors import IGNORED_REASONS, Reason, Status
 from pipeline.inference import batchdir
 from pipeline.inference.batchdir import MODEL_DIR, case_lock, done_marker, plan_dir, plan_lock
 from pipeline.inference.cases import (
@@ -184,12 +184,14 @@ def _write_plan(
         files = err.details.get("files") or [err.path]
         if err.reason in IGNORED_REASONS:
             ignored += 1
-            quarantine.append({"status": "ignored", **err.to_record()})
+            quarantine.append({"status": Status.IGNORED, **err.to_record()})
             continue
-        quarantine.append({"status": "quarantined", **err.to_record()})
+        quarantine.append({"status": Status.QUARANTINED, **err.to_record()})
         where = common_folder(files) if len(files) > 1 else err.path
         rejected_results.append(
-            CaseResult("", where, "quarantined", err.reason.value, message=clip_line(err.message)).to_json()
+            CaseResult(
+                "", where, Status.QUARANTINED, err.reason.value, message=clip_line(err.message)
+            ).to_json()
         )
 
     settings = batch_output_settings(handle, options, write_seg=write_seg, write_qc=write_qc, limits=limits)
@@ -303,7 +305,7 @@ def predict_case(out: str | Path, case_id: str) -> dict[str, Any]:
     with case_lock(out, case_id):
         marker = done_marker(out, case, batch.settings)
         if marker is not None:
-            return _case_summary(CaseResult(**marker["result"]), "skipped")
+            return _case_summary(CaseResult(**marker["result"]), Status.SKIPPED)
         return _case_summary(run_case(case, Pending.run(lambda: load(batch, case)), batch))
 
 
@@ -331,7 +333,7 @@ def collect_results(
         record = batchdir.read_failure(out, case_id)
         if record is None:
             record = {
-                "status": "failed",
+                "status": Status.FAILED,
                 "case_id": case_id,
                 "path": case.source,
                 "reason": Reason.NO_RESULT.value,
@@ -370,11 +372,11 @@ def finalize_batch(out: str | Path) -> PredictSummary:
         "inputs": {c.case_id: {"source": c.source, "inputs_sha256": c.inputs_sha256} for c in cases},
         "counts": {
             "cases": len(results),
-            "ok": summary.count("ok"),
+            "ok": summary.count(Status.OK),
             "processed": summary.processed,
             "skipped": summary.skipped,
-            "quarantined": summary.count("quarantined"),
-            "failed": summary.count("failed"),
+            "quarantined": summary.count(Status.QUARANTINED),
+            "failed": summary.count(Status.FAILED),
             "ignored_files": meta["ignored"],
         },
         "exit_code": summary.exit_code,
@@ -385,10 +387,10 @@ def finalize_batch(out: str | Path) -> PredictSummary:
     report.write_report_html(out / "report.html", results, label_list, manifest, out)
     log.info(
         "predict: %d ok (%d skipped), %d quarantined, %d failed",
-        summary.count("ok"),
+        summary.count(Status.OK),
         summary.skipped,
-        summary.count("quarantined"),
-        summary.count("failed"),
+        summary.count(Status.QUARANTINED),
+        summary.count(Status.FAILED),
     )
     return summary
 

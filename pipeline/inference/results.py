@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import Status
+
 EXIT_OK, EXIT_PARTIAL, EXIT_NOTHING = 0, 1, 2
 
 
@@ -20,13 +22,16 @@ class CaseResult:
 
     case_id: str
     source: str
-    status: str  # ok, quarantined, failed
+    status: Status  # OK, QUARANTINED or FAILED
     reason: str = ""  # a Reason value for quarantined and failed cases
     volumes_ml: dict[str, float] = field(default_factory=dict)  # label name -> mL
     voxels: dict[str, int] = field(default_factory=dict)  # label name -> voxel count
     seconds: float = 0.0
     skipped: bool = False  # done by an earlier run with the same input and model
     message: str = ""  # one line: why the case was quarantined or failed
+
+    def __post_init__(self) -> None:
+        self.status = Status(self.status)  # read back from a done-marker or a record: the enum again
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -40,12 +45,12 @@ class PredictSummary:
     results: list[CaseResult]
     ignored: int = 0  # files that are not inputs at all (reports, Thumbs.db)
 
-    def count(self, status: str) -> int:
+    def count(self, status: Status) -> int:
         return sum(r.status == status for r in self.results)
 
     @property
     def processed(self) -> int:
-        return sum(r.status == "ok" and not r.skipped for r in self.results)
+        return sum(r.status == Status.OK and not r.skipped for r in self.results)
 
     @property
     def skipped(self) -> int:
@@ -54,6 +59,6 @@ class PredictSummary:
     @property
     def exit_code(self) -> int:
         """0: every case ok; 1: some ok, some quarantined or failed; 2: no case ok."""
-        if self.count("ok") == 0:
+        if self.count(Status.OK) == 0:
             return EXIT_NOTHING
-        return EXIT_OK if self.count("ok") == len(self.results) else EXIT_PARTIAL
+        return EXIT_OK if self.count(Status.OK) == len(self.results) else EXIT_PARTIAL

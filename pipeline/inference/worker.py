@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pipeline.errors import InputRejected, Reason
+from pipeline.errors import InputRejected, Reason, Status
 from pipeline.inference import batchdir
 from pipeline.inference.batchdir import MASK_FILE, QC_FILE, SEG_FILE, clear_case
 from pipeline.inference.cases import PredictCase, case_from_json, load_image
@@ -178,7 +178,7 @@ def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResul
         result = CaseResult(
             case.case_id,
             case.source,
-            "ok",
+            Status.OK,
             volumes_ml=volumes_ml,
             voxels=voxels,
             seconds=round(loaded.seconds + time.perf_counter() - t0, 3),
@@ -199,15 +199,15 @@ def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResul
         return result
     except InputRejected as err:
         err.details.setdefault("files", [case.source])
-        record = {"status": "quarantined", "case_id": case.case_id, **err.to_record()}
+        record = {"status": Status.QUARANTINED, "case_id": case.case_id, **err.to_record()}
         log.warning("case %s quarantined: %s", case.case_id, err.reason.value)
         result = CaseResult(
-            case.case_id, case.source, "quarantined", err.reason.value, message=clip_line(err.message)
+            case.case_id, case.source, Status.QUARANTINED, err.reason.value, message=clip_line(err.message)
         )
     except Exception as exc:  # noqa: BLE001 - one case's failure, at any step, is that case's record
         failed = exc if isinstance(exc, CaseFailed) else CaseFailed(Reason.PREDICTION_FAILED, one_line(exc))
         record = {
-            "status": "failed",
+            "status": Status.FAILED,
             "case_id": case.case_id,
             "path": case.source,
             "reason": failed.reason.value,
@@ -216,7 +216,9 @@ def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResul
         # The type only: the message may quote a file name, and logs carry no identifiers.
         cause = type(exc.__cause__ or exc).__name__
         log.error("case %s failed: %s (%s)", case.case_id, failed.reason.value, cause)
-        result = CaseResult(case.case_id, case.source, "failed", failed.reason.value, message=failed.message)
+        result = CaseResult(
+            case.case_id, case.source, Status.FAILED, failed.reason.value, message=failed.message
+        )
     # No mask of a case that is not done; when the case folder itself is the problem (a file in
     # its place) there is nothing to clear.
     with contextlib.suppress(OSError):

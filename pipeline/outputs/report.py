@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.errors import Status
 from pipeline.inference.results import CaseResult
 from pipeline.io.atomic import write_text
 from pipeline.outputs.qc import label_list_colours
@@ -29,7 +30,7 @@ OUTLIER_MIN_CASES = 4
 # Per-case files the table links to, when present (relative to the case folder).
 CASE_FILES = (("mask", "seg.nii.gz"), ("SEG", "seg.dcm"), ("QC", "qc.png"))
 
-STATUS_ORDER = ("ok", "quarantined", "failed", "push_failed")
+STATUS_ORDER = (Status.OK, Status.QUARANTINED, Status.FAILED, Status.PUSH_FAILED)
 
 
 def volume_outliers(results: Sequence[CaseResult], label_list: Sequence[str]) -> dict[str, list[str]]:
@@ -40,7 +41,7 @@ def volume_outliers(results: Sequence[CaseResult], label_list: Sequence[str]) ->
     used instead; when that is 0 too nothing is flagged.
     """
     flagged: dict[str, list[str]] = {}
-    ok = [r for r in results if r.status == "ok"]
+    ok = [r for r in results if r.status == Status.OK]
     if len(ok) < OUTLIER_MIN_CASES:
         return flagged
     for name in label_list:
@@ -75,7 +76,7 @@ def volume_plot_svg(
 
     Each dot's tooltip names its case and volume. Empty string when no case is ok.
     """
-    ok = [r for r in results if r.status == "ok"]
+    ok = [r for r in results if r.status == Status.OK]
     if not ok or not label_list:
         return ""
     esc = html.escape
@@ -239,7 +240,7 @@ def write_report_html(
             f"<td>{esc(message)}</td>",
         ]
         for name in label_list:
-            if r.status != "ok":
+            if r.status != Status.OK:
                 cells.append("<td data-sort=''></td>")
                 continue
             ml = r.volumes_ml.get(name, 0.0)
@@ -248,7 +249,7 @@ def write_report_html(
             cells.append(
                 f"<td class='{cls}'{tip} data-sort='{ml:.6f}'>{ml:.2f} ({r.voxels.get(name, 0)})</td>"
             )
-        seconds = f"{r.seconds:.2f}" if r.status == "ok" else ""
+        seconds = f"{r.seconds:.2f}" if r.status == Status.OK else ""
         cells.append(f"<td class='num' data-sort='{seconds}'>{seconds}</td>")
         case_dir = out / r.case_id if r.case_id else None
         if with_sources:
@@ -258,7 +259,7 @@ def write_report_html(
                 if case_dir is not None and (case_dir / name).is_file()
             ]
             cells.append(f"<td>{' '.join(links)}</td>")
-        uri = _png_data_uri(case_dir / "qc.png") if r.status == "ok" and case_dir is not None else None
+        uri = _png_data_uri(case_dir / "qc.png") if r.status == Status.OK and case_dir is not None else None
         cells.append(f"<td><img alt='QC {esc(r.case_id)}' src='{uri}'></td>" if uri else "<td></td>")
         parts.append("<tr>" + "".join(cells) + "</tr>")
     parts.append(f"</tbody></table><script>{_SORT_JS}</script></body></html>\n")

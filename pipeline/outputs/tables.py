@@ -13,6 +13,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from pipeline.errors import Status
 from pipeline.inference.results import CaseResult
 from pipeline.io.atomic import atomic_open, write_text
 from pipeline.pacs.record import push_cells, push_columns
@@ -60,14 +61,14 @@ def write_results_csv(
             message = [r.message] if with_sources else []
             row: list[Any] = [r.case_id, *source, r.status, r.reason, *message, model_name, model_version]
             for name in label_list:
-                ok = r.status == "ok"
+                ok = r.status == Status.OK
                 row += [r.volumes_ml.get(name, "") if ok else "", r.voxels.get(name, "") if ok else ""]
             push = (
                 push_cells(case_root / r.case_id, with_sources)
                 if case_root is not None and r.case_id
                 else [""] * len(push_columns(with_sources))
             )
-            writer.writerow([*row, f"{r.seconds:.3f}" if r.status == "ok" else "", *push])
+            writer.writerow([*row, f"{r.seconds:.3f}" if r.status == Status.OK else "", *push])
     return path
 
 

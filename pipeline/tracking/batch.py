@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import Workdir
+from pipeline.errors import Status
 from pipeline.inference import batchdir
 from pipeline.inference.batch import collect_results, label_list_of
 from pipeline.outputs import report, tables
@@ -92,7 +93,7 @@ def track_batch(
         "options_sha256": meta["options_sha256"],
     }
     metrics = {k: float(v) for k, v in manifest["counts"].items()}
-    ok = [r for r in results if r.status == "ok"]
+    ok = [r for r in results if r.status == Status.OK]
     for name in label_list:
         volumes = [r.volumes_ml[name] for r in ok if name in r.volumes_ml]
         if volumes:
