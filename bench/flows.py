@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 def _measure(args, tmp: Path) -> dict[str, float]:
     from flows.common import task_runner
     from flows.inference import batch_inference_flow
-    from pipeline.inference.batch import finalize_batch, predict_case, prepare_batch
+    from pipeline.inference.batch import BatchSettings, finalize_batch, predict_case, prepare_batch
     from pipeline.ingest import ingest
     from pipeline.planning.plan import plan_dataset
     from pipeline.synthetic.dataset import make_demo_dataset
@@ -166,7 +166,7 @@ def _measure(args, tmp: Path) -> dict[str, float]:
     flow(str(warm), str(tmp / "out-warm"), **common)  # starts the API server and the forkserver
 
     def plain(out: Path) -> int:
-        plan = prepare_batch(src, model, out, device="cpu", secret_file=secret)
+        plan = prepare_batch(src, model, out, BatchSettings(device="cpu", secret_file=secret))
         for case_id in plan.todo:
             predict_case(out, case_id)
         ok = finalize_batch(out).count("ok")

@@ -23,7 +23,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from pipeline.config import PipelineConfig
-from pipeline.inference.batch import predict
+from pipeline.inference.batch import BatchSettings, predict
 from pipeline.ingest import ingest
 from pipeline.io.batchdir import load_or_create_secret
 from pipeline.io.model_dir import save_model_dir
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             t0 = time.perf_counter()
             report = pull(orthanc.dicomweb_url, out, secret=secret)
             t1 = time.perf_counter()
-            summary = predict(report.folder, model_dir, out, device=args.device, secret_file=secret_file)
+            summary = predict(
+                report.folder, model_dir, out, BatchSettings(device=args.device, secret_file=secret_file)
+            )
             t2 = time.perf_counter()
             ok = [r.case_id for r in summary.results if r.status == "ok"]
             pushed = push_batch(out, orthanc.dicomweb_url, ok)

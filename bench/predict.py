@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench.common import sync
 from pipeline.config import PipelineConfig
-from pipeline.inference.batch import predict
+from pipeline.inference.batch import BatchSettings, predict
 from pipeline.inference.cases import load_image, plan_cases
 from pipeline.inference.model import load_model
 from pipeline.inference.predictor import segment_slices
@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         handle = load_model(tmp / "model", args.device)
         device = next(handle.loaded.model.parameters()).device
 
-        predict(demo.dicom_root, handle, tmp / "warmup", secret_file=secret)  # imports, kernel warm-up
+        predict(
+            demo.dicom_root, handle, tmp / "warmup", BatchSettings(secret_file=secret)
+        )  # imports, kernel warm-up
 
         # The bound: forward + argmax only, on the same cases' slices already in memory.
         cases, _ = plan_cases(demo.dicom_root, _secret(secret), IngestLimits())
@@ -88,7 +90,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         best = bound = float("inf")
         for r in range(args.repeats):
             start = time.perf_counter()
-            summary = predict(demo.dicom_root, handle, tmp / f"out{r}", secret_file=secret)
+            summary = predict(demo.dicom_root, handle, tmp / f"out{r}", BatchSettings(secret_file=secret))
             sync(device)
             best = min(best, time.perf_counter() - start)
             start = time.perf_counter()

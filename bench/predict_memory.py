@@ -40,7 +40,7 @@ def measure(
     volume's size (a volume at the limit), and return the measured figures."""
     import torch
 
-    from pipeline.inference.batch import predict
+    from pipeline.inference.batch import BatchSettings, predict
     from pipeline.inference.memory import planned_case_bytes
     from pipeline.ingest import IngestLimits
     from pipeline.io.model_dir import save_model_dir
@@ -84,13 +84,16 @@ def measure(
 
     write_case(work / "small", 8, 64)
     voxels = write_case(work / "large", slices, size)
-    predict(work / "small", model_dir, work / "out_small", device="cpu", secret_file=secret)
+    predict(work / "small", model_dir, work / "out_small", BatchSettings(device="cpu", secret_file=secret))
 
     Path("/proc/self/clear_refs").write_text("5")
     before = _status_kib("VmRSS")
     at_limit = IngestLimits(max_voxels=voxels, max_pixels_per_file=max(voxels, size * size))
     summary = predict(
-        work / "large", model_dir, work / "out_large", device="cpu", secret_file=secret, limits=at_limit
+        work / "large",
+        model_dir,
+        work / "out_large",
+        BatchSettings(device="cpu", secret_file=secret, limits=at_limit),
     )
     peak = _status_kib("VmHWM")
     if summary.count("ok") != 1:

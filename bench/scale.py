@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 def _measure(args, tmp: Path) -> list[dict]:
     from flows.common import run_isolated
     from flows.inference import batch_inference_flow, chunk_size_for
-    from pipeline.inference.batch import finalize_batch, predict_case, prepare_batch
+    from pipeline.inference.batch import BatchSettings, finalize_batch, predict_case, prepare_batch
     from pipeline.system import available_cores
 
     model, secret = _setup(tmp)
@@ -118,7 +118,7 @@ def _measure(args, tmp: Path) -> list[dict]:
 
         out = tmp / f"out-plain-{n}"
         start = time.perf_counter()
-        plan = prepare_batch(src, model, out, device="cpu", secret_file=secret)
+        plan = prepare_batch(src, model, out, BatchSettings(device="cpu", secret_file=secret))
         # The flow's slots and worker processes, without Prefect: the difference is orchestration.
         with ThreadPoolExecutor(max_workers=available_cores()) as pool:
             calls = [pool.submit(run_isolated, predict_case, str(out), c, timeout_s=None) for c in plan.todo]
@@ -178,7 +178,7 @@ def _footprint(shape: tuple[int, int, int]) -> dict:
     import resource
 
     from flows.common import WorkerPool
-    from pipeline.inference.batch import predict_case, prepare_batch
+    from pipeline.inference.batch import BatchSettings, predict_case, prepare_batch
     from pipeline.inference.footprint import BYTES_PER_VOXEL, planned_voxels
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-footprint-"))
@@ -188,7 +188,9 @@ def _footprint(shape: tuple[int, int, int]) -> dict:
         outs = {}
         for name, case_shape in (("small", (48, 48, 8)), ("large", shape)):
             _make_cases(tmp / name, 1, case_shape)
-            plan = prepare_batch(tmp / name, model, tmp / f"out-{name}", device="cpu", secret_file=secret)
+            plan = prepare_batch(
+                tmp / name, model, tmp / f"out-{name}", BatchSettings(device="cpu", secret_file=secret)
+            )
             outs[name] = (tmp / f"out-{name}", plan.case_ids[0])
         pool.run(predict_case, *map(str, outs["small"]), timeout_s=None)  # the model loaded, warm
         before = pool.run(resource.getrusage, resource.RUSAGE_SELF, timeout_s=None).ru_maxrss * 1024

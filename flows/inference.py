@@ -28,7 +28,7 @@ from prefect.states import Completed, Failed
 from flows.common import CaseTimeout, case_runner, check_task_runner, content_key, path_key, run_isolated
 from flows.pull import is_pacs_url, pull_task
 from pipeline.errors import Reason
-from pipeline.inference.batch import BatchPlan, finalize_batch, predict_case, prepare_batch
+from pipeline.inference.batch import BatchPlan, BatchSettings, finalize_batch, predict_case, prepare_batch
 from pipeline.io.batchdir import case_key
 from pipeline.tracking.batch import TRACKING_EXPERIMENT, track_batch
 
@@ -40,13 +40,9 @@ from pipeline.tracking.batch import TRACKING_EXPERIMENT, track_batch
     tags=["io", "tracking"],
     cache_policy=NO_CACHE,
 )
-def prepare_task(
-    source: str, out: str, model_uri: str, device: str, batch_size: int | None, secret_file: str | None
-) -> BatchPlan:
+def prepare_task(source: str, out: str, model_uri: str, settings: BatchSettings) -> BatchPlan:
     """Verify the model once, stage it under OUT/.plan/ and plan the cases (registry and share I/O)."""
-    return prepare_batch(
-        source, model_uri, out, device=device, batch_size=batch_size, secret_file=secret_file
-    )
+    return prepare_batch(source, model_uri, out, settings)
 
 
 def _case_key(context, parameters) -> str:
@@ -249,7 +245,8 @@ def batch_inference_flow(
         raise ValueError(f"chunk_size must be at least 1 (or None: chosen from the batch); got {chunk_size}")
     if is_pacs_url(source):  # pulled into OUT/.spool/ first (credentials from UNET_PACS_*)
         source = pull_task(source, out, secret_file, None, None)["folder"]
-    plan = prepare_task(source, out, model_uri, device, batch_size, secret_file)
+    settings = BatchSettings(device=device, batch_size=batch_size, secret_file=secret_file)
+    plan = prepare_task(source, out, model_uri, settings)
     todo = set(plan.todo)
     total = max(1, len(plan.case_ids))
     progress = create_progress_artifact(

@@ -396,7 +396,7 @@ def predict_command(
     """
     import sys
 
-    from pipeline.inference.batch import predict
+    from pipeline.inference.batch import BatchSettings, predict
     from pipeline.inference.batchdir import check_out_folder
     from pipeline.inference.model import ModelLoadError
 
@@ -414,12 +414,14 @@ def predict_command(
             folder,
             model,
             out,
-            device=device,
-            batch_size=batch_size,
-            postprocess_masks=postprocess,
-            secret_file=secret_file,
+            BatchSettings(
+                device=device,
+                batch_size=batch_size,
+                postprocess_masks=postprocess,
+                secret_file=secret_file,
+                memory_budget=int(memory_gb * 2**30) if memory_gb else None,
+            ),
             progress=sys.stderr.isatty(),
-            memory_budget=int(memory_gb * 2**30) if memory_gb else None,
         )
     except (ModelLoadError, OSError, ValueError, RuntimeError) as exc:
         # One line, no traceback: a bad argument or an OUT that cannot be written (a case's own

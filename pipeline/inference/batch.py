@@ -70,6 +70,24 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class BatchSettings:
+    """How a batch runs and what it writes: the one value `predict`, `prepare_batch`, the CLI and
+    the flow pass around (the flow builds it from its plain parameters)."""
+
+    device: str = "auto"  # runtime.resolve_device: "auto", "cpu", "cuda", "cuda:1", ...
+    batch_size: int | None = None  # slices per forward pass; None: the model's training config
+    # True: largest component and hole filling on; False: both off; None: the training config
+    postprocess_masks: bool | None = None
+    secret_file: str | Path | None = None  # the site secret behind case IDs; None: the work dir's
+    limits: IngestLimits = field(default_factory=IngestLimits)  # inputs refused before reading
+    write_seg: bool = True  # a DICOM SEG beside each mask of a DICOM source
+    write_qc: bool = True  # a QC picture per case
+    # Bytes the cases in memory at once may take (`predict` only; never part of a case key).
+    # None: limits.memory_budget, else half the memory available (`memory.default_budget`).
+    memory_budget: int | None = None
+
+
+@dataclass(frozen=True)
 class BatchPlan:
     """What `prepare_batch` decided; case IDs and hashes only (nothing identifying)."""
 
@@ -94,14 +112,8 @@ def prepare_batch(
     source: str | Path,
     model: str | Path | ModelHandle,
     out: str | Path,
+    settings: BatchSettings | None = None,
     *,
-    device: str = "auto",
-    batch_size: int | None = None,
-    postprocess_masks: bool | None = None,
-    secret_file: str | Path | None = None,
-    limits: IngestLimits | None = None,
-    write_seg: bool = True,
-    write_qc: bool = True,
     progress: bool = False,
 ) -> BatchPlan:
     """Step 1: verify the model (ModelLoadError before anything is written), plan the cases and
@@ -110,8 +122,10 @@ def prepare_batch(
     Cases with a valid done-marker from an earlier run (same input, model and options) are not
     in `todo`.
     """
+    settings = settings or BatchSettings()
     started = datetime.now(UTC)
     source, out = batchdir.resolve_paths(source, out)
+    device = settings.device
     with ExitStack() as held:
         with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
             handle = model if isinstance(model, ModelHandle) else load_model(model, device, dst=tmp)
@@ -122,35 +136,17 @@ def prepare_batch(
             # the model staged and writes the same plan again.
             held.enter_context(plan_lock(out))
             batchdir.stage_model(handle, plan_dir(out) / MODEL_DIR)
-        return _write_plan(
-            handle,
-            source,
-            out,
-            started=started,
-            device=device,
-            batch_size=batch_size,
-            postprocess_masks=postprocess_masks,
-            secret_file=secret_file,
-            limits=limits,
-            write_seg=write_seg,
-            write_qc=write_qc,
-            progress=progress,
-        )
+        return _write_plan(handle, source, out, settings, started=started, device=device, progress=progress)
 
 
 def _write_plan(
     handle: ModelHandle,
     source: Path,
     out: Path,
+    settings: BatchSettings,
     *,
     started: datetime,
     device: str,
-    batch_size: int | None,
-    postprocess_masks: bool | None,
-    secret_file: str | Path | None,
-    limits: IngestLimits | None,
-    write_seg: bool,
-    write_qc: bool,
     progress: bool,
 ) -> BatchPlan:
     """prepare_batch once the model is staged (under the plan lock): plan the cases, write the plan."""
@@ -164,9 +160,11 @@ def _write_plan(
     except ValueError:  # a config from another code version: its infer section is advisory only
         log.warning("the model's training config does not validate here; using default infer options")
         infer = PipelineConfig().infer
-    options = PredictOptions.from_config(infer, batch_size=batch_size, postprocess=postprocess_masks)
-    limits = limits or IngestLimits()
-    secret_path = Path(secret_file) if secret_file else Workdir.resolve().secret_file
+    options = PredictOptions.from_config(
+        infer, batch_size=settings.batch_size, postprocess=settings.postprocess_masks
+    )
+    limits = settings.limits
+    secret_path = Path(settings.secret_file) if settings.secret_file else Workdir.resolve().secret_file
     secret = load_or_create_secret(secret_path)
     if source.is_file():  # one NIfTI file: plan its folder, keep that file
         root = source.parent
@@ -194,7 +192,9 @@ def _write_plan(
             ).to_json()
         )
 
-    settings = batch_output_settings(handle, options, write_seg=write_seg, write_qc=write_qc, limits=limits)
+    keyed = batch_output_settings(
+        handle, options, write_seg=settings.write_seg, write_qc=settings.write_qc, limits=limits
+    )
     batchdir.clear_failures(out)
     todo = []
     case_bytes = {}
@@ -204,7 +204,7 @@ def _write_plan(
         batchdir.write_case_record(
             out, case.case_id, {**case_to_json(case), "planned_bytes": case_bytes[case.case_id]}
         )
-        if done_marker(out, case, settings) is None:
+        if done_marker(out, case, keyed) is None:
             todo.append(case.case_id)
     batch = {
         "source": str(source),
@@ -222,12 +222,12 @@ def _write_plan(
         },
         "model_dir": str(model_dir),
         "options": dataclasses.asdict(options),
-        "write_seg": write_seg,
-        "write_qc": write_qc,
+        "write_seg": settings.write_seg,
+        "write_qc": settings.write_qc,
         "limits": dataclasses.asdict(limits),
         "output_version": OUTPUT_VERSION,
-        "settings": settings,
-        "options_sha256": hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest(),
+        "settings": keyed,
+        "options_sha256": hashlib.sha256(json.dumps(keyed, sort_keys=True).encode()).hexdigest(),
         "case_bytes": case_bytes,
         "cases": [c.case_id for c in cases],
         "todo": todo,
@@ -245,7 +245,7 @@ def _write_plan(
         model_sha256=handle.sha256,
         model_name=handle.name,
         model_version=handle.version,
-        settings=settings,
+        settings=keyed,
         options_sha256=batch["options_sha256"],
         model_run_id=handle.run_id,
         rejected=len(rejected_results),
@@ -399,45 +399,25 @@ def predict(
     source: str | Path,
     model: str | Path | ModelHandle,
     out: str | Path,
+    settings: BatchSettings | None = None,
     *,
-    device: str = "auto",
-    batch_size: int | None = None,
-    postprocess_masks: bool | None = None,
-    secret_file: str | Path | None = None,
-    limits: IngestLimits | None = None,
-    write_seg: bool = True,
-    write_qc: bool = True,
     progress: bool = False,
     on_case_done: Callable[[CaseResult], None] | None = None,
-    memory_budget: int | None = None,
 ) -> PredictSummary:
-    """Predict every case under `source` with `model` into `out`; see the module docstring.
+    """Predict every case under `source` with `model` into `out`; see the module docstring and
+    `BatchSettings` for the settings.
 
-    `batch_size` and `postprocess_masks` default to the model's training config (infer section);
-    `postprocess_masks=True` turns on both largest-component and hole filling, False turns both off.
     Raises ModelLoadError (before any case runs), FileNotFoundError or ValueError for bad arguments;
     never for a bad case. The three steps in one process, the next case loading in the background
-    while the planned peaks of both fit `memory_budget` bytes (default: `limits.memory_budget`, else
-    half the memory available, `memory.default_budget`).
+    while the planned peaks of both fit `settings.memory_budget`.
     """
-    plan = prepare_batch(
-        source,
-        model,
-        out,
-        device=device,
-        batch_size=batch_size,
-        postprocess_masks=postprocess_masks,
-        secret_file=secret_file,
-        limits=limits,
-        write_seg=write_seg,
-        write_qc=write_qc,
-        progress=progress,
-    )
+    settings = settings or BatchSettings()
+    plan = prepare_batch(source, model, out, settings, progress=progress)
     out = Path(out).resolve()
     if plan.todo:
         batch = open_batch(out)
         todo = [batch.case(case_id) for case_id in plan.todo]
-        budget = memory_budget if memory_budget is not None else batch.limits.memory_budget
+        budget = settings.memory_budget if settings.memory_budget is not None else batch.limits.memory_budget
         if budget is None:
             budget = default_budget()
         bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.inference.batch import finalize_batch, predict_case, prepare_batch
+from pipeline.inference.batch import BatchSettings, finalize_batch, predict_case, prepare_batch
 from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.inference.predict_fixture import PredictSetup, make_predict_setup
 
@@ -200,7 +200,7 @@ def test_an_unreachable_tracking_server_leaves_a_note_and_a_completed_flow(
 
 def test_a_failing_case_fails_the_flow_and_the_others_finish(prefect_api, setup, tmp_path):
     src, out = _source(setup, tmp_path, 3), tmp_path / "out"
-    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    plan = prepare_batch(src, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret))
     victim = plan.case_ids[0]
     (out / victim).write_text("a file where the case folder goes")  # writing its outputs fails
     state = _run(prefect_api, setup, src, out)
@@ -222,7 +222,7 @@ def test_the_task_cache_key_is_the_done_markers_case_key(prefect_api, setup, tmp
     from pipeline.io.batchdir import case_key
 
     src, out = _source(setup, tmp_path, 2), tmp_path / "out"
-    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    plan = prepare_batch(src, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret))
     for case_id in plan.case_ids:
         assert predict_case(out, case_id)["status"] == "ok"
     for case_id in plan.case_ids:
@@ -231,7 +231,9 @@ def test_the_task_cache_key_is_the_done_markers_case_key(prefect_api, setup, tmp
         task_key = prefect_api._case_key(None, {"plan": plan, "case_id": case_id, "out": str(out)})
         assert task_key == content_key("predict", case_id, marker["case_key"], path_key(out))
     # An option that changes the outputs changes both keys: no QC picture, no cache hit.
-    other = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret, write_qc=False)
+    other = prepare_batch(
+        src, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret, write_qc=False)
+    )
     assert sorted(other.todo) == sorted(plan.case_ids)
     for case_id in plan.case_ids:
         params = {"case_id": case_id, "out": str(out)}
@@ -242,7 +244,7 @@ def test_the_task_cache_key_is_the_done_markers_case_key(prefect_api, setup, tmp
 
 def test_the_same_case_submitted_twice_at_once_is_processed_once(setup, tmp_path):
     src, out = _source(setup, tmp_path, 1), tmp_path / "out"
-    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    plan = prepare_batch(src, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret))
     (case_id,) = plan.todo
     results: list[dict] = []
     threads = [threading.Thread(target=lambda: results.append(predict_case(out, case_id))) for _ in range(2)]
@@ -264,7 +266,7 @@ def test_a_case_past_its_timeout_is_killed_and_the_batch_goes_on(prefect_api, se
     assert time.perf_counter() - t0 < 15
 
     src, out = _source(setup, tmp_path, 2), tmp_path / "out"
-    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    plan = prepare_batch(src, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret))
     hung, fine = plan.case_ids
     task = prefect_api.predict_case_task.fn
     assert task(str(out), hung, plan, 0.001)["reason"] == "TIMEOUT"

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from pipeline import tracking
-from pipeline.inference.batch import predict
+from pipeline.inference.batch import BatchSettings, predict
 from pipeline.ingest import ingest
 from pipeline.io.manifest import read_manifest
 from pipeline.io.model_dir import load_model_dir
@@ -73,7 +73,9 @@ def test_ingest_then_train_register_and_gate(world, monkeypatch):
 def test_predict_with_the_champion_writes_masks_on_the_source_grid(world, monkeypatch):
     root, _, staging, _, uri = world
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
-    summary = predict(staging, "models:/e2e-seg@champion", root / "pred", device="cpu", write_qc=False)
+    summary = predict(
+        staging, "models:/e2e-seg@champion", root / "pred", BatchSettings(device="cpu", write_qc=False)
+    )
     assert summary.exit_code == 0
     rows = {r["case_id"]: r for r in read_manifest(staging)}
     for result in summary.results:

@@ -430,12 +430,15 @@ def test_worker_killed_mid_batch_and_restarted_finishes_only_what_is_left(world,
 
 def test_same_case_submitted_twice_at_once_is_processed_once(servers, world, tmp_path, monkeypatch):
     """Two workers given the same planned case at the same moment: one runs it, one finds it done."""
-    from pipeline.inference.batch import predict_case, prepare_batch
+    from pipeline.inference.batch import BatchSettings, predict_case, prepare_batch
 
     monkeypatch.setenv("MLFLOW_TRACKING_URI", servers.mlflow_uri)
     out = tmp_path / "out"
     plan = prepare_batch(
-        world["staging"], f"models:/{MODEL_NAME}@champion", out, device="cpu", secret_file=tmp_path / "s"
+        world["staging"],
+        f"models:/{MODEL_NAME}@champion",
+        out,
+        BatchSettings(device="cpu", secret_file=tmp_path / "s"),
     )
     case_id = plan.case_ids[0]
     start = threading.Barrier(2)

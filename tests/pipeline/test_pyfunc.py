@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 from mlflow.exceptions import MlflowException
 
-from pipeline.inference.batch import predict
+from pipeline.inference.batch import BatchSettings, predict
 from pipeline.inference.batchdir import MASK_FILE
 from pipeline.inference.results import EXIT_OK
 from pipeline.tracking import Tracker, promote, register
@@ -36,7 +36,10 @@ def served(tmp_path_factory):
     # What `unet-pipeline predict` writes for these files (the same function, in-process).
     out = root / "predicted"
     summary = predict(
-        images[0].parent, model_dir, out, secret_file=setup.secret, write_seg=False, write_qc=False
+        images[0].parent,
+        model_dir,
+        out,
+        BatchSettings(secret_file=setup.secret, write_seg=False, write_qc=False),
     )
     assert summary.exit_code == EXIT_OK
     masks = {}

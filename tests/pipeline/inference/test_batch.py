@@ -19,6 +19,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import highdicom as hd
@@ -29,7 +30,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli import app
-from pipeline.inference.batch import finalize_batch, predict, predict_case, prepare_batch
+from pipeline.inference.batch import BatchSettings, finalize_batch, predict, predict_case, prepare_batch
 from pipeline.inference.model import ModelLoadError
 from tests.pipeline.inference.predict_fixture import PredictSetup, make_predict_setup, save_untrained_model
 
@@ -278,7 +279,7 @@ def test_tampered_model_is_refused_before_any_case(setup, nifti_source, tmp_path
     (bad / "weights.safetensors").write_bytes(bytes(weights))
     out = tmp_path / "out"
     with pytest.raises(ModelLoadError, match=re.escape(str(bad))):
-        predict(nifti_source, bad, out, device="cpu", secret_file=setup.secret)
+        predict(nifti_source, bad, out, BatchSettings(device="cpu", secret_file=setup.secret))
     assert not out.exists()
     partial = tmp_path / "partial"
     shutil.copytree(setup.model_dir, partial)
@@ -302,7 +303,9 @@ def test_two_prepares_of_one_out_at_once_both_succeed_with_one_plan(setup, nifti
 
         def plan(_, out=out, start=start):
             start.wait()
-            return prepare_batch(nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+            return prepare_batch(
+                nifti_source, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret)
+            )
 
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first, second = pool.map(plan, range(2))
@@ -319,11 +322,17 @@ def test_two_prepares_of_one_out_at_once_both_succeed_with_one_plan(setup, nifti
 def test_rerun_skips_done_cases_and_a_changed_model_redoes_them(setup, nifti_source, tmp_path):
     out = tmp_path / "out"
     first = predict(
-        nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret, write_qc=False
+        nifti_source,
+        setup.model_dir,
+        out,
+        BatchSettings(device="cpu", secret_file=setup.secret, write_qc=False),
     )
     assert first.exit_code == 0 and first.processed == 4
     again = predict(
-        nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret, write_qc=False
+        nifti_source,
+        setup.model_dir,
+        out,
+        BatchSettings(device="cpu", secret_file=setup.secret, write_qc=False),
     )
     assert again.exit_code == 0 and again.processed == 0 and again.skipped == 4
     # One changed input is redone, the others are not.
@@ -332,11 +341,16 @@ def test_rerun_skips_done_cases_and_a_changed_model_redoes_them(setup, nifti_sou
     data = np.asarray(img.dataobj) + 1
     nib.save(nib.Nifti1Image(data.astype(img.get_data_dtype()), img.affine, img.header), changed)
     third = predict(
-        nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret, write_qc=False
+        nifti_source,
+        setup.model_dir,
+        out,
+        BatchSettings(device="cpu", secret_file=setup.secret, write_qc=False),
     )
     assert third.processed == 1 and third.skipped == 3
     other = save_untrained_model(setup.plan, tmp_path / "model_v2", seed=1)
-    fourth = predict(nifti_source, other, out, device="cpu", secret_file=setup.secret, write_qc=False)
+    fourth = predict(
+        nifti_source, other, out, BatchSettings(device="cpu", secret_file=setup.secret, write_qc=False)
+    )
     assert fourth.processed == 4 and fourth.skipped == 0
     marker = json.loads((out / fourth.results[0].case_id / "done.json").read_text())
     assert marker["model_sha256"] == json.loads((other / "model.json").read_text())["weights_sha256"]
@@ -345,7 +359,7 @@ def test_rerun_skips_done_cases_and_a_changed_model_redoes_them(setup, nifti_sou
 KILLER = textwrap.dedent(
     """
     import os, signal, sys
-    from pipeline.inference.batch import predict
+    from pipeline.inference.batch import BatchSettings, predict
     from pipeline.outputs import qc
 
     calls = []
@@ -358,7 +372,7 @@ KILLER = textwrap.dedent(
         return real(*args, **kwargs)
 
     qc.write_qc_png = dying_qc
-    predict(sys.argv[1], sys.argv[2], sys.argv[3], device="cpu", secret_file=sys.argv[4])
+    predict(sys.argv[1], sys.argv[2], sys.argv[3], BatchSettings(device="cpu", secret_file=sys.argv[4]))
     """
 )
 
@@ -380,7 +394,7 @@ def test_kill_mid_batch_then_rerun_finishes_only_the_rest(setup, nifti_source, t
     for mask in out.glob("*/seg.nii.gz"):
         assert np.asarray(nib.load(mask).dataobj).dtype == np.uint8
     assert not (out / "results.csv").exists()
-    rerun = predict(nifti_source, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    rerun = predict(nifti_source, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret))
     assert rerun.exit_code == 0
     assert rerun.skipped == 2 and rerun.processed == 2
     assert sorted(r.case_id for r in rerun.results if r.skipped) == done
@@ -388,7 +402,9 @@ def test_kill_mid_batch_then_rerun_finishes_only_the_rest(setup, nifti_source, t
 
 def test_staging_folder_as_source(setup, tmp_path):
     out = tmp_path / "out"
-    summary = predict(setup.staging, setup.model_dir, out, device="cpu", write_qc=False, write_seg=False)
+    summary = predict(
+        setup.staging, setup.model_dir, out, BatchSettings(device="cpu", write_qc=False, write_seg=False)
+    )
     assert summary.exit_code == 0
     assert summary.processed == len(setup.demo.cases)
     for r in summary.results:
@@ -449,7 +465,9 @@ def test_a_failure_in_any_step_fails_that_case_only(
 
     monkeypatch.setattr(target, name, second_call_fails)
     out = tmp_path / "out"
-    summary = predict(dicom_source, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    summary = predict(
+        dicom_source, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret)
+    )
     assert summary.exit_code == 1
     rows = _rows(out)
     failed = [r for r in rows if r["status"] == "failed"]
@@ -469,7 +487,7 @@ def test_a_failure_in_any_step_fails_that_case_only(
     assert [r["reason"] for r in records if r.get("status") == "failed"] == [reason]
 
     monkeypatch.setattr(target, name, real)
-    again = predict(dicom_source, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    again = predict(dicom_source, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret))
     assert again.exit_code == 0 and again.processed == 1 and again.skipped == 2
 
 
@@ -518,12 +536,12 @@ def test_every_output_option_is_in_the_case_key(setup, nifti_source, tmp_path):
     from pipeline.ingest import IngestLimits
 
     out = tmp_path / "out"
-    kw = {"device": "cpu", "secret_file": setup.secret}
-    first = predict(nifti_source, setup.model_dir, out, write_qc=False, **kw)
+    settings = BatchSettings(device="cpu", secret_file=setup.secret)
+    first = predict(nifti_source, setup.model_dir, out, replace(settings, write_qc=False))
     assert first.processed == 4 and not list(out.glob("*/qc.png"))
-    second = predict(nifti_source, setup.model_dir, out, write_qc=True, **kw)
+    second = predict(nifti_source, setup.model_dir, out, replace(settings, write_qc=True))
     assert second.processed == 4 and len(list(out.glob("*/qc.png"))) == 4
-    plan = prepare_batch(nifti_source, setup.model_dir, out, **kw)
+    plan = prepare_batch(nifti_source, setup.model_dir, out, settings)
     assert plan.todo == []
     for case_id in plan.case_ids:
         marker = json.loads((out / case_id / "done.json").read_text())
@@ -536,23 +554,27 @@ def test_every_output_option_is_in_the_case_key(setup, nifti_source, tmp_path):
         {"postprocess_masks": True},
         {"limits": IngestLimits(max_voxels=2**29)},
     ):
-        other = prepare_batch(nifti_source, setup.model_dir, tmp_path / "plan_only", **kw, **changed)
+        other = prepare_batch(
+            nifti_source, setup.model_dir, tmp_path / "plan_only", replace(settings, **changed)
+        )
         assert not keys & {other.case_key(c) for c in other.case_ids}, changed
-    third = predict(nifti_source, setup.model_dir, out, limits=IngestLimits(max_voxels=2**29), **kw)
+    third = predict(
+        nifti_source, setup.model_dir, out, replace(settings, limits=IngestLimits(max_voxels=2**29))
+    )
     assert third.processed == 4
 
 
 def test_rerun_redoes_cases_whose_outputs_are_missing_or_damaged(setup, nifti_source, tmp_path):
     out = tmp_path / "out"
-    kw = {"device": "cpu", "secret_file": setup.secret}
-    first = predict(nifti_source, setup.model_dir, out, **kw)
+    settings = BatchSettings(device="cpu", secret_file=setup.secret)
+    first = predict(nifti_source, setup.model_dir, out, settings)
     assert first.processed == 4
     a, b, c, _ = sorted(r.case_id for r in first.results)
     good = (out / a / "seg.nii.gz").read_bytes()
     (out / a / "seg.nii.gz").write_bytes(good[:-7] + bytes(7))  # damaged in place
     (out / b / "qc.png").unlink()  # missing
     (out / c / "seg.nii.gz").write_bytes((out / b / "seg.nii.gz").read_bytes())  # another case's mask
-    again = predict(nifti_source, setup.model_dir, out, **kw)
+    again = predict(nifti_source, setup.model_dir, out, settings)
     assert again.exit_code == 0
     assert sorted(r.case_id for r in again.results if not r.skipped) == [a, b, c]
     assert (out / a / "seg.nii.gz").read_bytes() == good and (out / b / "qc.png").is_file()
@@ -568,7 +590,10 @@ def test_predict_plans_case_sizes_and_a_small_budget_loads_one_case_at_a_time(se
     from pipeline.inference.memory import planned_case_bytes
 
     plan = prepare_batch(
-        nifti_source, setup.model_dir, tmp_path / "planned", device="cpu", secret_file=setup.secret
+        nifti_source,
+        setup.model_dir,
+        tmp_path / "planned",
+        BatchSettings(device="cpu", secret_file=setup.secret),
     )
     target = setup.plan.target_spacing
     for case_id in plan.case_ids:
@@ -593,9 +618,7 @@ def test_predict_plans_case_sizes_and_a_small_budget_loads_one_case_at_a_time(se
             nifti_source,
             setup.model_dir,
             tmp_path / "out",
-            device="cpu",
-            secret_file=setup.secret,
-            memory_budget=2 * smallest - 1,
+            BatchSettings(device="cpu", secret_file=setup.secret, memory_budget=2 * smallest - 1),
             on_case_done=lambda r: events.append("done"),
         )
     assert summary.exit_code == 0
@@ -605,9 +628,12 @@ def test_predict_plans_case_sizes_and_a_small_budget_loads_one_case_at_a_time(se
 def test_the_memory_budget_is_not_part_of_the_case_key(setup, nifti_source, tmp_path):
     from pipeline.ingest import IngestLimits
 
-    kw = {"device": "cpu", "secret_file": setup.secret}
-    first = prepare_batch(nifti_source, setup.model_dir, tmp_path / "a", **kw)
+    settings = BatchSettings(device="cpu", secret_file=setup.secret)
+    first = prepare_batch(nifti_source, setup.model_dir, tmp_path / "a", settings)
     other = prepare_batch(
-        nifti_source, setup.model_dir, tmp_path / "b", limits=IngestLimits(memory_budget=2**30), **kw
+        nifti_source,
+        setup.model_dir,
+        tmp_path / "b",
+        replace(settings, limits=IngestLimits(memory_budget=2**30)),
     )
     assert [first.case_key(c) for c in first.case_ids] == [other.case_key(c) for c in other.case_ids]

@@ -11,7 +11,7 @@ import nibabel as nib
 import pydicom
 import pytest
 
-from pipeline.inference.batch import prepare_batch
+from pipeline.inference.batch import BatchSettings, prepare_batch
 from pipeline.inference.footprint import (
     BYTES_PER_VOXEL,
     CASE_OVERHEAD_BYTES,
@@ -29,7 +29,9 @@ def setup(tmp_path_factory):
 def test_planned_case_bytes_from_nifti_headers(setup, tmp_path):
     case = setup.demo.cases[0]
     image = setup.demo.msd_root / case.msd_image
-    plan = prepare_batch(image, setup.model_dir, tmp_path / "out", device="cpu", secret_file=setup.secret)
+    plan = prepare_batch(
+        image, setup.model_dir, tmp_path / "out", BatchSettings(device="cpu", secret_file=setup.secret)
+    )
     (case_id,) = plan.case_ids
     voxels = math.prod(nib.load(image).shape)
     assert planned_voxels(tmp_path / "out", case_id) == voxels
@@ -46,7 +48,7 @@ def test_an_unreadable_image_has_no_estimate_and_no_error(setup, tmp_path, conte
     src.mkdir()
     (src / "case.nii.gz").write_bytes(image.read_bytes())
     out = tmp_path / "out"
-    plan = prepare_batch(src, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    plan = prepare_batch(src, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret))
     (case_id,) = plan.case_ids
     data = image.read_bytes()[:100] if content == "cut" else content
     (src / "case.nii.gz").write_bytes(data)  # changed after planning
@@ -56,7 +58,9 @@ def test_an_unreadable_image_has_no_estimate_and_no_error(setup, tmp_path, conte
 def test_planned_voxels_of_dicom_series(setup, tmp_path):
 
     out = tmp_path / "out"
-    plan = prepare_batch(setup.demo.dicom_root, setup.model_dir, out, device="cpu", secret_file=setup.secret)
+    plan = prepare_batch(
+        setup.demo.dicom_root, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret)
+    )
     assert plan.case_ids
     for case_id in plan.case_ids:
         case = json.loads((out / ".plan" / "cases" / f"{case_id}.json").read_text())

@@ -143,7 +143,7 @@ def test_validation_dice_equals_evaluate_on_predicts_output(staging, tmp_path, p
     from typer.testing import CliRunner
 
     from pipeline.cli import app
-    from pipeline.inference.batch import predict
+    from pipeline.inference.batch import BatchSettings, predict
     from pipeline.training.metrics import evaluate_folders
 
     cfg = tiny_config(epochs=3).replace(infer={"largest_component": postprocess, "fill_holes": postprocess})
@@ -151,7 +151,10 @@ def test_validation_dice_equals_evaluate_on_predicts_output(staging, tmp_path, p
     assert result.best_epoch >= 0 and result.split["val"]
     out = tmp_path / "pred"
     summary = predict(
-        staging, result.model_dir, out, device="cpu", write_qc=False, secret_file=tmp_path / "secret"
+        staging,
+        result.model_dir,
+        out,
+        BatchSettings(device="cpu", write_qc=False, secret_file=tmp_path / "secret"),
     )
     assert summary.exit_code == 0
     truth = tmp_path / "truth"
