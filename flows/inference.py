@@ -27,9 +27,16 @@ from prefect.states import Completed, Failed
 
 from flows.common import CaseTimeout, case_runner, check_task_runner, content_key, path_key, run_isolated
 from flows.pull import is_pacs_url, pull_task
-from pipeline.errors import Reason
-from pipeline.inference.batch import BatchPlan, BatchSettings, finalize_batch, predict_case, prepare_batch
+from pipeline.inference.batch import (
+    BatchPlan,
+    BatchSettings,
+    finalize_batch,
+    predict_case,
+    prepare_batch,
+    record_timeout,
+)
 from pipeline.io.batchdir import case_key
+from pipeline.outputs.summary import batch_summary, summary_line, summary_markdown, table_rows
 from pipeline.tracking.batch import TRACKING_EXPERIMENT, track_batch
 
 
@@ -77,15 +84,8 @@ def predict_case_task(out: str, case_id: str, plan: BatchPlan, timeout_s: float)
     """
     try:
         return _predict_one(out, case_id, timeout_s)
-    except CaseTimeout:
-        # finalize_batch lists the case as failed (no done-marker, no record); a rerun redoes it.
-        return {
-            "case_id": case_id,
-            "status": "failed",
-            "reason": Reason.TIMEOUT.value,
-            "seconds": timeout_s,
-            "volumes": {},
-        }
+    except CaseTimeout:  # recorded as TIMEOUT for finalize; a rerun redoes the case
+        return record_timeout(out, case_id, timeout_s)
 
 
 def _chunk_key(context, parameters) -> str:
@@ -130,28 +130,7 @@ def chunk_size_for(cases: int, slots: int = 1) -> int:
 @task(name="finalize-batch", retries=2, retry_delay_seconds=[5, 30], tags=["io"], cache_policy=NO_CACHE)
 def finalize_task(out: str) -> dict:
     """results.csv, quarantine.jsonl, run_manifest.json and report.html; a summary without sources."""
-    summary = finalize_batch(out)
-    return {
-        "cases": len(summary.results),
-        "ok": summary.count("ok"),
-        "processed": summary.processed,
-        "skipped": summary.skipped,
-        "quarantined": summary.count("quarantined"),
-        "failed": summary.count("failed"),
-        "exit_code": summary.exit_code,
-        "results": str(summary.out / "results.csv"),
-        "report": str(summary.out / "report.html"),
-        "rows": [
-            {
-                "case": r.case_id or "(rejected input)",
-                "status": r.status,
-                "reason": r.reason,
-                "skipped": r.skipped,
-                "volumes": "; ".join(f"{k} {v} mL" for k, v in r.volumes_ml.items()),
-            }
-            for r in summary.results
-        ],
-    }
+    return batch_summary(finalize_batch(out))
 
 
 @task(name="track-batch", retries=0, tags=["tracking"], cache_policy=NO_CACHE)
@@ -161,36 +140,34 @@ def track_task(out: str, experiment: str) -> dict:
     return track_batch(out, experiment=experiment).to_json()
 
 
-def _tracking_markdown(tracked: dict | None) -> str:
-    if tracked is None:
-        return "MLflow: not recorded (no experiment given).\n"
-    if tracked["status"] == "logged":
-        link = f" ([open in MLflow]({tracked['run_url']}))" if tracked.get("run_url") else ""
-        run, experiment = tracked["run_id"], tracked["experiment"]
-        return f"Recorded in MLflow: run `{run}` of experiment **{experiment}**{link}.\n"
-    return (
-        f"**MLflow tracking failed**: this batch is not recorded in experiment "
-        f"**{tracked['experiment']}** ({tracked['error']}). The masks, results.csv and the report are "
-        f"complete; rerun the batch when the server is back (finished cases come from the cache).\n"
-    )
+def _track(out: str, experiment: str, logger) -> dict:
+    """track_task's record; a broken task (not an outage: those are returned) is a note too."""
+    state = track_task(out, experiment, return_state=True)
+    if state.is_completed():
+        tracked = state.result()
+    else:  # the batch stands regardless
+        from pipeline.tracking import redact
+
+        error = redact(state.message or "the tracking task failed")
+        tracked = {"status": "failed", "experiment": experiment, "error": error}
+    if tracked["status"] != "logged":
+        logger.warning("batch not recorded in MLflow: %s", tracked["error"])
+    return tracked
 
 
 PROGRESS_EVERY_S = 5.0
 
 _PREDICT_REFRESH = predict_case_task.with_options(refresh_cache=True)
 _CHUNK_REFRESH = predict_chunk_task.with_options(refresh_cache=True)
-MAX_TABLE_ROWS = 200  # above, the cases table lists those needing attention; results.csv has all
 
 
-def _submit_cases(
-    runner, out: str, plan: BatchPlan, todo: set[str], size: int, timeout_s: float
-) -> tuple[list, dict]:
+def _submit_cases(runner, out: str, plan: BatchPlan, size: int, timeout_s: float) -> tuple[list, dict]:
     """One predict task per case (size 1) or per `size` cases: (futures, cases per task run ID).
 
     A case without a valid done-marker always runs (refresh_cache); the others may come from
     the cache. A chunk with any such case runs again; its done cases are then "skipped".
     """
-    ids = plan.case_ids
+    ids, todo = plan.case_ids, set(plan.todo)
     futures, cases = [], {}
     if size == 1:
         for case_id in ids:
@@ -208,13 +185,40 @@ def _submit_cases(
     return futures, cases
 
 
-def _table_rows(rows: list[dict]) -> tuple[list[dict], str]:
-    """The cases table: every case up to MAX_TABLE_ROWS, else those not ok (bounded), and a note."""
-    if len(rows) <= MAX_TABLE_ROWS:
-        return rows, ""
-    attention = [r for r in rows if r["status"] != "ok"][:MAX_TABLE_ROWS]
-    return attention, (
-        f"; {len(rows)} cases: only the {len(attention)} not ok are listed here, every case is in results.csv"
+def _run_cases(runner, out: str, plan: BatchPlan, chunk_size: int | None, timeout_s: float, logger) -> None:
+    """Every planned case through the runner, the progress artifact following the finished ones."""
+    progress = create_progress_artifact(
+        0.0, key="batch-inference-progress", description="Cases finished in the running batch."
+    )
+    size = chunk_size or chunk_size_for(len(plan.case_ids), runner.slots)
+    futures, cases = _submit_cases(runner, out, plan, size, timeout_s)
+    total, last, finished = max(1, len(plan.case_ids)), time.monotonic(), 0
+    for future in as_completed(futures):
+        finished += cases[future.task_run_id]
+        # At most one API call per PROGRESS_EVERY_S (and the last): a batch of thousands of
+        # small cases must not spend its time updating a progress bar.
+        if finished == len(plan.case_ids) or time.monotonic() - last >= PROGRESS_EVERY_S:
+            update_progress_artifact(progress, 100.0 * finished / total)
+            last = time.monotonic()
+    for future in futures:
+        if not future.state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
+            logger.error("%s ended %s", future.task_run_id, future.state.name)
+
+
+def _publish(summary: dict, model: dict) -> None:
+    """The cases table, the summary page and the report link as the flow run's artifacts."""
+    rows, note = table_rows(summary["rows"])
+    create_table_artifact(
+        key="batch-inference-cases",
+        table=rows,
+        description=f"Cases of the last batch inference (pseudonymous IDs; volumes in mL){note}.",
+    )
+    create_markdown_artifact(key="batch-inference-summary", markdown=summary_markdown(summary, model))
+    create_link_artifact(
+        key="batch-inference-report",
+        link=Path(summary["report"]).as_uri(),
+        link_text="QC report",
+        description="Self-contained HTML report: every case with status, volumes and QC picture.",
     )
 
 
@@ -247,71 +251,12 @@ def batch_inference_flow(
         source = pull_task(source, out, secret_file, None, None)["folder"]
     settings = BatchSettings(device=device, batch_size=batch_size, secret_file=secret_file)
     plan = prepare_task(source, out, model_uri, settings)
-    todo = set(plan.todo)
-    total = max(1, len(plan.case_ids))
-    progress = create_progress_artifact(
-        0.0, key="batch-inference-progress", description="Cases finished in the running batch."
-    )
     with case_runner(task_runner, device=device) as runner:
-        size = chunk_size or chunk_size_for(len(plan.case_ids), runner.slots)
-        futures, cases = _submit_cases(runner, out, plan, todo, size, case_timeout_s)
-        last, finished = time.monotonic(), 0
-        for future in as_completed(futures):
-            finished += cases[future.task_run_id]
-            # At most one API call per PROGRESS_EVERY_S (and the last): a batch of thousands of
-            # small cases must not spend its time updating a progress bar.
-            if finished == len(plan.case_ids) or time.monotonic() - last >= PROGRESS_EVERY_S:
-                update_progress_artifact(progress, 100.0 * finished / total)
-                last = time.monotonic()
-        for future in futures:
-            state = future.state
-            if not state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
-                logger.error("%s ended %s", future.task_run_id, state.name)
+        _run_cases(runner, out, plan, chunk_size, case_timeout_s, logger)
     summary = finalize_task(out)
-    tracked = None
-    if mlflow_experiment:
-        tracking = track_task(out, mlflow_experiment, return_state=True)
-        if tracking.is_completed():
-            tracked = tracking.result()
-        else:  # not an outage (those are returned): the task itself broke; the batch stands
-            from pipeline.tracking import redact
-
-            error = redact(tracking.message or "the tracking task failed")
-            tracked = {"status": "failed", "experiment": mlflow_experiment, "error": error}
-        if tracked["status"] != "logged":
-            logger.warning("batch not recorded in MLflow: %s", tracked["error"])
-    summary["tracking"] = tracked
-
-    rows, note = _table_rows(summary["rows"])
-    create_table_artifact(
-        key="batch-inference-cases",
-        table=rows,
-        description=f"Cases of the last batch inference (pseudonymous IDs; volumes in mL){note}.",
-    )
-    run = f", MLflow run `{plan.model_run_id}`" if plan.model_run_id else ""
-    create_markdown_artifact(
-        key="batch-inference-summary",
-        markdown=(
-            f"# Batch inference\n\nModel **{plan.model_name}** version **{plan.model_version}** "
-            f"(weights sha256 `{plan.model_sha256[:12]}`{run}).\n\n"
-            f"| cases | ok | run now | unchanged | quarantined | failed |\n|---|---|---|---|---|---|\n"
-            f"| {summary['cases']} | {summary['ok']} | {summary['processed']} | {summary['skipped']} "
-            f"| {summary['quarantined']} | {summary['failed']} |\n\n"
-            f"Results: `{summary['results']}`\n\nQC report: `{summary['report']}`\n\n"
-            + _tracking_markdown(tracked)
-        ),
-    )
-    create_link_artifact(
-        key="batch-inference-report",
-        link=Path(summary["report"]).as_uri(),
-        link_text="QC report",
-        description="Self-contained HTML report: every case with status, volumes and QC picture.",
-    )
-    message = (
-        f"{summary['ok']} ok ({summary['skipped']} unchanged), {summary['quarantined']} quarantined, "
-        f"{summary['failed']} failed; model {plan.model_name} v{plan.model_version}"
-    )
+    summary["tracking"] = _track(out, mlflow_experiment, logger) if mlflow_experiment else None
+    model = {"name": plan.model_name, "version": plan.model_version, "sha256": plan.model_sha256}
+    _publish(summary, {**model, "run_id": plan.model_run_id})
+    message = summary_line(summary, model)
     logger.info("batch inference: %s", message)
-    if summary["failed"]:
-        return Failed(message=message, data=summary)
-    return Completed(message=message, data=summary)
+    return (Failed if summary["failed"] else Completed)(message=message, data=summary)

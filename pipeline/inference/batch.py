@@ -29,6 +29,7 @@ message, and the batch goes on. Exit codes: see `PredictSummary.exit_code`.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -46,7 +47,7 @@ from tqdm.auto import tqdm
 from pipeline.config import PipelineConfig, Workdir
 from pipeline.errors import IGNORED_REASONS, Reason, Status
 from pipeline.inference import batchdir
-from pipeline.inference.batchdir import MODEL_DIR, case_lock, done_marker, plan_dir, plan_lock
+from pipeline.inference.batchdir import MODEL_DIR, case_lock, clear_case, done_marker, plan_dir, plan_lock
 from pipeline.inference.cases import (
     PredictCase,
     case_from_json,
@@ -309,6 +310,28 @@ def predict_case(out: str | Path, case_id: str) -> dict[str, Any]:
         return _case_summary(run_case(case, Pending.run(lambda: load(batch, case)), batch))
 
 
+def record_timeout(out: str | Path, case_id: str, timeout_s: float) -> dict[str, Any]:
+    """A case whose worker was killed at its time limit: its partial outputs removed and a
+    failure record with Reason.TIMEOUT, so results.csv and the report say TIMEOUT (not
+    NO_RESULT). Returns its summary, as `predict_case` would have; "skipped" when another
+    worker finished the case meanwhile (its done-marker stands)."""
+    out = Path(out).resolve()
+    case = case_from_json(batchdir.read_case_record(out, case_id))
+    message = f"ran past its time limit of {timeout_s:.0f} s; its worker process was stopped"
+    with case_lock(out, case_id):
+        marker = done_marker(out, case, batchdir.read_batch(out)["settings"])
+        if marker is not None:
+            return _case_summary(CaseResult(**marker["result"]), Status.SKIPPED)
+        with contextlib.suppress(OSError):  # a file where the case folder goes: nothing to clear
+            clear_case(out / case_id)
+        record = {"case_id": case_id, "path": case.source, "reason": Reason.TIMEOUT.value, "message": message}
+        batchdir.record_failure(out, case_id, {"status": Status.FAILED, **record})
+    result = CaseResult(
+        case_id, case.source, Status.FAILED, Reason.TIMEOUT.value, seconds=timeout_s, message=message
+    )
+    return _case_summary(result)
+
+
 def label_list_of(meta: dict[str, Any]) -> list[str]:
     """The model's label names without background, in label order (the tables' columns)."""
     names = {int(k): v for k, v in meta["model"]["label_names"].items()}
@@ -370,15 +393,7 @@ def finalize_batch(out: str | Path) -> PredictSummary:
         "config": read["config"],
         "options": meta["options"] | {"device": meta["device"]},
         "inputs": {c.case_id: {"source": c.source, "inputs_sha256": c.inputs_sha256} for c in cases},
-        "counts": {
-            "cases": len(results),
-            "ok": summary.count(Status.OK),
-            "processed": summary.processed,
-            "skipped": summary.skipped,
-            "quarantined": summary.count(Status.QUARANTINED),
-            "failed": summary.count(Status.FAILED),
-            "ignored_files": meta["ignored"],
-        },
+        "counts": summary.counts(),
         "exit_code": summary.exit_code,
         "started": meta["started"],
         "finished": datetime.now(UTC).isoformat(timespec="seconds"),

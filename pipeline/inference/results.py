@@ -56,6 +56,18 @@ class PredictSummary:
     def skipped(self) -> int:
         return sum(r.skipped for r in self.results)
 
+    def counts(self) -> dict[str, int]:
+        """The batch's counts, as run_manifest.json records them and the flow reports them."""
+        return {
+            "cases": len(self.results),
+            "ok": self.count(Status.OK),
+            "processed": self.processed,
+            "skipped": self.skipped,
+            "quarantined": self.count(Status.QUARANTINED),
+            "failed": self.count(Status.FAILED),
+            "ignored_files": self.ignored,
+        }
+
     @property
     def exit_code(self) -> int:
         """0: every case ok; 1: some ok, some quarantined or failed; 2: no case ok."""

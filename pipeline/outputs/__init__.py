@@ -5,6 +5,7 @@ tables, its report and the summary an orchestrator shows.
 - `qc`: the QC picture of one case (three planes and a montage, contours over the anatomy);
 - `tables`: results.csv, quarantine.jsonl, JSON records;
 - `report`: report.html, one self-contained page;
+- `summary`: the batch in a few lines (counts, a bounded cases table, markdown) for a flow's UI.
 
 Every writer is atomic. Import each module by its name; the package re-exports nothing.
 """

@@ -272,8 +272,13 @@ def test_a_case_past_its_timeout_is_killed_and_the_batch_goes_on(prefect_api, se
     assert task(str(out), hung, plan, 0.001)["reason"] == "TIMEOUT"
     assert task(str(out), fine, plan, 120.0)["status"] == "ok"
     summary = finalize_batch(out)
-    assert {r.case_id: r.status for r in summary.results} == {hung: "failed", fine: "ok"}
+    assert {r.case_id: (r.status, r.reason) for r in summary.results} == {
+        hung: ("failed", "TIMEOUT"),
+        fine: ("ok", ""),
+    }
     assert not (out / hung / "done.json").exists()
+    with open(out / "results.csv", newline="", encoding="utf-8") as fh:
+        assert {r["case_id"]: r["reason"] for r in csv.DictReader(fh)}[hung] == "TIMEOUT"
 
 
 def test_dask_task_runner_with_a_local_cluster(prefect_api, setup, tmp_path):
