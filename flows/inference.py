@@ -48,7 +48,7 @@ from pipeline.tracking.batch import TRACKING_EXPERIMENT, track_batch
     cache_policy=NO_CACHE,
 )
 def prepare_task(source: str, out: str, model_uri: str, settings: BatchSettings) -> BatchPlan:
-    """Verify the model once, stage it under OUT/.plan/ and plan the cases (registry and share I/O)."""
+    """Verify the model once, stage it under OUT/.batch/ and plan the cases (registry and share I/O)."""
     return prepare_batch(source, model_uri, out, settings)
 
 

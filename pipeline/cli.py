@@ -397,8 +397,8 @@ def predict_command(
     import sys
 
     from pipeline.inference.batch import BatchSettings, predict
-    from pipeline.inference.batchdir import check_out_folder
     from pipeline.inference.model import ModelLoadError
+    from pipeline.io.batchdir import check_out_folder
 
     setup_logging(verbose)
     try:

@@ -11,7 +11,9 @@ The batch runs in three steps that orchestrators may run as separate tasks:
     prepare_batch (model check, case plan; one call) -> predict_case (`worker`: one per case, in
     any process or machine that sees OUT) -> finalize_batch (tables, manifest, report), and
     optionally `pipeline.tracking.batch.track_batch` (the batch as one MLflow run).
-`predict` runs the first three in one process. The plan's files are described in `batchdir`.
+`predict` runs the first three in one process. What the steps hand each other lives in OUT/.batch/,
+the work folder of the batch protocol ingest shares (`pipeline.io.batchdir`), with the verified
+model staged beside batch.json (`model.stage_model`), so workers never need the registry.
 
 The model is loaded and verified (sha256, no pickle) once, before any case runs (`model`). The
 cases are found by the ingest rules (`cases`) and predicted by `predictor`. A background thread
@@ -46,8 +48,6 @@ from tqdm.auto import tqdm
 
 from pipeline.config import PipelineConfig, Workdir
 from pipeline.errors import IGNORED_REASONS, Reason, Status
-from pipeline.inference import batchdir
-from pipeline.inference.batchdir import MODEL_DIR, case_lock, clear_case, done_marker, plan_dir, plan_lock
 from pipeline.inference.cases import (
     PredictCase,
     case_from_json,
@@ -57,13 +57,21 @@ from pipeline.inference.cases import (
     plan_cases,
 )
 from pipeline.inference.memory import Pending, default_budget, planned_case_bytes, prefetch
-from pipeline.inference.model import ModelHandle, ModelLoadError, load_model, remember_model
+from pipeline.inference.model import (
+    MODEL_DIR,
+    ModelHandle,
+    ModelLoadError,
+    load_model,
+    read_model_record,
+    remember_model,
+    stage_model,
+)
 from pipeline.inference.predictor import PredictOptions
-from pipeline.inference.records import OUTPUT_VERSION, clip_line, output_settings
+from pipeline.inference.records import OUTPUT_VERSION, clear_case, clip_line, done_marker, output_settings
 from pipeline.inference.results import CaseResult, PredictSummary
 from pipeline.inference.worker import load, open_batch, run_case
 from pipeline.ingest import IngestLimits
-from pipeline.io.batchdir import case_key, load_or_create_secret
+from pipeline.io.batchdir import BatchDir, case_key, load_or_create_secret, resolve_folders
 from pipeline.io.model_dir import code_version
 from pipeline.outputs import report, tables
 
@@ -118,25 +126,26 @@ def prepare_batch(
     progress: bool = False,
 ) -> BatchPlan:
     """Step 1: verify the model (ModelLoadError before anything is written), plan the cases and
-    record the plan in OUT/.plan/; see `predict` for the arguments.
+    record the plan in OUT/.batch/; see `predict` for the arguments.
 
     Cases with a valid done-marker from an earlier run (same input, model and options) are not
     in `todo`.
     """
     settings = settings or BatchSettings()
     started = datetime.now(UTC)
-    source, out = batchdir.resolve_paths(source, out)
+    source, out = resolve_folders(source, out, stage="predict", files=True)
+    work = BatchDir(out)
     device = settings.device
     with ExitStack() as held:
         with tempfile.TemporaryDirectory(prefix="unet-model-") as tmp:
             handle = model if isinstance(model, ModelHandle) else load_model(model, device, dst=tmp)
             if isinstance(model, ModelHandle):  # already on its device: workers use the same kind
                 device = next(model.loaded.model.parameters()).device.type
-            plan_dir(out).mkdir(parents=True, exist_ok=True)
+            work.work.mkdir(parents=True, exist_ok=True)
             # Held until batch.json is written: a second prepare of this OUT waits, then finds
             # the model staged and writes the same plan again.
-            held.enter_context(plan_lock(out))
-            batchdir.stage_model(handle, plan_dir(out) / MODEL_DIR)
+            held.enter_context(work.prepare_lock())
+            stage_model(handle, work.work / MODEL_DIR)
         return _write_plan(handle, source, out, settings, started=started, device=device, progress=progress)
 
 
@@ -151,8 +160,9 @@ def _write_plan(
     progress: bool,
 ) -> BatchPlan:
     """prepare_batch once the model is staged (under the plan lock): plan the cases, write the plan."""
-    model_dir = plan_dir(out) / MODEL_DIR
-    staged_sha = batchdir.read_model_record(model_dir)["weights_sha256"]
+    work = BatchDir(out)
+    model_dir = work.work / MODEL_DIR
+    staged_sha = read_model_record(model_dir)["weights_sha256"]
     if staged_sha != handle.sha256:
         raise ModelLoadError(f"the model staged at {model_dir} has sha256 {staged_sha}, not {handle.sha256}")
     remember_model(handle, device)
@@ -196,16 +206,14 @@ def _write_plan(
     keyed = batch_output_settings(
         handle, options, write_seg=settings.write_seg, write_qc=settings.write_qc, limits=limits
     )
-    batchdir.clear_failures(out)
+    work.clear_failures()
     todo = []
     case_bytes = {}
     target = float(handle.loaded.plan.get("target_spacing") or 1.0)
     for case in cases:
         case_bytes[case.case_id] = planned_case_bytes(*case_size(case, source), target_spacing=target)
-        batchdir.write_case_record(
-            out, case.case_id, {**case_to_json(case), "planned_bytes": case_bytes[case.case_id]}
-        )
-        if done_marker(out, case, keyed) is None:
+        work.write_case(case.case_id, {**case_to_json(case), "planned_bytes": case_bytes[case.case_id]})
+        if done_marker(out, case.case_id, case.inputs_sha256, keyed) is None:
             todo.append(case.case_id)
     batch = {
         "source": str(source),
@@ -237,7 +245,7 @@ def _write_plan(
         "ignored": ignored,
         "started": started.isoformat(timespec="seconds"),
     }
-    batchdir.write_batch(out, batch)
+    work.write_batch(batch, indent=1)
     log.info("predict: %d cases, %d already done, %d to run", len(cases), len(cases) - len(todo), len(todo))
     return BatchPlan(
         case_ids=batch["cases"],
@@ -303,8 +311,8 @@ def predict_case(out: str | Path, case_id: str) -> dict[str, Any]:
     out = Path(out).resolve()
     batch = open_batch(out)
     case = batch.case(case_id)
-    with case_lock(out, case_id):
-        marker = done_marker(out, case, batch.settings)
+    with batch.work.case_lock(case_id):
+        marker = done_marker(out, case_id, case.inputs_sha256, batch.settings)
         if marker is not None:
             return _case_summary(CaseResult(**marker["result"]), Status.SKIPPED)
         return _case_summary(run_case(case, Pending.run(lambda: load(batch, case)), batch))
@@ -316,16 +324,17 @@ def record_timeout(out: str | Path, case_id: str, timeout_s: float) -> dict[str,
     NO_RESULT). Returns its summary, as `predict_case` would have; "skipped" when another
     worker finished the case meanwhile (its done-marker stands)."""
     out = Path(out).resolve()
-    case = case_from_json(batchdir.read_case_record(out, case_id))
+    work = BatchDir(out)
+    case = case_from_json(work.read_case(case_id))
     message = f"ran past its time limit of {timeout_s:.0f} s; its worker process was stopped"
-    with case_lock(out, case_id):
-        marker = done_marker(out, case, batchdir.read_batch(out)["settings"])
+    with work.case_lock(case_id):
+        marker = done_marker(out, case_id, case.inputs_sha256, work.read_batch("prepare_batch")["settings"])
         if marker is not None:
             return _case_summary(CaseResult(**marker["result"]), Status.SKIPPED)
         with contextlib.suppress(OSError):  # a file where the case folder goes: nothing to clear
             clear_case(out / case_id)
         record = {"case_id": case_id, "path": case.source, "reason": Reason.TIMEOUT.value, "message": message}
-        batchdir.record_failure(out, case_id, {"status": Status.FAILED, **record})
+        work.record_failure(case_id, {"status": Status.FAILED, **record})
     result = CaseResult(
         case_id, case.source, Status.FAILED, Reason.TIMEOUT.value, seconds=timeout_s, message=message
     )
@@ -342,18 +351,19 @@ def collect_results(
     out: Path, meta: dict[str, Any]
 ) -> tuple[list[PredictCase], list[CaseResult], list[dict[str, Any]]]:
     """(planned cases, every result row, quarantine records) from the plan and the done-markers."""
+    work = BatchDir(out)
     todo = set(meta["todo"])
     quarantine: list[dict[str, Any]] = list(meta["quarantine"])
     results: list[CaseResult] = []
     cases: list[PredictCase] = []
     for case_id in meta["cases"]:
-        case = case_from_json(batchdir.read_case_record(out, case_id))
+        case = case_from_json(work.read_case(case_id))
         cases.append(case)
-        marker = done_marker(out, case, meta["settings"])
+        marker = done_marker(out, case_id, case.inputs_sha256, meta["settings"])
         if marker is not None:
             results.append(CaseResult(**{**marker["result"], "skipped": case_id not in todo}))
             continue
-        record = batchdir.read_failure(out, case_id)
+        record = work.failure(case_id)
         if record is None:
             record = {
                 "status": Status.FAILED,
@@ -377,7 +387,7 @@ def finalize_batch(out: str | Path) -> PredictSummary:
     the cases' done-markers. A planned case with neither a marker nor a failure record (its
     worker was killed or timed out, or it never ran) is listed as failed."""
     out = Path(out).resolve()
-    meta = batchdir.read_batch(out)
+    meta = BatchDir(out).read_batch("prepare_batch")
     m = meta["model"]
     cases, results, quarantine = collect_results(out, meta)
     summary = PredictSummary(out=out, results=results, ignored=meta["ignored"])
@@ -438,7 +448,7 @@ def predict(
         bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
         cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
         for case, pending in prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget):
-            with case_lock(out, case.case_id):
+            with batch.work.case_lock(case.case_id):
                 result = run_case(case, pending, batch)
             del pending
             if on_case_done is not None:

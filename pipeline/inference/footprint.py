@@ -11,7 +11,7 @@ import logging
 import math
 from pathlib import Path
 
-from pipeline.inference.batchdir import read_batch, read_case_record
+from pipeline.io.batchdir import BatchDir
 
 log = logging.getLogger(__name__)
 
@@ -44,10 +44,10 @@ def planned_voxels(out: str | Path, case_id: str) -> int:
         HeaderDataError,
     )
     try:
-        case = read_case_record(out, case_id)
+        case = BatchDir(out).read_case(case_id)
         if case["kind"] == "staging":
             return _nifti_voxels(Path(case["image_path"]))
-        source = Path(read_batch(out)["source"])
+        source = Path(BatchDir(out).read_batch()["source"])
         job = case["job"]
         if case["kind"] == "nifti":
             return sum(_nifti_voxels(source / rel) for rel in job["nifti"]["channels"])

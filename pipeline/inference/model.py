@@ -9,12 +9,17 @@ a batch with another model replaces it.
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import shutil
+import tempfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
-from pipeline.io.model_dir import LoadedModel
+from pipeline.io.model_dir import MODEL_FILE, LoadedModel, save_model_dir
 from pipeline.planning.plan import Plan
 from pipeline.runtime import configure_threads, prepare_model, resolve_device
 
@@ -145,3 +150,45 @@ def cached_model(model_dir: Path, sha256: str, device: str) -> LoadedModel:
             _MODELS.clear()  # one model per process: a new version frees the last one's memory
             _MODELS[key] = dataclasses.replace(loaded, model=net)
         return _MODELS[key]
+
+
+# ------------------------------------------------------------------------------------------
+# The model staged in a batch's work folder (workers reload it there, never from the registry)
+
+MODEL_DIR = "model"  # beside batch.json in the batch's work folder
+
+
+def read_model_record(model_dir: Path) -> dict[str, Any]:
+    """The staged model folder's model.json."""
+    return json.loads((model_dir / MODEL_FILE).read_text(encoding="utf-8"))
+
+
+def stage_model(handle: ModelHandle, dst: Path) -> None:
+    """Copy the verified model folder to `dst` (workers reload it from there, never the registry)."""
+    try:
+        if read_model_record(dst)["weights_sha256"] == handle.sha256:
+            return  # an earlier prepare of this batch staged these weights; loading re-verifies them
+    except (OSError, ValueError, KeyError):
+        pass
+    # Unique names beside `dst` (never a fixed .tmp a second writer could clobber); the caller
+    # holds the plan lock, so only the swap below is seen by workers, never a half-copied folder.
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", suffix=".tmp", dir=dst.parent))
+    old = tmp.with_name(tmp.name.removesuffix(".tmp") + ".old")
+    try:
+        src = handle.loaded.path
+        if (src / MODEL_FILE).is_file():
+            shutil.copytree(src, tmp, dirs_exist_ok=True)
+        else:  # a handle whose download is gone: write the same weights again (same sha256)
+            save_model_dir(
+                handle.loaded.model,
+                tmp,
+                plan=handle.loaded.plan,
+                config=handle.loaded.config,
+                label_names=handle.loaded.label_names,
+            )
+        if dst.exists():
+            os.replace(dst, old)  # a folder cannot replace a non-empty folder: move it aside first
+        os.replace(tmp, dst)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)

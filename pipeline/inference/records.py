@@ -28,6 +28,12 @@ from pipeline.io import batchdir
 
 log = logging.getLogger(__name__)
 
+# A case's outputs in OUT/<case_id>/, beside its done-marker (batchdir.DONE_FILE).
+MASK_FILE = "seg.nii.gz"
+SEG_FILE = "seg.dcm"
+QC_FILE = "qc.png"
+CASE_OUTPUTS = (MASK_FILE, SEG_FILE, QC_FILE)
+
 # Bump when what a case's outputs contain changes, so reruns redo cases done by older code.
 OUTPUT_VERSION = "2"
 MESSAGE_MAX = 240  # characters of a failure message kept in results.csv and the report
@@ -62,6 +68,16 @@ def write_done_marker(
 ) -> dict[str, Any]:
     """`batchdir.write_done_marker` with the OUTPUT_VERSION of the code that wrote the outputs."""
     return batchdir.write_done_marker(case_dir, key, outputs, result, output_version=OUTPUT_VERSION, **extra)
+
+
+def done_marker(out: Path, case_id: str, inputs_sha256: str, settings: Mapping[str, Any]) -> dict | None:
+    """The earlier run's marker for this case if it is valid for the batch's `settings`."""
+    return batchdir.read_done_marker(out / case_id, batchdir.case_key(inputs_sha256, settings))
+
+
+def clear_case(case_dir: Path) -> None:
+    """Forget an earlier run's outputs: the marker first, so a crash here leaves no false 'done'."""
+    batchdir.clear_case(case_dir, CASE_OUTPUTS)
 
 
 # ------------------------------------------------------------------------------------------

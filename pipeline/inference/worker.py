@@ -2,7 +2,7 @@
 
 A case runs as steps (read, preprocess, predict, write the mask, the SEG, the QC picture, the
 done-marker); a bad input becomes a quarantined result, a failure in any step a failed one with
-the step's reason code (`records.step`), recorded in OUT/.plan/failed/ for `finalize_batch`.
+the step's reason code (`records.step`), recorded in the batch's work folder for `finalize_batch`.
 One case's failure is that case's record, never the batch's traceback.
 """
 
@@ -21,16 +21,24 @@ import numpy as np
 import torch
 
 from pipeline.errors import InputRejected, Reason, Status
-from pipeline.inference import batchdir
-from pipeline.inference.batchdir import MASK_FILE, QC_FILE, SEG_FILE, clear_case
 from pipeline.inference.cases import PredictCase, case_from_json, load_image
 from pipeline.inference.memory import Pending
 from pipeline.inference.model import ModelHandle, cached_model, plan_of
 from pipeline.inference.predictor import PredictOptions, predict_volume
-from pipeline.inference.records import CaseFailed, clip_line, one_line, step, write_done_marker
+from pipeline.inference.records import (
+    MASK_FILE,
+    QC_FILE,
+    SEG_FILE,
+    CaseFailed,
+    clear_case,
+    clip_line,
+    one_line,
+    step,
+    write_done_marker,
+)
 from pipeline.inference.results import CaseResult
 from pipeline.ingest import IngestLimits, job_from_json
-from pipeline.io.batchdir import case_key, load_or_create_secret
+from pipeline.io.batchdir import BatchDir, case_key, load_or_create_secret
 from pipeline.io.model_dir import code_version
 from pipeline.io.volume import Volume
 from pipeline.outputs import masks, qc
@@ -51,17 +59,22 @@ class OpenBatch:
     limits: IngestLimits
     settings: dict[str, Any]  # records.output_settings of the batch
 
+    @property
+    def work(self) -> BatchDir:
+        """The batch's work folder (OUT/.batch/)."""
+        return BatchDir(self.out)
+
     def key(self, case: PredictCase) -> str:
         """The case key of `case` in this batch."""
         return case_key(case.inputs_sha256, self.settings)
 
     def case(self, case_id: str) -> PredictCase:
         """A planned case without its ingest job (see `job_for`)."""
-        return case_from_json(batchdir.read_case_record(self.out, case_id))
+        return case_from_json(self.work.read_case(case_id))
 
     def job_for(self, case: PredictCase) -> PredictCase:
         """The case with its ingest job rebuilt (DICOM: headers re-read; raises InputRejected)."""
-        data = batchdir.read_case_record(self.out, case.case_id)
+        data = self.work.read_case(case.case_id)
         if data["job"] is None:
             return case
         secret = load_or_create_secret(Path(self.meta["secret_file"]))
@@ -71,7 +84,7 @@ class OpenBatch:
 
 def open_batch(out: Path) -> OpenBatch:
     """The planned batch in OUT, its model loaded once per process (`model.cached_model`)."""
-    meta = batchdir.read_batch(out)
+    meta = BatchDir(out).read_batch("prepare_batch")
     m = meta["model"]
     loaded = cached_model(Path(meta["model_dir"]), m["sha256"], meta["device"])
     handle = ModelHandle(loaded, m["uri"], m["name"], m["version"], m["sha256"], m.get("run_id"))
@@ -158,7 +171,7 @@ def _write_outputs(batch: OpenBatch, case: PredictCase, loaded: Loaded, mask: np
 
 def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResult:
     """Run one case to its done-marker, step by step; a bad input becomes a quarantined result,
-    a failure in any step a failed one with the step's reason, recorded in OUT/.plan/failed/ for
+    a failure in any step a failed one with the step's reason, recorded in OUT/.batch/failed/ for
     `finalize_batch` (and the case's partial outputs removed). Never raises for the case."""
     t0 = time.perf_counter()
     try:
@@ -184,7 +197,7 @@ def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResul
             seconds=round(loaded.seconds + time.perf_counter() - t0, 3),
         )
         with step(Reason.RECORD_WRITE_FAILED, "writing the done-marker"):
-            batchdir.record_failure(batch.out, case.case_id, None)
+            batch.work.record_failure(case.case_id, None)
             write_done_marker(  # last: the case is done only now
                 batch.out / case.case_id,
                 batch.key(case),
@@ -224,7 +237,7 @@ def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResul
     with contextlib.suppress(OSError):
         clear_case(batch.out / case.case_id)
     try:
-        batchdir.record_failure(batch.out, case.case_id, record)
+        batch.work.record_failure(case.case_id, record)
     except OSError as exc:  # finalize_batch then lists the case as NO_RESULT
         log.error("case %s: its failure record could not be written (%s)", case.case_id, type(exc).__name__)
     return result

@@ -28,7 +28,7 @@ from pipeline.pacs.url import PacsUrl, parse_pacs_url
 
 log = logging.getLogger(__name__)
 
-SEG_FILE = "seg.dcm"  # written by predict (pipeline.inference.batchdir.SEG_FILE)
+SEG_FILE = "seg.dcm"  # written by predict (pipeline.inference.records.SEG_FILE)
 SR_FILE = "sr.dcm"  # written here, from the SEG and the case's volumes, when asked for
 DONE_FILE = "done.json"  # predict's done-marker (pipeline.inference.records.DONE_FILE)
 

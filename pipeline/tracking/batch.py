@@ -19,8 +19,8 @@ import numpy as np
 
 from pipeline.config import Workdir
 from pipeline.errors import Status
-from pipeline.inference import batchdir
 from pipeline.inference.batch import collect_results, label_list_of
+from pipeline.io.batchdir import BatchDir
 from pipeline.outputs import report, tables
 from pipeline.tracking.runs import Tracker
 from pipeline.tracking.store import TAG_MODEL_NAME, TAG_MODEL_VERSION, TAG_WEIGHTS_SHA, redact
@@ -67,7 +67,7 @@ def track_batch(
     not left RUNNING. Raises FileNotFoundError when the batch was not finalized.
     """
     out = Path(out).resolve()
-    meta = batchdir.read_batch(out)
+    meta = BatchDir(out).read_batch("prepare_batch")
     manifest_path = out / "run_manifest.json"
     try:
         manifest = json.loads(manifest_path.read_text(encoding="utf-8"))

@@ -88,7 +88,7 @@ def test_flow_writes_outputs_and_artifacts_and_a_rerun_comes_from_the_cache(pref
         assert {p.name for p in (out / case_id).iterdir()} == {"seg.nii.gz", "qc.png", "done.json"}
     for name in ("results.csv", "quarantine.jsonl", "run_manifest.json", "report.html"):
         assert (out / name).is_file()
-    assert (out / ".plan" / "model" / "weights.safetensors").is_file()
+    assert (out / ".batch" / "model" / "weights.safetensors").is_file()
 
     flow_run_id = state.state_details.flow_run_id
     with _client() as client:

@@ -467,8 +467,8 @@ def test_mlflow_down_during_inference_and_training(servers, world, worker, tmp_p
 
     out = tmp_path / "out"
     run = _submit(_params(world, out))
-    # The model is verified and staged in OUT/.plan/ once batch.json is written: then MLflow goes.
-    _wait_for(lambda: (out / ".plan" / "batch.json").is_file(), 120, "the batch plan")
+    # The model is verified and staged in OUT/.batch/ once batch.json is written: then MLflow goes.
+    _wait_for(lambda: (out / ".batch" / "batch.json").is_file(), 120, "the batch plan")
     servers.mlflow.stop()
     try:
         tracker.on_epoch_end(0, {"loss": 1.0})

@@ -10,7 +10,7 @@ import pytest
 from mlflow.exceptions import MlflowException
 
 from pipeline.inference.batch import BatchSettings, predict
-from pipeline.inference.batchdir import MASK_FILE
+from pipeline.inference.records import MASK_FILE
 from pipeline.inference.results import EXIT_OK
 from pipeline.tracking import Tracker, promote, register
 from tests.pipeline.inference.predict_fixture import make_predict_setup, save_untrained_model

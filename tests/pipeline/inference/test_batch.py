@@ -310,11 +310,11 @@ def test_two_prepares_of_one_out_at_once_both_succeed_with_one_plan(setup, nifti
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             first, second = pool.map(plan, range(2))
         assert first.case_ids == second.case_ids and len(first.case_ids) == 4
-        assert first.model_sha256 == second.model_sha256 == load_model_dir(out / ".plan" / "model").sha256
-        batch = json.loads((out / ".plan" / "batch.json").read_text())
+        assert first.model_sha256 == second.model_sha256 == load_model_dir(out / ".batch" / "model").sha256
+        batch = json.loads((out / ".batch" / "batch.json").read_text())
         assert batch["cases"] == first.case_ids
         # No temporary model copies left behind beside the staged one.
-        assert sorted(p.name for p in (out / ".plan").iterdir()) == ["batch.json", "cases", "locks", "model"]
+        assert sorted(p.name for p in (out / ".batch").iterdir()) == ["batch.json", "cases", "locks", "model"]
     assert predict_case(out, first.case_ids[0])["status"] == "ok"
     assert finalize_batch(out).count("ok") == 1
 
@@ -597,7 +597,7 @@ def test_predict_plans_case_sizes_and_a_small_budget_loads_one_case_at_a_time(se
     )
     target = setup.plan.target_spacing
     for case_id in plan.case_ids:
-        source = json.loads((tmp_path / "planned" / ".plan" / "cases" / f"{case_id}.json").read_text())[
+        source = json.loads((tmp_path / "planned" / ".batch" / "cases" / f"{case_id}.json").read_text())[
             "source"
         ]
         img = nib.load(nifti_source / source)

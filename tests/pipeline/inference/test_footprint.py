@@ -63,7 +63,7 @@ def test_planned_voxels_of_dicom_series(setup, tmp_path):
     )
     assert plan.case_ids
     for case_id in plan.case_ids:
-        case = json.loads((out / ".plan" / "cases" / f"{case_id}.json").read_text())
+        case = json.loads((out / ".batch" / "cases" / f"{case_id}.json").read_text())
         files = [setup.demo.dicom_root / rel for rel in case["job"]["images"]]
         expected = 0
         for path in files:
