@@ -117,7 +117,8 @@ class LoopState:
     best_mean: float = -math.inf  # the best mean validation Dice so far
     best_epoch: int = -1  # its epoch; -1 while none validated
     best_metrics: dict[str, float] = field(default_factory=dict)  # the validation metrics of best_epoch
-    stale: int = 0  # validations since the best one (early stopping)
+    stale: int = 0  # validations since the last one that improved by min_delta (early stopping)
+    reference_mean: float = -math.inf  # the mean Dice that last reset `stale`
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
     stopped_reason: str = "completed"  # completed | early_stopping | time_budget
 
@@ -139,6 +140,8 @@ class LoopState:
             best_epoch=int(entries["best_epoch"]),
             best_metrics=json.loads(entries["best_metrics"]),
             stale=int(entries["stale"]),
+            # checkpoints written before min_delta existed: their best reset patience last
+            reference_mean=float(entries.get("reference_mean", entries["best_mean"])),
             history=json.loads(entries["history"]),
             stopped_reason=str(entries["stopped_reason"]),
         )
@@ -147,16 +150,22 @@ class LoopState:
         """Whether the run has stopped, or has done its `epochs`."""
         return self.stopped_reason != "completed" or self.epoch + 1 >= epochs
 
-    def record_validation(self, epoch: int, val: dict[str, float], patience: int | None) -> bool:
-        """Keep `val` if it is the best so far (True), else count it stale and stop early after
-        `patience` stale validations."""
-        if val["val_dice_mean"] > self.best_mean:
-            self.best_mean, self.best_epoch, self.best_metrics = val["val_dice_mean"], epoch, val
-            self.stale = 0
+    def record_validation(
+        self, epoch: int, val: dict[str, float], patience: int | None, min_delta: float = 0.0
+    ) -> bool:
+        """Whether `val` is the best so far (its weights are kept). Patience counts validations
+        that did not beat the last reference by more than `min_delta`; after `patience` of them
+        the run has converged and stops early."""
+        mean = val["val_dice_mean"]
+        if mean > self.reference_mean + min_delta:
+            self.reference_mean, self.stale = mean, 0
+        else:
+            self.stale += 1
+            if patience and self.stale >= patience:
+                self.stopped_reason = "early_stopping"
+        if mean > self.best_mean:
+            self.best_mean, self.best_epoch, self.best_metrics = mean, epoch, val
             return True
-        self.stale += 1
-        if patience and self.stale >= patience:
-            self.stopped_reason = "early_stopping"
         return False
 
 
@@ -425,7 +434,9 @@ def validate_epoch(
 ) -> dict[str, float]:
     """Validate, record the result in `state` and keep the best weights (best.pt, rank 0)."""
     val = validate(run.net, cases, run.plan, device=run.device, options=options)
-    if state.record_validation(epoch, val, run.config.train.early_stopping_patience) and run.dist.main:
+    tc = run.config.train
+    best = state.record_validation(epoch, val, tc.early_stopping_patience, tc.early_stopping_min_delta)
+    if best and run.dist.main:
         save_best(run.ckpt_dir / BEST, run.net.state_dict(), epoch)
     return val
 

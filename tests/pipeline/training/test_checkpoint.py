@@ -13,7 +13,8 @@ from pipeline.training.checkpoint import (
 )
 from pipeline.training.loop import LoopState
 
-# The keys of last.pt as every run so far wrote them: a checkpoint of an older run still resumes.
+# The keys of last.pt as every run so far wrote them (reference_mean since min_delta; a checkpoint
+# without it still resumes): a checkpoint of an older run still resumes.
 FILE_KEYS = {
     "model",
     "optimizer",
@@ -27,6 +28,7 @@ FILE_KEYS = {
     "best_epoch",
     "best_metrics",
     "stale",
+    "reference_mean",
     "history",
     "stopped_reason",
 }
@@ -37,6 +39,7 @@ MID_RUN = LoopState(
     best_epoch=2,
     best_metrics={"val_dice_mean": 0.75, "val_dice/organ": 0.75, "val_hd95/organ": math.inf},
     stale=1,
+    reference_mean=0.745,
     history=[{"epoch": e, "loss": 1.0 / (e + 1)} for e in range(4)],
     stopped_reason="early_stopping",
 )
@@ -70,6 +73,12 @@ def test_loop_state_round_trips_through_last_pt(tmp_path, state):
     assert torch.equal(read.model["weight"], net.state_dict()["weight"])
     assert read.optimizer["state"][0]["step"] == optimizer.state_dict()["state"][0]["step"]
     assert read.scheduler == scheduler.state_dict()
+
+
+def test_a_loop_state_from_before_min_delta_resumes_with_its_best_as_reference():
+    entries = MID_RUN.to_checkpoint()
+    del entries["reference_mean"]
+    assert LoopState.from_checkpoint(entries).reference_mean == MID_RUN.best_mean
 
 
 def test_a_file_without_the_checkpoint_keys_is_refused_by_name(tmp_path):

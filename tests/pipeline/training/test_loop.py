@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from pipeline.planning.plan import load_plan
-from pipeline.training.loop import TrainCallback, train
+from pipeline.training.loop import LoopState, TrainCallback, train
 from pipeline.training.result import plot_training_curves
 from tests.pipeline.ingest.staging_fixture import tiny_config
 
@@ -64,7 +64,7 @@ def test_training_resumes_after_being_killed(staging, tmp_path):
             f"""
             import time, json
             from pipeline.config import PipelineConfig
-            from pipeline.training.loop import TrainCallback, train
+            from pipeline.training.loop import LoopState, TrainCallback, train
 
             class Slow(TrainCallback):
                 def on_epoch_end(self, epoch, metrics):
@@ -109,6 +109,23 @@ def test_early_stopping_after_patience_validations(staging, tmp_path):
     cfg = tiny_config(epochs=20, lr=1e-12, warmup_epochs=0, early_stopping_patience=1)
     result = train(staging, tmp_path / "run", cfg)
     assert result.stopped_reason == "early_stopping" and result.epochs_run < 20
+
+
+@pytest.mark.parametrize(
+    ("means", "stale", "best_epoch", "stopped"),
+    [
+        ([0.50, 0.52, 0.53], 0, 2, "completed"),  # each gain beats min_delta 0.005
+        ([0.50, 0.502, 0.504], 2, 2, "early_stopping"),  # creeping gains: kept, but converged
+        ([0.50, 0.49, 0.506], 0, 2, "completed"),  # 0.006 over the reference resets patience
+    ],
+)
+def test_patience_counts_gains_below_min_delta_as_stale(means, stale, best_epoch, stopped):
+    state = LoopState()
+    for epoch, mean in enumerate(means):
+        state.record_validation(epoch, {"val_dice_mean": mean}, patience=2, min_delta=0.005)
+    assert (state.stale, state.best_epoch, state.stopped_reason) == (stale, best_epoch, stopped)
+    assert state.best_mean == max(means)  # the better weights are kept whatever patience says
+    assert LoopState.from_checkpoint(state.to_checkpoint()) == state
 
 
 def test_sgd_poly_kfold_and_disk_cache(staging, tmp_path):
