@@ -29,6 +29,7 @@ from pipeline.io.batchdir import load_or_create_secret
 from pipeline.io.model_dir import save_model_dir
 from pipeline.pacs.pull import pull
 from pipeline.pacs.push import push_batch
+from pipeline.planning.network import CPU_BASE_CHANNELS
 from pipeline.planning.plan import plan_dataset
 from pipeline.runtime import configure_threads
 from pipeline.synthetic.dataset import make_demo_dataset
@@ -40,7 +41,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cases", type=int, default=12)
     p.add_argument("--size", type=int, default=112)
-    p.add_argument("--base", type=int, default=PipelineConfig().model.base_channels)
+    p.add_argument("--base", type=int, default=CPU_BASE_CHANNELS, help="U-Net width (the CPU plan's)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     if ORTHANC_BIN is None:

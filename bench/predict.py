@@ -32,9 +32,10 @@ from pipeline.inference.model import load_model
 from pipeline.inference.predictor import segment_slices
 from pipeline.ingest import IngestLimits, ingest
 from pipeline.io.model_dir import save_model_dir
+from pipeline.planning.network import plan_network
 from pipeline.planning.plan import plan_dataset
 from pipeline.planning.transforms import preprocess_volume
-from pipeline.runtime import configure_threads, prepare_model, resolve_precision
+from pipeline.runtime import configure_threads, prepare_model, resolve_device, resolve_precision
 from pipeline.synthetic.dataset import make_demo_dataset
 from unet_model import UNet, UNetConfig
 
@@ -53,13 +54,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         demo = make_demo_dataset(tmp / "demo", n_cases=args.cases, size=args.size)
         secret = tmp / "secret"
         ingest(demo.msd_root, tmp / "staging", secret_file=secret, workers=1)
-        plan = plan_dataset(tmp / "staging")
         cfg = PipelineConfig()
+        # the width the default config trains for the prediction device
+        plan = plan_network(plan_dataset(tmp / "staging"), cfg, resolve_device(args.device))
         net = UNet(
             UNetConfig(
                 in_channels=1,
                 num_classes=plan.num_classes,
-                base_channels=cfg.model.base_channels,
+                base_channels=plan.base_channels,
                 depth=cfg.model.depth,
                 norm=cfg.model.norm,
             )
@@ -107,7 +109,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     ratio = e2e_vpm / bound_vpm
     print(
         f"device {device} ({torch.get_num_threads()} threads); model: untrained UNet, default config "
-        f"(base {cfg.model.base_channels}, depth {cfg.model.depth}); demo {args.cases} cases, "
+        f"(base {plan.base_channels}, depth {cfg.model.depth}); demo {args.cases} cases, "
         f"size {args.size}"
     )
     print(f"  cases ok {n_ok} ({n_slices} slices); end-to-end {best:.2f} s, model-only {bound:.2f} s")

@@ -28,6 +28,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.demo_dice import msd_to_staging
 from pipeline.config import PipelineConfig
 from pipeline.io.manifest import read_manifest
+from pipeline.planning.network import plan_network
 from pipeline.planning.plan import plan_dataset
 from pipeline.runtime import configure_threads, prepare_model, resolve_device, to_input
 from pipeline.synthetic.dataset import make_demo_dataset
@@ -51,7 +52,8 @@ def staging_from_demo(root: Path) -> Path:
 def loader_ratio(staging: Path, config: PipelineConfig, block: int = 15, blocks: int = 4) -> dict[str, float]:
     """Real loader vs in-memory batches for the same training steps."""
     tc = config.train
-    plan = plan_dataset(staging, config.preprocess)
+    device = resolve_device("cpu")
+    plan = plan_network(plan_dataset(staging, config.preprocess), config, device)
     rows = [r for r in read_manifest(staging, resolve=True) if r.get("label")]
     train_ids, _ = split_cases([r["case_id"] for r in rows], val_fraction=0.2, folds=1, fold=0, seed=0)
     items = [
@@ -62,14 +64,13 @@ def loader_ratio(staging: Path, config: PipelineConfig, block: int = 15, blocks:
     dataset = make_train_dataset(items, train_transforms(plan, config.preprocess, tc.slices_per_volume))
     loader, sampler = make_loader(
         dataset,
-        volumes_per_batch=tc.batch_size // tc.slices_per_volume,
+        volumes_per_batch=plan.batch_size // tc.slices_per_volume,
         seed=0,
         buffer_size=config.data.loader_buffer,
         workers=loader_workers(config.data.loader_workers, "cpu"),
     )
-    device = resolve_device("cpu")
     model = prepare_model(
-        UNet(UNetConfig(num_classes=plan.num_classes, base_channels=config.model.base_channels)), device
+        UNet(UNetConfig(num_classes=plan.num_classes, base_channels=plan.base_channels)), device
     )
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
@@ -158,7 +159,7 @@ def peer_comparison(staging: Path, config: PipelineConfig, root: Path, minutes: 
 
     cfg = config.replace(train={"time_budget_minutes": minutes})
     ours = loop.train(staging, root / "ours", cfg)
-    base = config.model.base_channels
+    base = json.loads((root / "ours" / "plan.json").read_text())["base_channels"]  # the width ours trained
 
     def basic_unet(unet_config: UNetConfig):
         f = [base * 2**i for i in range(5)] + [base]

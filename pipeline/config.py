@@ -130,7 +130,9 @@ class PreprocessConfig(_Section):
 class ModelConfig(_Section):
     """The U-Net (unet_model.UNetConfig); in/out channels come from the data."""
 
-    base_channels: int = Field(16, ge=1)  # width of the first level; level i has base * 2**i
+    # Width of the first level; level i has base * 2**i. None: planned for the device (the seed's
+    # 64 on a GPU with the memory for it, 16 on CPU; the plan's `reasons` say why).
+    base_channels: int | None = Field(None, ge=1)
     depth: int = Field(4, ge=1, le=6)  # max-pool steps; patches are padded to multiples of 16
     norm: Literal["batch", "instance", "none"] = "batch"
     dropout: float = Field(0.0, ge=0.0, lt=1.0)
@@ -155,7 +157,9 @@ class TrainConfig(_Section):
     grad_clip: float | None = Field(12.0, gt=0.0)  # max gradient norm; None: no clipping
     epochs: int = Field(60, ge=1)
     steps_per_epoch: int = Field(25, ge=1)  # optimizer steps per epoch (an epoch is not a data pass)
-    batch_size: int = Field(8, ge=1)  # 2D slices per step (small batches: more updates per CPU minute)
+    # 2D slices per step. None: planned from the device's memory and the data (8 on CPU: small
+    # batches give more updates per CPU minute; the plan's `reasons` say why).
+    batch_size: int | None = Field(None, ge=1)
     slices_per_volume: int = Field(4, ge=1)  # slices sampled from one cached volume per visit
     val_every: int = Field(2, ge=1)  # validate every N epochs (and at the last one)
     early_stopping_patience: int | None = Field(10, ge=1)  # validations without improvement; None: off
@@ -169,7 +173,7 @@ class TrainConfig(_Section):
 
     @model_validator(mode="after")
     def _batch(self) -> TrainConfig:
-        if self.batch_size % self.slices_per_volume:
+        if self.batch_size is not None and self.batch_size % self.slices_per_volume:
             raise ValueError(
                 f"train.batch_size ({self.batch_size}) must be a multiple of train.slices_per_volume "
                 f"({self.slices_per_volume})"

@@ -2,6 +2,7 @@
 
 - `plan`: the dataset fingerprint and the `Plan` (slice axis, spacing, normalization, patch size,
   class weights), saved beside the model so inference applies exactly what training did;
+- `network`: the U-Net's base width and the batch size for the training device, with reasons;
 - `transforms`: the deterministic MONAI chain the plan defines, shared by training, validation and
   inference (`preprocess_volume`, `restore_labels`).
 """

@@ -12,9 +12,12 @@ per-modality intensity statistics of the labelled foreground, and voxel counts p
   foreground of all CT cases and z-scored with that foreground's mean and std; MR and any other
   modality are z-scored per case over the body (Otsu) mask;
 - patch size: the median in-plane size after resampling, rounded up to a multiple of 16, capped;
+- base width and batch size: for the training device (`planning.network.plan_network`);
 - class weights: inverse square root of each label's voxel share, normalised to mean 1.
 
 The plan is computed once, saved as JSON into the model folder and inference loads exactly it.
+Its `reasons` say why each of the choices that depend on the data and the device was made (or
+that the config set it).
 """
 
 from __future__ import annotations
@@ -80,6 +83,9 @@ class Plan:
     median_shape: tuple[int, int, int] = (0, 0, 0)  # RAS voxels after resampling, for reference
     version: int = PLAN_VERSION
     fingerprint_summary: dict[str, Any] = field(default_factory=dict)
+    base_channels: int | None = None  # U-Net first-level width for training (`plan_network`)
+    batch_size: int | None = None  # 2D slices per training step (`plan_network`)
+    reasons: dict[str, str] = field(default_factory=dict)  # decision (patch_size, ...) -> why
 
     @property
     def num_classes(self) -> int:
@@ -242,18 +248,29 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
     draft = Plan(
         slice_axis, 1.0, PATCH_MULTIPLE, {}, fingerprint.labels, [], anisotropy_ratio=ANISOTROPY_RATIO
     )
-    in_plane_spacing, in_plane_size = [], []
+    in_plane_spacing, in_plane_size, slices = [], [], []
     for sp, sh in zip(spacings, shapes, strict=True):
         axis = draft.case_slice_axis(sp)
+        slices.append(sh[axis])
         others = [a for a in range(3) if a != axis]
         in_plane_spacing.extend(sp[others])
         in_plane_size.append(sh[others] * sp[others])  # extent in mm
     target = float(pre.target_spacing or np.median(in_plane_spacing))
     sizes_px = np.concatenate(in_plane_size) / target
+    median_px = float(np.median(sizes_px))
+    rounded = _round_up(median_px, PATCH_MULTIPLE)
+    automatic = min(rounded, int(pre.max_patch_size))
+    patch_why = f"the median in-plane size {median_px:.0f} px at {target:g} mm, rounded up to {rounded}"
+    if rounded > automatic:
+        patch_why += f", capped at preprocess.max_patch_size {automatic}"
     if pre.patch_size is not None:
         patch = int(pre.patch_size)
+        patch_why = (
+            "preprocess.patch_size set in the config (explicit beats automatic; the plan would choose "
+            f"{automatic}: {patch_why})"
+        )
     else:
-        patch = min(_round_up(float(np.median(sizes_px)), PATCH_MULTIPLE), int(pre.max_patch_size))
+        patch = automatic
 
     lo_p, hi_p = pre.ct_clip_percentiles
     normalization: dict[str, dict[str, Any]] = {}
@@ -295,13 +312,15 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
         class_weights=[round(float(w), 4) for w in weights],
         crop_foreground=bool(pre.crop_foreground),
         median_shape=median_shape,  # type: ignore[arg-type]
+        reasons={"patch_size": patch_why},
         fingerprint_summary={
             "cases": len(fingerprint.cases),
             "modalities": {
                 m: sum(c.modality == m for c in fingerprint.cases) for m in fingerprint.modalities
             },
             "median_spacing_ras": [round(float(s), 4) for s in median_spacing],
-            "median_in_plane_px": round(float(np.median(sizes_px)), 1),
+            "median_in_plane_px": round(median_px, 1),
+            "median_slices": int(np.median(slices)),  # along each case's own slice axis
             "intensity": fingerprint.intensity,
         },
     )

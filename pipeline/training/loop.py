@@ -41,6 +41,7 @@ from pipeline.config import PipelineConfig
 from pipeline.inference.predictor import PredictOptions
 from pipeline.io.atomic import write_text
 from pipeline.io.manifest import read_manifest
+from pipeline.planning.network import plan_network
 from pipeline.planning.plan import Plan, load_plan, plan_dataset, save_plan
 from pipeline.runtime import (
     autocast,
@@ -259,10 +260,15 @@ class _Run:
 
 
 def _plan_and_split(
-    staging: Path, out_dir: Path, config: PipelineConfig, checkpoint: Checkpoint | None, resume: bool
+    staging: Path,
+    out_dir: Path,
+    config: PipelineConfig,
+    device: torch.device,
+    checkpoint: Checkpoint | None,
+    resume: bool,
 ) -> tuple[Plan, dict[str, list[str]], dict[str, dict[str, Any]]]:
-    """The run's plan and split (computed once, reused as is on resume) and its labelled manifest
-    rows by case ID."""
+    """The run's plan (its network decisions for `device`) and split, computed once and reused as
+    is on resume, and its labelled manifest rows by case ID."""
     rows = [r for r in read_manifest(staging, resolve=True) if r.get("label")]
     by_id = {r["case_id"]: r for r in rows}
     if checkpoint is not None:
@@ -280,6 +286,8 @@ def _plan_and_split(
             list(by_id), val_fraction=dc.val_fraction, folds=dc.folds, fold=dc.fold, seed=dc.split_seed
         )
         split = {"train": train_ids, "val": val_ids}
+    if plan.base_channels is None or plan.batch_size is None:  # a plan from before they were planned
+        plan = plan_network(plan, config, device)
     missing = sorted(set(split["train"] + split["val"]) - set(by_id))
     if missing:
         raise ValueError(f"{staging}/manifest.jsonl no longer lists labelled case(s) {', '.join(missing)}")
@@ -301,7 +309,7 @@ def _build_run(
         UNetConfig(
             in_channels=1,
             num_classes=plan.num_classes,
-            base_channels=mc.base_channels,
+            base_channels=plan.base_channels,
             depth=mc.depth,
             norm=mc.norm,
             dropout=mc.dropout,
@@ -373,7 +381,7 @@ def _train_batches(
     dataset = make_train_dataset(train_items, transform, cache=config.data.cache, cache_dir=cache_dir)
     loader, sampler = make_loader(
         dataset,
-        volumes_per_batch=tc.batch_size // tc.slices_per_volume,
+        volumes_per_batch=run.plan.batch_size // tc.slices_per_volume,
         seed=tc.seed,
         buffer_size=config.data.loader_buffer,
         distributed=run.dist.enabled,
@@ -526,7 +534,7 @@ def _train(
         device = torch.device("cuda", dctx.local_rank)  # one GPU per rank
     seed_everything(tc.seed + dctx.rank, tc.deterministic)
 
-    plan, split, by_id = _plan_and_split(staging, out_dir, config, checkpoint, resume)
+    plan, split, by_id = _plan_and_split(staging, out_dir, config, device, checkpoint, resume)
     if dctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_plan(plan, out_dir / PLAN_FILE)

@@ -60,6 +60,8 @@ def test_patch_is_a_multiple_of_16_covering_the_median_capped(size_px, cap, expe
         _fp([(1.0, 1.0, 3.0)] * 3, [(size_px, size_px, 10)] * 3), PreprocessConfig(max_patch_size=cap)
     )
     assert plan.patch_size == expected and plan.patch_size % 16 == 0
+    assert plan.reasons["patch_size"].startswith(f"the median in-plane size {size_px} px at 1 mm")
+    assert ("capped at preprocess.max_patch_size" in plan.reasons["patch_size"]) == (size_px > cap)
 
 
 def test_patch_and_spacing_overrides():
@@ -67,6 +69,9 @@ def test_patch_and_spacing_overrides():
         _fp([(1.0, 1.0, 3.0)] * 3, [(100, 100, 10)] * 3), PreprocessConfig(patch_size=64, target_spacing=2.0)
     )
     assert (plan.patch_size, plan.target_spacing) == (64, 2.0)
+    assert plan.reasons["patch_size"].startswith(
+        "preprocess.patch_size set in the config (explicit beats automatic; the plan would choose 64:"
+    )
 
 
 def test_normalization_by_modality():

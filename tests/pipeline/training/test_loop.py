@@ -49,7 +49,11 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
     assert not set(result.split["train"]) & set(result.split["val"])
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
-    assert load_plan(run / "plan.json").num_classes == 3
+    plan = load_plan(run / "plan.json")
+    assert plan.num_classes == 3 and (plan.base_channels, plan.batch_size) == (4, 4)  # tiny_config's
+    assert set(plan.reasons) == {"patch_size", "base_channels", "batch_size"}
+    assert "explicit beats automatic" in plan.reasons["base_channels"]
+    assert load_plan(result.model_dir / "plan.json") == plan  # beside the weights
     assert (run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "result.json").read_text())["epochs_run"] == 2
     assert result.model_dir is not None and (result.model_dir / "weights.safetensors").is_file()
