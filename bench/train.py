@@ -170,8 +170,8 @@ def peer_comparison(staging: Path, config: PipelineConfig, root: Path, minutes: 
             features=f,
         )
 
-    with _network(basic_unet):
-        peer = loop.train(staging, root / "peer", cfg)
+    with _network(basic_unet):  # BasicUNet has no decoder steps for deep supervision's heads
+        peer = loop.train(staging, root / "peer", cfg.replace(train={"deep_supervision": False}))
     return {
         "ours_dice": ours.best_dice_mean,
         "basicunet_dice": peer.best_dice_mean,

@@ -170,6 +170,9 @@ class TrainConfig(_Section):
     # on how busy the machine was.
     time_budget_minutes: float | None = Field(None, gt=0.0)
     class_weighted_ce: bool = False  # weight the CE term by the plan's class weights
+    # Auxiliary 1x1 heads on the lower decoder levels with a weighted loss over downsampled targets
+    # (nnU-Net); the heads are dropped at export, so the model is the classic U-Net either way.
+    deep_supervision: bool = True
 
     @model_validator(mode="after")
     def _batch(self) -> TrainConfig:

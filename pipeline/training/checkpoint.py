@@ -3,8 +3,9 @@
 `checkpoints/last.pt` is what a resume needs: the state dicts of the network, the optimizer and the
 schedule, the random number generators' states, the run's fixed inputs (config, plan, split) and
 the loop's state (`LoopState.to_checkpoint()`, stored flat beside the rest). `checkpoints/best.pt`
-holds the best weights and their epoch. Both load with `torch.load(weights_only=True)`: tensors and
-plain types only, so the config, plan and split are stored as JSON text.
+holds the best weights of the classic U-Net (no deep supervision heads) and their epoch. Both load
+with `torch.load(weights_only=True)`: tensors and plain types only, so the config, plan and split
+are stored as JSON text.
 """
 
 from __future__ import annotations
@@ -28,7 +29,9 @@ LAST, BEST = "last.pt", "best.pt"
 class Checkpoint:
     """What last.pt holds. The field names (but `loop`) and the loop state's keys are its keys."""
 
-    model: dict[str, Any]  # the bare network's state_dict (never DDP's or torch.compile's)
+    model: dict[
+        str, Any
+    ]  # the trained network's (never DDP's or torch.compile's); deep supervision's heads too
     optimizer: dict[str, Any]
     scheduler: dict[str, Any]
     rng: dict[str, Any]  # `rng_state()`

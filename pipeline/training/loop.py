@@ -1,7 +1,8 @@
 """The training loop: 2D slices of staged volumes -> a U-Net, validated on whole volumes.
 
 `train(staging, out_dir, config)` plans the dataset (or reloads the plan of a run it resumes),
-splits cases, trains with Dice + cross-entropy, validates every `val_every` epochs on whole
+splits cases, trains with Dice + cross-entropy (over the decoder's levels under deep supervision,
+whose auxiliary heads never leave the loop), validates every `val_every` epochs on whole
 validation volumes through predict's own path (`validate.validate`), keeps the best weights by
 mean validation Dice, stops early or at the wall-clock budget, checkpoints every epoch and
 resumes from the last checkpoint after a crash. It ends by writing the model folder
@@ -83,6 +84,7 @@ from pipeline.training.result import (
 )
 from pipeline.training.validate import ValCase, load_val_cases, validate
 from unet_model import UNet, UNetConfig
+from unet_model.deep_supervision import DeepSupervision, DeepSupervisionLoss
 
 log = logging.getLogger(__name__)
 
@@ -238,13 +240,18 @@ class _Run:
     device: torch.device
     amp_dtype: torch.dtype | None
     channels_last: bool
-    net: nn.Module  # the bare network: what checkpoints and the model folder hold
+    net: nn.Module  # the network trained, with its auxiliary heads under deep supervision: what last.pt holds
     model: nn.Module  # `net` compiled and/or wrapped in DDP: what the training steps call
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
     budget: _Budget
     ckpt_dir: Path
+
+    @property
+    def unet(self) -> nn.Module:
+        """The classic network inside `net`: what validation scores and best.pt and the model folder hold."""
+        return self.net.unet if isinstance(self.net, DeepSupervision) else self.net
 
     def checkpoint(self, state: LoopState) -> Checkpoint:
         return Checkpoint(
@@ -315,12 +322,17 @@ def _build_run(
             dropout=mc.dropout,
         )
     )
+    if tc.deep_supervision:
+        net = DeepSupervision(net)
     channels_last = training_channels_last(tc.channels_last, device)
     net = prepare_model(net, device, channels_last)
     weight = (
         torch.tensor(plan.class_weights, dtype=torch.float32, device=device) if tc.class_weighted_ce else None
     )
-    loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, weight=weight)
+    loss_fn = DeepSupervisionLoss(
+        DiceCELoss(to_onehot_y=True, softmax=True, weight=weight),
+        net.weights if isinstance(net, DeepSupervision) else [1.0],
+    )
     if tc.optimizer == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
@@ -399,8 +411,8 @@ def train_step(run: _Run, batch: dict[str, Any]) -> tuple[float, int]:
     x = to_input(torch.as_tensor(batch["image"]).float(), run.device, run.channels_last)
     y = torch.as_tensor(batch["label"]).to(run.device, non_blocking=True)
     with autocast(run.device, run.amp_dtype):
-        logits = run.model(x)
-    loss = run.loss_fn(logits.float(), y)
+        outputs = run.model(x)  # logits; under deep supervision a list, one per supervised level
+    loss = run.loss_fn(outputs, y)
     run.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     if run.config.train.grad_clip:
@@ -441,11 +453,11 @@ def validate_epoch(
     run: _Run, state: LoopState, epoch: int, cases: Sequence[ValCase], options: PredictOptions
 ) -> dict[str, float]:
     """Validate, record the result in `state` and keep the best weights (best.pt, rank 0)."""
-    val = validate(run.net, cases, run.plan, device=run.device, options=options)
+    val = validate(run.unet, cases, run.plan, device=run.device, options=options)
     tc = run.config.train
     best = state.record_validation(epoch, val, tc.early_stopping_patience, tc.early_stopping_min_delta)
     if best and run.dist.main:
-        save_best(run.ckpt_dir / BEST, run.net.state_dict(), epoch)
+        save_best(run.ckpt_dir / BEST, run.unet.state_dict(), epoch)
     return val
 
 
@@ -561,12 +573,12 @@ def _train(
 
     # The best weights (by mean val Dice) become the model; the last ones if none validated.
     if state.best_epoch >= 0 and (run.ckpt_dir / BEST).is_file():
-        run.net.load_state_dict(load_best(run.ckpt_dir / BEST))
+        run.unet.load_state_dict(load_best(run.ckpt_dir / BEST))
     model_dir = None
     if dctx.main:
         if state.history:
             plot_training_curves(state.history, out_dir / CURVES_FILE)
-        model_dir = write_model_dir(run.net, out_dir / MODEL_DIR, plan, config, state.best_metrics)
+        model_dir = write_model_dir(run.unet, out_dir / MODEL_DIR, plan, config, state.best_metrics)
     result = _result(state, plan, out_dir, model_dir, split, start_epoch if checkpoint is not None else None)
     if dctx.main:
         write_result(result)

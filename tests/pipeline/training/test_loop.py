@@ -54,6 +54,10 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
     assert set(plan.reasons) == {"patch_size", "base_channels", "batch_size"}
     assert "explicit beats automatic" in plan.reasons["base_channels"]
     assert load_plan(result.model_dir / "plan.json") == plan  # beside the weights
+    # deep supervision (on by default): its heads are trained and resumed, never exported
+    assert any(k.startswith("aux_heads.") for k in torch.load(run / "checkpoints" / "last.pt")["model"])
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert not any(k.startswith(("aux_heads.", "unet.")) for k in best)  # the classic U-Net's keys
     assert (run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "result.json").read_text())["epochs_run"] == 2
     assert result.model_dir is not None and (result.model_dir / "weights.safetensors").is_file()
@@ -132,8 +136,10 @@ def test_patience_counts_gains_below_min_delta_as_stale(means, stale, best_epoch
     assert LoopState.from_checkpoint(state.to_checkpoint()) == state
 
 
-def test_sgd_poly_kfold_and_disk_cache(staging, tmp_path):
-    cfg = tiny_config(optimizer="sgd", epochs=1).replace(data={"folds": 2, "fold": 1, "cache": "disk"})
+def test_sgd_poly_kfold_disk_cache_without_deep_supervision(staging, tmp_path):
+    cfg = tiny_config(optimizer="sgd", epochs=1, deep_supervision=False).replace(
+        data={"folds": 2, "fold": 1, "cache": "disk"}
+    )
     result = train(staging, tmp_path / "run", cfg)
     assert result.epochs_run == 1 and len(result.split["val"]) == 2
     assert any((tmp_path / "run" / "cache").iterdir())  # PersistentDataset wrote its cache
