@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
+from torch import nn
 
 
 def sync(device: torch.device) -> None:
@@ -58,3 +60,19 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, repeats: int = 5) -> f
 
         best = max(best, 2 * n**3 * inner / best_time(run_onednn, device, repeats))
     return best
+
+
+@contextlib.contextmanager
+def network_in_loop(factory: Callable[..., nn.Module]) -> Iterator[None]:
+    """Train another network with the same loop (a peer: MONAI's BasicUNet, ...), without writing
+    a model folder (that holds the classic U-Net only). `factory(unet_config)` builds it. The loop
+    takes no network argument on purpose: what it trains is what is exported and registered."""
+    from pipeline.training import loop  # lazy: the timing helpers above need no pipeline
+
+    original_net, original_save = loop.UNet, loop.write_model_dir
+    loop.UNet = factory
+    loop.write_model_dir = lambda *a, **k: None
+    try:
+        yield
+    finally:
+        loop.UNet, loop.write_model_dir = original_net, original_save

@@ -13,7 +13,6 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.common import network_in_loop
 from bench.demo_dice import msd_to_staging
 from pipeline.config import PipelineConfig
 from pipeline.io.manifest import read_manifest
@@ -142,18 +142,6 @@ def logging_ratio(staging: Path, config: PipelineConfig, root: Path) -> dict[str
     }
 
 
-@contextlib.contextmanager
-def _network(factory):
-    """Train the same loop with another network (the bench's peer), without saving a model folder."""
-    original_net, original_save = loop.UNet, loop.write_model_dir
-    loop.UNet = factory
-    loop.write_model_dir = lambda *a, **k: None
-    try:
-        yield
-    finally:
-        loop.UNet, loop.write_model_dir = original_net, original_save
-
-
 def peer_comparison(staging: Path, config: PipelineConfig, root: Path, minutes: float) -> dict[str, float]:
     from monai.networks.nets import BasicUNet
 
@@ -170,7 +158,7 @@ def peer_comparison(staging: Path, config: PipelineConfig, root: Path, minutes: 
             features=f,
         )
 
-    with _network(basic_unet):  # BasicUNet has no decoder steps for deep supervision's heads
+    with network_in_loop(basic_unet):  # BasicUNet has no decoder steps for deep supervision's heads
         peer = loop.train(staging, root / "peer", cfg.replace(train={"deep_supervision": False}))
     return {
         "ours_dice": ours.best_dice_mean,
