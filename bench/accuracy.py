@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench.common import network_in_loop
 from bench.demo_dice import msd_to_staging
 from pipeline.config import PipelineConfig
-from pipeline.inference import PredictOptions
+from pipeline.inference.predictor import PredictOptions
 from pipeline.io.manifest import read_manifest
 from pipeline.planning.plan import load_plan
 from pipeline.runtime import configure_threads, prepare_model, resolve_device
