@@ -100,8 +100,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
 
 def _measure(args, tmp: Path) -> list[dict]:
-    from flows.common import run_isolated
     from flows.inference import batch_inference_flow, chunk_size_for
+    from flows.workers import run_isolated
     from pipeline.inference.batch import BatchSettings, finalize_batch, predict_case, prepare_batch
     from pipeline.system import available_cores
 
@@ -177,7 +177,7 @@ def _footprint(shape: tuple[int, int, int]) -> dict:
     """A warm worker's peak RSS growth while it predicts one case of `shape`, per input voxel."""
     import resource
 
-    from flows.common import WorkerPool
+    from flows.workers import WorkerPool
     from pipeline.inference.batch import BatchSettings, predict_case, prepare_batch
     from pipeline.inference.footprint import BYTES_PER_VOXEL, planned_voxels
 

@@ -61,7 +61,7 @@ def worker_command(
 
 def dask_setup(worker) -> None:
     """Dask preload hook, run in each worker process when it starts."""
-    from flows.common import MEMORY_BUDGET_ENV, MEMORY_BUDGET_SHARE, worker_pool
+    from flows.workers import MEMORY_BUDGET_ENV, MEMORY_BUDGET_SHARE, worker_pool
 
     level = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)

@@ -25,8 +25,9 @@ from prefect.cache_policies import NO_CACHE
 from prefect.futures import as_completed
 from prefect.states import Completed, Failed
 
-from flows.common import CaseTimeout, case_runner, check_task_runner, content_key, path_key, run_isolated
+from flows.common import case_runner, check_task_runner, content_key, path_key
 from flows.pull import is_pacs_url, pull_task
+from flows.workers import CaseTimeout, run_isolated
 from pipeline.inference.batch import (
     BatchPlan,
     BatchSettings,

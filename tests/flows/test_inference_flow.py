@@ -258,7 +258,7 @@ def test_the_same_case_submitted_twice_at_once_is_processed_once(setup, tmp_path
 
 
 def test_a_case_past_its_timeout_is_killed_and_the_batch_goes_on(prefect_api, setup, tmp_path):
-    from flows.common import CaseTimeout, run_isolated
+    from flows.workers import CaseTimeout, run_isolated
 
     t0 = time.perf_counter()
     with pytest.raises(CaseTimeout):
