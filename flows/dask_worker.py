@@ -16,7 +16,8 @@ need, so no site has to remember it:
   PREFECT_API_AUTH_STRING where the server has basic auth, in the worker's environment);
 - this module as `--preload`: in the worker process `dask_setup` sets the pipeline's logging
   (cases log to the worker's stderr, level $UNET_PIPELINE_LOG_LEVEL, default INFO) and the
-  memory budget of the cases in flight (MEMORY_BUDGET_SHARE of the worker's memory limit).
+  memory budget of the cases in flight (the library's DEFAULT_BUDGET_SHARE of the worker's memory
+  limit, as elsewhere of the memory available).
 
 The code must be importable on every node as on the flow's (the installed package, same version
 as the flow run's image) and the data folders (source, OUT, the site secret, the work
@@ -61,7 +62,8 @@ def worker_command(
 
 def dask_setup(worker) -> None:
     """Dask preload hook, run in each worker process when it starts."""
-    from flows.workers import MEMORY_BUDGET_ENV, MEMORY_BUDGET_SHARE, worker_pool
+    from flows.workers import MEMORY_BUDGET_ENV, worker_pool
+    from pipeline.predict_memory import DEFAULT_BUDGET_SHARE
 
     level = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)
@@ -73,7 +75,7 @@ def dask_setup(worker) -> None:
             logger.addHandler(handler)
     limit = worker.memory_manager.memory_limit
     if limit and not os.environ.get(MEMORY_BUDGET_ENV):
-        worker_pool().set_memory_budget(int(MEMORY_BUDGET_SHARE * limit))
+        worker_pool().set_memory_budget(int(DEFAULT_BUDGET_SHARE * limit))
     if not os.environ.get("PREFECT_API_URL"):
         log.warning("PREFECT_API_URL is not set on this worker: tasks use the flow's setting")
     log.info(

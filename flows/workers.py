@@ -22,7 +22,7 @@ import os
 import threading
 import time
 
-from pipeline import system
+from pipeline.predict_memory import default_budget
 from pipeline.system import available_cores
 
 
@@ -133,7 +133,6 @@ class _Worker:
 
 
 MEMORY_BUDGET_ENV = "UNET_PIPELINE_MEMORY_BUDGET"
-MEMORY_BUDGET_SHARE = 0.7  # of the process's memory limit: the rest is this process, the OS, caches
 
 
 def parse_bytes(text: str) -> int:
@@ -147,9 +146,10 @@ def parse_bytes(text: str) -> int:
 
 
 def default_memory_budget() -> int:
-    """$UNET_PIPELINE_MEMORY_BUDGET, else MEMORY_BUDGET_SHARE of the process's memory (RAM or cgroup)."""
+    """$UNET_PIPELINE_MEMORY_BUDGET, else the library's default budget for cases in flight
+    (pipeline.predict_memory.default_budget: a share of the memory this process may still use)."""
     text = os.environ.get(MEMORY_BUDGET_ENV)
-    return parse_bytes(text) if text else int(MEMORY_BUDGET_SHARE * system.memory_bytes())
+    return parse_bytes(text) if text else default_budget()
 
 
 class MemoryBudget:

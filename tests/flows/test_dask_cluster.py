@@ -27,6 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from pipeline.predict_memory import DEFAULT_BUDGET_SHARE
 from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.inference.predict_fixture import PredictSetup, make_predict_setup
 
@@ -185,7 +186,8 @@ def test_a_batch_runs_on_two_worker_processes(setup, cluster, tmp_path):
     ran = _ok_lines(cluster, ["w1", "w2"], since)
     assert sorted(ran["w1"] + ran["w2"]) == done  # every case once, on the workers
     assert ran["w1"] and ran["w2"], ran  # both nodes took cases
-    assert "case memory budget 2.1 GiB" in cluster.log("w1")  # 0.7 of its 3 GiB limit
+    budget = DEFAULT_BUDGET_SHARE * 3  # the default share of its 3 GiB limit
+    assert f"case memory budget {budget:.1f} GiB" in cluster.log("w1")
 
 
 def test_chunks_of_cases_on_the_cluster_and_a_rerun_from_the_done_markers(setup, cluster, tmp_path):

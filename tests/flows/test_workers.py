@@ -215,3 +215,11 @@ def test_the_pool_runs_calls_within_its_memory_budget():
 def test_the_default_budget_follows_the_environment(monkeypatch):
     monkeypatch.setenv("UNET_PIPELINE_MEMORY_BUDGET", "3GiB")
     assert WorkerPool().memory.total == 3 * 2**30
+
+
+def test_without_the_environment_the_budget_is_the_librarys_default(monkeypatch):
+    from pipeline import predict_memory
+
+    monkeypatch.delenv("UNET_PIPELINE_MEMORY_BUDGET", raising=False)
+    monkeypatch.setattr(predict_memory, "available_memory_bytes", lambda: 8 * 2**30)
+    assert WorkerPool().memory.total == int(predict_memory.DEFAULT_BUDGET_SHARE * 8 * 2**30)
