@@ -30,6 +30,19 @@ class CaseTimeout(TimeoutError):
     """A case ran past its time limit; its worker process was killed."""
 
 
+# Imported once by the forkserver, so workers fork with them loaded: everything a case imports
+# lazily, too (MONAI alone takes seconds to import per child). The forkserver skips a name that
+# does not import without a word, so a test imports each.
+PRELOAD = (
+    "pipeline.ingest",
+    "pipeline.inference",
+    "pipeline.planning.transforms",
+    "pipeline.planning.plan",
+    "pipeline.export",
+    "highdicom",
+    "matplotlib.figure",
+)
+
 _FORKSERVER = None
 
 
@@ -40,18 +53,7 @@ def _context():
         import multiprocessing
 
         ctx = multiprocessing.get_context("forkserver")
-        # Everything a case imports lazily, too: MONAI alone takes seconds to import per child.
-        ctx.set_forkserver_preload(
-            [
-                "pipeline.ingest",
-                "pipeline.inference",
-                "pipeline.planning.transforms",
-                "pipeline.planning.plan",
-                "pipeline.export",
-                "highdicom",
-                "matplotlib.figure",
-            ]
-        )
+        ctx.set_forkserver_preload(list(PRELOAD))
         _FORKSERVER = ctx
     return _FORKSERVER
 

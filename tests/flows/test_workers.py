@@ -3,6 +3,7 @@ for their memory."""
 
 from __future__ import annotations
 
+import importlib
 import os
 import threading
 import time
@@ -10,7 +11,7 @@ import time
 import pytest
 import torch
 
-from flows.workers import CaseTimeout, MemoryBudget, WorkerPool, parse_bytes
+from flows.workers import PRELOAD, CaseTimeout, MemoryBudget, WorkerPool, parse_bytes
 
 
 def _gone(pid: int, within_s: float = 6.0) -> bool:
@@ -23,6 +24,12 @@ def _gone(pid: int, within_s: float = 6.0) -> bool:
             return True
         time.sleep(0.1)
     return False
+
+
+@pytest.mark.parametrize("module", PRELOAD)
+def test_every_preloaded_module_imports(module):
+    """The forkserver drops a name that fails to import silently (every case would import it)."""
+    importlib.import_module(module)
 
 
 @pytest.fixture
