@@ -12,6 +12,7 @@ from typing import Annotated
 
 import typer
 
+from flows.reporting import demo_lines
 from pipeline.cli import app, setup_logging
 
 __all__ = ["app"]
@@ -63,31 +64,9 @@ def demo(
         config_overrides={"train": {"time_budget_minutes": train_minutes}},
         secret_file=str(workdir / "site-secret"),
     )
-    ingest, trained, batch, holdout = (
-        summary["ingest"],
-        summary["train"],
-        summary["inference"],
-        summary["holdout"],
-    )
-    reasons = ", ".join(f"{k} {v}" for k, v in ingest["by_reason"].items()) or "none"
-    dice = trained["val_dice"]
-    per_label = ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if k != "mean")
-    alias = "champion" if trained["champion"] else "challenger"
-    out = workdir / "predictions"
     typer.echo("")
-    typer.echo(
-        f"ingested     {ingest['cases']} cases; {ingest['quarantined']} files quarantined ({reasons}), "
-        f"{ingest['ignored']} ignored"
-    )
-    typer.echo(f"validation   mean Dice {dice['mean']:.3f} ({per_label})")
-    typer.echo(f"registered   {trained['model_name']} version {trained['model_version']} -> alias '{alias}'")
-    typer.echo(
-        f"held-out     {batch.get('ok', 0)} of {batch.get('cases', 0)} cases predicted, "
-        f"mean Dice {holdout.get('dice_mean', float('nan')):.3f}"
-    )
-    typer.echo(f"masks        {out}/<case_id>/seg.nii.gz and seg.dcm")
-    typer.echo(f"QC pictures  {out}/<case_id>/qc.png")
-    typer.echo(f"report       {out}/report.html")
+    for line in demo_lines(summary, workdir / "predictions"):
+        typer.echo(line)
     typer.echo("web UIs:")
     typer.echo(f"  PREFECT_HOME={os.environ['PREFECT_HOME']} .venv/bin/prefect server start")
     typer.echo(f"  .venv/bin/{mlflow_ui_command(Workdir.resolve(workdir).root)}")

@@ -10,6 +10,7 @@ from prefect.cache_policies import NO_CACHE
 
 from flows.inference import batch_inference_flow
 from flows.ingest import ingest_flow
+from flows.reporting import end_to_end_markdown
 from flows.train import train_flow
 from pipeline.training.data import split_holdout
 from pipeline.training.metrics import evaluate_folders
@@ -38,7 +39,6 @@ def end_to_end_flow(
     secret_file: str | None = None,
 ) -> dict:
     """The whole job on SOURCE: stage it, train on most cases, gate, predict and score the rest."""
-    logger = get_run_logger()
     root = Path(workdir)
     staging = str(root / "staging")
     ingest = ingest_flow(source, staging, secret_file=secret_file, config=config_file)
@@ -52,16 +52,6 @@ def end_to_end_flow(
     batch = inference.result(raise_on_failure=False)
     scores = evaluate_task(predictions, str(Path(test_view) / "labels"))
     summary = {"ingest": ingest, "train": trained, "inference": batch, "holdout": scores}
-    held_out = scores.get("dice_mean", float("nan"))
-    create_markdown_artifact(
-        key="end-to-end-summary",
-        markdown=(
-            f"# End to end\n\nStaged {ingest['cases']} cases ({ingest['quarantined']} files quarantined). "
-            f"Model **{trained['model_name']}** v{trained['model_version']} "
-            f"({'champion' if trained['champion'] else 'challenger'}), validation Dice "
-            f"{trained['val_dice']['mean']:.3f}; held-out Dice {held_out:.3f}.\n\n"
-            f"Masks, QC pictures and the report: `{predictions}`."
-        ),
-    )
-    logger.info("end to end: held-out mean Dice %.3f", held_out)
+    create_markdown_artifact(key="end-to-end-summary", markdown=end_to_end_markdown(summary, predictions))
+    get_run_logger().info("end to end: held-out mean Dice %.3f", scores.get("dice_mean", float("nan")))
     return summary

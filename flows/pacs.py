@@ -24,8 +24,8 @@ from prefect.states import Completed, Failed
 
 from flows.inference import batch_inference_flow, finalize_task
 from flows.pull import credentials, pull_task
+from flows.reporting import pacs_markdown, pacs_message, pacs_summary
 from pipeline.pacs.push import push_case
-from pipeline.pacs.record import PushStatus
 
 
 @task(
@@ -65,10 +65,9 @@ def pacs_batch_flow(
     query's relative dates when the run starts. The final state is Failed when a case failed or
     a push failed (the masks are written either way; the next run pushes what is missing).
     """
-    logger = get_run_logger()
     t0 = time.perf_counter()
     pulled = pull_task(source, out, secret_file, site_timezone, credentials_block)
-    t_pull = time.perf_counter() - t0
+    t_pull = time.perf_counter()
     inference_state = batch_inference_flow(
         pulled["folder"],
         out,
@@ -84,47 +83,18 @@ def pacs_batch_flow(
     inference = inference_state.result(raise_on_failure=False)
     if not isinstance(inference, dict):  # the subflow broke before its summary (model refused...)
         return Failed(message=f"batch inference did not run: {inference_state.message}")
-    t_predict = time.perf_counter() - t0 - t_pull
+    t_predict = time.perf_counter()
     pushed: list[dict] = []
     if push:
         ok = [row["case"] for row in inference["rows"] if row["status"] == "ok"]
         futures = [push_case_task.submit(out, c, push, push_credentials_block, push_sr) for c in ok]
         pushed = [f.result() for f in futures]
         inference = finalize_task(out)  # results.csv gains the push columns
-    t_push = time.perf_counter() - t0 - t_pull - t_predict
-    failed_push = sum(p["status"] == PushStatus.PUSH_FAILED for p in pushed)
-    counts = pulled.get("counts", {})
-    summary = {
-        "pull": {k: v for k, v in pulled.items() if k != "folder"},
-        "inference": {k: v for k, v in inference.items() if k != "rows"},
-        "push": {
-            "destination_given": bool(push),
-            "pushed": sum(p["status"] == PushStatus.PUSHED for p in pushed),
-            "pushed_now": sum(p["pushed_now"] for p in pushed),
-            "push_failed": failed_push,
-            "reasons": sorted({p["reason"] for p in pushed if p["reason"]}),
-        },
-        "seconds": {"pull": round(t_pull, 3), "predict": round(t_predict, 3), "push": round(t_push, 3)},
-    }
-    create_markdown_artifact(
-        key="pacs-batch-summary",
-        markdown=(
-            "# PACS batch\n\n| series found | complete | incomplete | cases ok | failed | pushed | "
-            "push_failed |\n|---|---|---|---|---|---|---|\n"
-            f"| {counts.get('series_found', 0)} | {counts.get('series_complete', 0)} | "
-            f"{counts.get('series_incomplete', 0)} | {inference['ok']} | {inference['failed']} | "
-            f"{summary['push']['pushed']} | {failed_push} |\n\n"
-            f"Pull {t_pull:.1f} s, predict {t_predict:.1f} s, push {t_push:.1f} s. "
-            f"Details: `{out}/pull_report.json`, `{out}/results.csv`.\n"
-        ),
-    )
-    message = (
-        f"{counts.get('series_complete', 0)} series pulled "
-        f"({counts.get('series_incomplete', 0)} incomplete), "
-        f"{inference['ok']} cases ok, {inference['failed']} failed, "
-        f"{summary['push']['pushed']} pushed, {failed_push} push_failed"
-    )
-    logger.info("pacs batch: %s", message)
-    if inference["failed"] or failed_push:
+    seconds = {"pull": t_pull - t0, "predict": t_predict - t_pull, "push": time.perf_counter() - t_predict}
+    summary = pacs_summary(pulled, inference, pushed, destination_given=bool(push), seconds=seconds)
+    create_markdown_artifact(key="pacs-batch-summary", markdown=pacs_markdown(summary, out))
+    message = pacs_message(summary)
+    get_run_logger().info("pacs batch: %s", message)
+    if summary["inference"]["failed"] or summary["push"]["push_failed"]:
         return Failed(message=message, data=summary)
     return Completed(message=message, data=summary)
