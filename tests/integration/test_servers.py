@@ -26,6 +26,7 @@ from pathlib import Path
 
 import httpx
 import psutil
+import psycopg2
 import pytest
 
 from pipeline.ingest import ingest
@@ -34,8 +35,6 @@ from pipeline.io.model_dir import load_model_dir
 from pipeline.synthetic.dataset import make_demo_dataset
 from pipeline.tracking.release import gate_run, register_model, train_and_log
 from tests.pipeline.ingest.staging_fixture import tiny_config
-
-psycopg2 = pytest.importorskip("psycopg2")
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
