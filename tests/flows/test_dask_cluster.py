@@ -31,6 +31,8 @@ from pipeline.predict_memory import DEFAULT_BUDGET_SHARE
 from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.inference.predict_fixture import PredictSetup, make_predict_setup
 
+pytestmark = pytest.mark.slow  # a Prefect server and a Dask cluster: minutes on 2 cores
+
 REPO = Path(__file__).resolve().parents[2]
 N_CASES = 8
 OK_LINE = re.compile(r"pipeline\.inference: case (case_[0-9a-f]{16}): ok in")

@@ -17,6 +17,8 @@ from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.inference.predict_fixture import make_predict_setup
 from tests.pipeline.pacs.orthanc import ORTHANC_BIN, PASSWORD, SKIP_REASON, USER, start_orthanc
 
+pytestmark = pytest.mark.slow  # a Prefect API, Orthanc and a trained model: about a minute
+
 TZ = "Europe/Berlin"
 
 

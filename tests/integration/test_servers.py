@@ -378,6 +378,7 @@ def _assert_outputs(out: Path, case_ids: list[str]) -> dict:
 # Tests
 
 
+@pytest.mark.slow
 def test_served_deployment_run_through_the_api_completes_with_outputs_and_mlflow_records(
     servers, world, worker, tmp_path
 ):
@@ -408,6 +409,7 @@ def test_served_deployment_run_through_the_api_completes_with_outputs_and_mlflow
     assert batch_run.data.metrics["ok"] == N_CASES
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_batch_and_restarted_finishes_only_what_is_left(world, worker, tmp_path):
     out = tmp_path / "out"
     first = _submit(_params(world, out))
@@ -453,6 +455,7 @@ def test_same_case_submitted_twice_at_once_is_processed_once(servers, world, tmp
     assert not any((out / c).exists() for c in plan.case_ids[1:])  # nothing else was touched
 
 
+@pytest.mark.slow
 def test_mlflow_down_during_inference_and_training(servers, world, worker, tmp_path, mlflow_fast_fail):
     """The batch still yields its masks, training keeps its model, and no MLflow run stays RUNNING."""
     import mlflow

@@ -14,6 +14,7 @@ def model() -> UNet:
     return UNet(UNetConfig(base_channels=4, num_classes=3)).eval()
 
 
+@pytest.mark.slow
 def test_torch_export_accepts_other_sizes(model):
     program = export_program(model)
     for size in [(16, 16), (33, 37), (17, 200), (96, 64)]:

@@ -103,6 +103,7 @@ def dice(pred: torch.Tensor, target: torch.Tensor) -> float:
     return 2 * inter / max(1, pred.sum().item() + target.sum().item())
 
 
+@pytest.mark.slow
 def test_overfits_one_image_to_high_dice():
     torch.manual_seed(0)
     yy, xx = torch.meshgrid(torch.arange(48), torch.arange(48), indexing="ij")

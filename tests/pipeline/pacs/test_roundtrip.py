@@ -126,6 +126,7 @@ def test_pull_predict_push_round_trip_over_dicomweb(pacs_setup, orthanc, pacs_en
     assert {r["push_status"] for r in _rows(out)} == {"pushed"}
 
 
+@pytest.mark.slow
 def test_push_to_a_down_or_refusing_pacs_is_push_failed_and_a_rerun_pushes(
     pacs_setup, orthanc, pacs_env, tmp_path, monkeypatch
 ):
@@ -195,6 +196,7 @@ def test_a_series_the_pacs_cannot_fully_deliver_is_quarantined_and_pulled_once_i
     assert {r["status"] for r in _rows(out)} == {"ok"} and len(_rows(out)) == n_cases
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("url_kind", "env_password", "reason"),
     [("down", PASSWORD, "PACS_UNREACHABLE"), ("up", "wrong-password", "PACS_REFUSED")],
