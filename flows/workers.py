@@ -34,11 +34,11 @@ class CaseTimeout(TimeoutError):
 # lazily, too (MONAI alone takes seconds to import per child). The forkserver skips a name that
 # does not import without a word, so a test imports each.
 PRELOAD = (
-    "pipeline.ingest",
-    "pipeline.inference",
+    "pipeline.ingest.batch",
+    "pipeline.inference.batch",
     "pipeline.planning.transforms",
     "pipeline.planning.plan",
-    "pipeline.export",
+    "pipeline.outputs.masks",
     "highdicom",
     "matplotlib.figure",
 )
