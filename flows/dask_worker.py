@@ -63,7 +63,7 @@ def worker_command(
 def dask_setup(worker) -> None:
     """Dask preload hook, run in each worker process when it starts."""
     from flows.workers import MEMORY_BUDGET_ENV, worker_pool
-    from pipeline.predict_memory import DEFAULT_BUDGET_SHARE
+    from pipeline.inference.memory import DEFAULT_BUDGET_SHARE
 
     level = os.environ.get(LOG_LEVEL_ENV, "INFO").upper()
     handler = logging.StreamHandler(sys.stderr)

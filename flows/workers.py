@@ -22,7 +22,7 @@ import os
 import threading
 import time
 
-from pipeline.predict_memory import default_budget
+from pipeline.inference.memory import default_budget
 from pipeline.system import available_cores
 
 
@@ -149,7 +149,7 @@ def parse_bytes(text: str) -> int:
 
 def default_memory_budget() -> int:
     """$UNET_PIPELINE_MEMORY_BUDGET, else the library's default budget for cases in flight
-    (pipeline.predict_memory.default_budget: a share of the memory this process may still use)."""
+    (pipeline.inference.memory.default_budget: a share of the memory this process may still use)."""
     text = os.environ.get(MEMORY_BUDGET_ENV)
     return parse_bytes(text) if text else default_budget()
 

@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.predict_memory import DEFAULT_BUDGET_SHARE
+from pipeline.inference.memory import DEFAULT_BUDGET_SHARE
 from tests.flows.prefect_api import temporary_prefect_api
 from tests.pipeline.inference.predict_fixture import PredictSetup, make_predict_setup
 
