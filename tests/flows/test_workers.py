@@ -240,7 +240,7 @@ def test_the_default_budget_follows_the_environment(monkeypatch):
 
 
 def test_without_the_environment_the_budget_is_the_librarys_default(monkeypatch):
-    from pipeline import predict_memory
+    from pipeline.inference import memory as predict_memory
 
     monkeypatch.delenv("UNET_PIPELINE_MEMORY_BUDGET", raising=False)
     monkeypatch.setattr(predict_memory, "available_memory_bytes", lambda: 8 * 2**30)
