@@ -1,6 +1,6 @@
 """QC pictures a radiologist can judge at a glance: contours over the anatomy, three planes and a montage.
 
-    write_qc_png(path, image, mask, label_names, affine=..., modality="CT")
+    write_qc_png(path, image, mask, label_names, affine=..., modality="CT", truth=None)
 
 draws, from the source volume and its predicted mask on the same grid:
 
@@ -11,7 +11,10 @@ draws, from the source volume and its predicted mask on the same grid:
 - a legend naming each label in its colour.
 
 Each label is a light fill (so the anatomy underneath stays visible) edged by a solid contour (so
-a reviewer sees whether the boundary follows the organ's edge). The slice is shown at a window
+a reviewer sees whether the boundary follows the organ's edge). With a ground truth on the same grid
+(training's validation pictures), each true label is drawn over it as a dashed contour, dashes of the
+label's colour alternating with white, so prediction and truth are told apart where they differ;
+the planes then pass through the centroid of both. The slice is shown at a window
 that suits the modality: CT at a fixed soft-tissue window in Hounsfield units, anything else
 (MR, PET, unknown) between the 1st and 99th percentile of the body's voxels.
 
@@ -46,6 +49,8 @@ COLOURS: tuple[tuple[float, float, float], ...] = (
 # CT soft-tissue window (level 40 HU, width 400 HU): the abdominal/thoracic organ reading default.
 CT_WINDOW = (-160.0, 240.0)
 FILL_ALPHA = 0.22  # light enough that the anatomy under a label stays readable
+TRUTH_DASH = (1.0, 1.0, 1.0)  # the colour alternating with the label's along a ground-truth contour
+DASH_PX = 3  # length of one dash of a ground-truth contour, in pixels
 PLANE_PX = 220  # the longer side of each orthogonal plane, in pixels
 MONTAGE_PX = 150  # the longer side of each montage tile
 MONTAGE_SLICES = 9
@@ -80,16 +85,26 @@ def display_window(image: np.ndarray, modality: str | None) -> tuple[float, floa
 
 @dataclass(frozen=True)
 class Canonical:
-    """A volume and its mask turned to RAS axis order for display, with the voxel size per axis."""
+    """A volume and its mask (and ground truth, if any) turned to RAS axis order for display, with
+    the voxel size per axis."""
 
     image: np.ndarray  # (x: right->left reversed below, y: posterior->anterior, z: inferior->superior)
     mask: np.ndarray
     spacing: tuple[float, float, float]  # mm along x, y, z after reorientation
+    truth: np.ndarray | None = None  # the ground-truth labels, reoriented as `mask`
 
     @classmethod
-    def from_grid(cls, image: np.ndarray, mask: np.ndarray, affine: np.ndarray | None) -> Canonical:
+    def from_grid(
+        cls,
+        image: np.ndarray,
+        mask: np.ndarray,
+        affine: np.ndarray | None,
+        truth: np.ndarray | None = None,
+    ) -> Canonical:
         if image.shape != mask.shape:
             raise ValueError(f"image shape {image.shape} and mask shape {mask.shape} differ")
+        if truth is not None and truth.shape != mask.shape:
+            raise ValueError(f"ground truth shape {truth.shape} and mask shape {mask.shape} differ")
         if image.ndim != 3:
             raise ValueError(f"expected a 3-D volume, got shape {image.shape}")
         affine = np.eye(4) if affine is None else np.asarray(affine, dtype=np.float64)
@@ -101,11 +116,17 @@ class Canonical:
             apply_orientation(image, to_ras),
             apply_orientation(mask, to_ras),
             spacing,  # type: ignore[arg-type]
+            None if truth is None else apply_orientation(truth, to_ras),
         )
+
+    def labelled(self) -> np.ndarray:
+        """Where the mask, or the ground truth, has a label."""
+        fg = self.mask > 0
+        return fg if self.truth is None else fg | (self.truth > 0)
 
     def centroid(self) -> tuple[int, int, int]:
         """Voxel index (x, y, z) of the labelled voxels' centre of mass; the volume's centre if none."""
-        fg = self.mask > 0
+        fg = self.labelled()
         if not fg.any():
             return tuple(n // 2 for n in self.mask.shape)  # type: ignore[return-value]
         com = ndimage.center_of_mass(fg)
@@ -117,19 +138,21 @@ class Canonical:
         axial: rows anterior->posterior, columns patient right->left; coronal: rows superior->
         inferior, columns right->left; sagittal: rows superior->inferior, columns anterior->posterior.
         """
+        img, row_mm, col_mm = self._cut(self.image, name, index)
+        return img, self._cut(self.mask, name, index)[0], row_mm, col_mm
+
+    def truth_plane(self, name: str, index: int) -> np.ndarray | None:
+        """The ground truth's plane, as `plane` cuts the mask; None without a ground truth."""
+        return None if self.truth is None else self._cut(self.truth, name, index)[0]
+
+    def _cut(self, volume: np.ndarray, name: str, index: int) -> tuple[np.ndarray, float, float]:
         sx, sy, sz = self.spacing
-        if name == "axial":
-            pick = (slice(None), slice(None), index)
-            img, lab = self.image[pick].T, self.mask[pick].T  # rows y, columns x
-            return img[::-1, ::-1], lab[::-1, ::-1], sy, sx
-        if name == "coronal":
-            pick = (slice(None), index, slice(None))
-            img, lab = self.image[pick].T, self.mask[pick].T  # rows z, columns x
-            return img[::-1, ::-1], lab[::-1, ::-1], sz, sx
-        if name == "sagittal":
-            pick = (index, slice(None), slice(None))
-            img, lab = self.image[pick].T, self.mask[pick].T  # rows z, columns y
-            return img[::-1, ::-1], lab[::-1, ::-1], sz, sy
+        if name == "axial":  # rows y, columns x
+            return volume[:, :, index].T[::-1, ::-1], sy, sx
+        if name == "coronal":  # rows z, columns x
+            return volume[:, index, :].T[::-1, ::-1], sz, sx
+        if name == "sagittal":  # rows z, columns y
+            return volume[index, :, :].T[::-1, ::-1], sz, sy
         raise ValueError(f"unknown plane {name!r}; valid: axial, coronal, sagittal")
 
 
@@ -140,38 +163,63 @@ def montage_slices(mask: np.ndarray, n: int = MONTAGE_SLICES) -> list[int]:
     return sorted(set(np.linspace(lo, hi, min(n, hi - lo + 1)).round().astype(int).tolist()))
 
 
-def _resample(image: np.ndarray, mask: np.ndarray, row_mm: float, col_mm: float, longest: int):
-    """Nearest-neighbour resampling to square pixels, the longer side `longest` pixels."""
+def _resample(image: np.ndarray, *labels: np.ndarray, row_mm: float, col_mm: float, longest: int):
+    """Nearest-neighbour resampling of a plane and its label planes to square pixels, the longer
+    side `longest` pixels: the resampled arrays in the order given."""
     height_mm, width_mm = image.shape[0] * row_mm, image.shape[1] * col_mm
     px_mm = max(height_mm, width_mm) / longest
     h, w = max(1, round(height_mm / px_mm)), max(1, round(width_mm / px_mm))
     rows = np.minimum((np.arange(h) + 0.5) * px_mm / row_mm, image.shape[0] - 1).astype(np.intp)
     cols = np.minimum((np.arange(w) + 0.5) * px_mm / col_mm, image.shape[1] - 1).astype(np.intp)
-    return image[np.ix_(rows, cols)], mask[np.ix_(rows, cols)]
+    return tuple(a[np.ix_(rows, cols)] for a in (image, *labels))
+
+
+def _edges(labels: np.ndarray, thickness: int):
+    """(value, region, its contour `thickness` pixels wide) for each label present but 0."""
+    for value in np.unique(labels):
+        if value == 0:
+            continue
+        region = labels == value
+        yield (
+            int(value),
+            region,
+            region & ~ndimage.binary_erosion(region, iterations=thickness, border_value=0),
+        )
 
 
 def overlay(
-    image: np.ndarray, mask: np.ndarray, window: tuple[float, float], *, thickness: int = 1
+    image: np.ndarray,
+    mask: np.ndarray,
+    window: tuple[float, float],
+    *,
+    thickness: int = 1,
+    truth: np.ndarray | None = None,
 ) -> np.ndarray:
-    """(h, w, 3) RGB in [0, 1]: the windowed slice, each label a light fill edged by its contour."""
+    """(h, w, 3) RGB in [0, 1]: the windowed slice, each label a light fill edged by its contour;
+    with `truth`, each true label's contour dashed (its colour alternating with `TRUTH_DASH`) on top."""
     lo, hi = window
     grey = np.clip((image.astype(np.float32) - lo) / (hi - lo), 0.0, 1.0)
     rgb = np.repeat(grey[..., None], 3, axis=2)
-    for value in np.unique(mask):
-        if value == 0:
-            continue
-        region = mask == value
-        edge = region & ~ndimage.binary_erosion(region, iterations=thickness, border_value=0)
-        tint = np.asarray(colour(int(value)), np.float32)
+    for value, region, edge in _edges(mask, thickness):
+        tint = np.asarray(colour(value), np.float32)
         rgb[region] = (1 - FILL_ALPHA) * rgb[region] + FILL_ALPHA * tint
         rgb[edge] = tint
+    if truth is not None:
+        rows, cols = np.indices(truth.shape)
+        white = (rows + cols) // DASH_PX % 2 == 1  # diagonal stripes: dashes along any contour
+        for value, _, edge in _edges(truth, thickness):
+            rgb[edge & ~white] = colour(value)
+            rgb[edge & white] = TRUTH_DASH
     return rgb
 
 
 def _tile(canon: Canonical, plane: str, index: int, window: tuple[float, float], longest: int) -> np.ndarray:
     img, lab, row_mm, col_mm = canon.plane(plane, index)
-    img, lab = _resample(img, lab, row_mm, col_mm, longest)
-    return overlay(img, lab, window, thickness=max(1, longest // 160))
+    truth = canon.truth_plane(plane, index)
+    img, lab, *rest = _resample(
+        img, lab, *([] if truth is None else [truth]), row_mm=row_mm, col_mm=col_mm, longest=longest
+    )
+    return overlay(img, lab, window, thickness=max(1, longest // 160), truth=rest[0] if rest else None)
 
 
 def write_qc_png(
@@ -183,11 +231,13 @@ def write_qc_png(
     affine: np.ndarray | None = None,
     modality: str | None = None,
     title: str = "",
+    truth: np.ndarray | None = None,
 ) -> Path:
     """Write the QC picture (three planes through the labels' centroid, an axial montage, a legend).
 
-    `image` and `mask` share one grid whose voxel-to-patient `affine` (RAS, as NIfTI) orients the
-    display; without it the grid's axes are taken as RAS. Written atomically.
+    `image` and `mask` (and `truth`, a ground-truth label map drawn as dashed contours) share one
+    grid whose voxel-to-patient `affine` (RAS, as NIfTI) orients the display; without it the grid's
+    axes are taken as RAS. Written atomically.
     """
     import matplotlib
 
@@ -195,7 +245,9 @@ def write_qc_png(
     from matplotlib.figure import Figure
     from matplotlib.patches import Rectangle
 
-    canon = Canonical.from_grid(np.asarray(image), np.asarray(mask), affine)
+    canon = Canonical.from_grid(
+        np.asarray(image), np.asarray(mask), affine, None if truth is None else np.asarray(truth)
+    )
     window = display_window(canon.image, modality)
     cx, cy, cz = canon.centroid()
     planes = [
@@ -203,7 +255,7 @@ def write_qc_png(
         ("coronal", cy, _tile(canon, "coronal", cy, window, PLANE_PX)),
         ("sagittal", cx, _tile(canon, "sagittal", cx, window, PLANE_PX)),
     ]
-    picks = montage_slices(canon.mask)
+    picks = montage_slices(canon.labelled())
     tiles = [(k, _tile(canon, "axial", k, window, MONTAGE_PX)) for k in picks]
     cols = min(len(tiles), 5)
     rows = -(-len(tiles) // cols)
@@ -211,7 +263,9 @@ def write_qc_png(
     tile_w = max(t.shape[1] for _, t in tiles)
     plane_h = max(t.shape[0] for *_, t in planes)
 
-    pad, caption, head, foot = 10, 16, 24 if title else 6, 28  # pixels
+    key = "" if truth is None else "fill and solid line: prediction; dashed line: ground truth"
+    pad, caption, foot = 10, 16, 28  # pixels
+    head = 6 + 18 * (bool(title) + bool(key))
     width = max(sum(t.shape[1] for *_, t in planes) + 4 * pad, cols * (tile_w + pad) + pad)
     height = head + plane_h + caption + pad + rows * (tile_h + caption) + foot
     dpi = 72
@@ -241,8 +295,8 @@ def write_qc_png(
     for n, (k, tile) in enumerate(tiles):
         r, c = divmod(n, cols)
         place(tile, pad + c * (tile_w + pad), top + r * (tile_h + caption), f"axial {k}", _SIDES["axial"])
-    if title:
-        fig.text(0.5, 1 - 5 / height, title, ha="center", va="top", fontsize=10)
+    for n, text in enumerate(t for t in (title, key) if t):
+        fig.text(0.5, 1 - (5 + 18 * n) / height, text, ha="center", va="top", fontsize=10 - 2 * n)
     entries = [(colour(v), name) for v, name in sorted(label_names.items()) if int(v) != 0]
     lx = pad
     for rgb, name in entries:

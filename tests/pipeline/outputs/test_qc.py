@@ -63,7 +63,7 @@ def test_anisotropic_voxels_are_drawn_in_millimetres():
     canon = qc.Canonical.from_grid(image, mask, affine)
     assert canon.spacing == (0.5, 0.5, 5.0)
     img, lab, row_mm, col_mm = canon.plane("coronal", 20)
-    tile, _ = qc._resample(img, lab, row_mm, col_mm, 200)
+    tile, _ = qc._resample(img, lab, row_mm=row_mm, col_mm=col_mm, longest=200)
     assert tile.shape == (200, 100)  # 40 mm tall, 20 mm wide
 
 
@@ -116,3 +116,53 @@ def test_qc_png_written_atomically_with_planes_and_legend(tmp_path, with_labels)
     organ = (np.asarray(qc.colour(1)) * 255).round().astype(int)
     hits = np.all(np.abs(picture.astype(int) - organ) <= 2, axis=2).sum()
     assert (hits > 50) if with_labels else (hits < 200)  # contours in the organ's colour (and the legend)
+
+
+def test_ground_truth_is_a_dashed_contour_distinct_from_the_prediction():
+    image = np.full((40, 40), 50.0, np.float32)
+    pred = np.zeros((40, 40), np.uint8)
+    truth = np.zeros((40, 40), np.uint8)
+    pred[5:20, 5:20] = 1  # predicted only
+    truth[22:37, 22:37] = 1  # true only (missed)
+    rgb = qc.overlay(image, pred, (0.0, 100.0), truth=truth)
+    tint, dash = np.asarray(qc.colour(1), np.float32), np.asarray(qc.TRUTH_DASH, np.float32)
+
+    def on(edge_rows, edge_cols, rgb_value):
+        return np.all(np.isclose(rgb[edge_rows, edge_cols], rgb_value), axis=-1).sum()
+
+    # The missed label's contour: dashes of the label's colour and of the ground-truth colour.
+    truth_edge = (np.r_[22:37], np.full(15, 22))
+    assert on(*truth_edge, dash) >= 4 and on(*truth_edge, tint) >= 4
+    # The prediction's own contour: solid, in the label's colour only.
+    pred_edge = (np.r_[5:20], np.full(15, 5))
+    assert on(*pred_edge, tint) == 15 and on(*pred_edge, dash) == 0
+    np.testing.assert_allclose(rgb[30, 30], [0.5, 0.5, 0.5])  # no fill inside the truth alone
+    # Without a ground truth nothing is dashed.
+    assert not np.all(np.isclose(qc.overlay(image, pred, (0.0, 100.0)), dash), axis=-1).any()
+
+
+def test_qc_png_with_ground_truth_draws_both_styles(tmp_path):
+    image = np.full((33, 37, 12), 50.0, np.float32)
+    image[0] = 0.0  # a darker rim so the percentile window is not flat
+    pred = np.zeros(image.shape, np.uint8)
+    truth = np.zeros(image.shape, np.uint8)
+    pred[5:15, 8:20, 3:9] = 1
+    truth[8:18, 10:24, 4:10] = 1  # overlaps the prediction, off by a few voxels
+    pictures = {}
+    for name, gt in (("pred", None), ("both", truth)):
+        path = qc.write_qc_png(
+            tmp_path / f"{name}.png", image, pred, NAMES, modality="MR", title="case-0001: Dice 0.5", truth=gt
+        )
+        pictures[name] = np.asarray(Image.open(path).convert("RGB")).astype(int)
+    organ = (np.asarray(qc.colour(1)) * 255).round().astype(int)
+    white = (np.asarray(qc.TRUTH_DASH) * 255).round().astype(int)
+
+    def count(picture, rgb):
+        return np.all(np.abs(picture - rgb) <= 2, axis=2).sum()
+
+    assert count(pictures["both"], organ) > 50 and count(pictures["pred"], organ) > 50
+    # Inside the first (axial) plane, where the page's white does not reach: the truth's dashes.
+    inside = (slice(50, 200), slice(20, 180))
+    assert count(pictures["both"][inside], white) > 20 and count(pictures["pred"][inside], white) == 0
+    assert count(pictures["both"][inside], organ) > 20
+    assert pictures["both"].shape[0] > pictures["pred"].shape[0]  # the key line under the title
