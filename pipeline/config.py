@@ -173,6 +173,9 @@ class TrainConfig(_Section):
     # Auxiliary 1x1 heads on the lower decoder levels with a weighted loss over downsampled targets
     # (nnU-Net); the heads are dropped at export, so the model is the classic U-Net either way.
     deep_supervision: bool = True
+    # Validation cases drawn as QC pictures (prediction of the best weights, ground truth dashed)
+    # at the end of the run, into validation_qc/ and the MLflow run; 0: none.
+    val_qc_cases: int = Field(4, ge=0)
 
     @model_validator(mode="after")
     def _batch(self) -> TrainConfig:

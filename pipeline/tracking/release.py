@@ -28,7 +28,7 @@ from pipeline.io.model_dir import LoadedModel
 from pipeline.planning.plan import Plan
 from pipeline.runtime import prepare_model, resolve_device
 from pipeline.training.loop import train
-from pipeline.training.result import CURVES_FILE, TrainResult, read_result
+from pipeline.training.result import CURVES_FILE, VAL_QC_DIR, TrainResult, read_result
 from pipeline.training.validate import load_val_cases, validate
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,8 @@ def train_and_log(
     """Train on `staging` into `out` while logging to MLflow; the model is written locally first.
 
     `run_tags` are added to the run (an orchestrator's run ID and link, for example). The run
-    samples system metrics and records the staged dataset as its input. Tracking failures never
+    samples system metrics, records the staged dataset as its input and keeps the validation QC
+    pictures under `validation_qc/<case_id>.png`. Tracking failures never
     lose the model: they are returned in `tracking_error`.
     """
     staging, out = Path(staging), Path(out)
@@ -99,6 +100,8 @@ def train_and_log(
         curves = out / CURVES_FILE
         if curves.is_file():
             tracker.log_artifact(curves)
+        # Written by this run just now (the folder is emptied first): the best weights' pictures.
+        tracker.log_artifacts(sorted((out / VAL_QC_DIR).glob("*.png")), artifact_path=VAL_QC_DIR)
         val_dice = {**result.best_dice, "mean": result.best_dice_mean}
         model_uri = tracker.log_model(result.model_dir, val_dice=val_dice)
     return TrainedModel(

@@ -6,7 +6,8 @@ whose auxiliary heads never leave the loop), validates every `val_every` epochs 
 validation volumes through predict's own path (`validate.validate`), keeps the best weights by
 mean validation Dice, stops early or at the wall-clock budget, checkpoints every epoch and
 resumes from the last checkpoint after a crash. It ends by writing the model folder
-(`pipeline.io.model_dir.save_model_dir`) and returns a `TrainResult`.
+(`pipeline.io.model_dir.save_model_dir`) and the QC pictures of the first `val_qc_cases` validation
+cases (`validation_qc/`), and returns a `TrainResult`.
 
 What carries from epoch to epoch is a `LoopState`; what a run builds once (network, optimizer,
 schedule, device) is a `_Run`; an epoch is `run_epoch`: `train_epoch`, then `validate_epoch` on
@@ -77,12 +78,13 @@ from pipeline.training.distributed import DistContext, process_group
 from pipeline.training.result import (
     CURVES_FILE,
     MODEL_DIR,
+    VAL_QC_DIR,
     TrainResult,
     plot_training_curves,
     write_model_dir,
     write_result,
 )
-from pipeline.training.validate import ValCase, load_val_cases, validate
+from pipeline.training.validate import ValCase, load_val_cases, validate, write_validation_qc
 from unet_model import UNet, UNetConfig
 from unet_model.deep_supervision import DeepSupervision, DeepSupervisionLoss
 
@@ -579,6 +581,9 @@ def _train(
         if state.history:
             plot_training_curves(state.history, out_dir / CURVES_FILE)
         model_dir = write_model_dir(run.unet, out_dir / MODEL_DIR, plan, config, state.best_metrics)
+        qc_rows = [by_id[c] for c in split["val"][: tc.val_qc_cases]]  # none: clears an earlier run's
+        options = PredictOptions.from_config(config.infer)
+        write_validation_qc(run.unet, qc_rows, plan, out_dir / VAL_QC_DIR, device=device, options=options)
     result = _result(state, plan, out_dir, model_dir, split, start_epoch if checkpoint is not None else None)
     if dctx.main:
         write_result(result)

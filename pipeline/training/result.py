@@ -19,6 +19,7 @@ from pipeline.planning.plan import Plan
 MODEL_DIR = "model"
 CURVES_FILE = "training_curves.png"
 RESULT_FILE = "result.json"
+VAL_QC_DIR = "validation_qc"  # <case_id>.png per drawn validation case (validate.write_validation_qc)
 
 
 @dataclass

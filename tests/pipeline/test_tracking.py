@@ -23,7 +23,7 @@ from pipeline.io.model_dir import WEIGHTS_FILE, ModelIntegrityError, load_model_
 from pipeline.planning.plan import Plan
 from pipeline.tracking import Tracker, load_registered, promote, register
 from pipeline.tracking import pyfunc as tracking_pyfunc
-from tests.pipeline.ingest.staging_fixture import make_staging
+from tests.pipeline.ingest.staging_fixture import make_staging, tiny_config
 from unet_model import UNet, UNetConfig
 
 matplotlib.use("Agg")
@@ -419,3 +419,31 @@ def test_release_summary_links_run_and_version_on_a_server_and_says_how_to_open_
     local = summary_markdown({**summary, "run_url": None}, "seg", 4, False, "sqlite:////tmp/mlflow.db")
     assert "MLflow run `abc123`; model **seg** version **4** (`models:/seg/4`; open with " in local
     assert ": challenger." in local
+
+
+def test_training_run_keeps_validation_qc_pictures_as_artifacts(store, tmp_path):
+    """train_and_log: the validation cases' QC pictures (prediction and ground truth) land in the
+    run under validation_qc/<case_id>.png, as written locally, capped by train.val_qc_cases."""
+    from PIL import Image
+
+    from pipeline.tracking.release import train_and_log
+
+    staging = make_staging(tmp_path / "staging", n_cases=6, size=32)
+    config = tiny_config(val_qc_cases=2).replace(
+        data={"val_fraction": 0.5}, tracking={"experiment_name": "validation-qc"}
+    )
+    trained = train_and_log(staging, tmp_path / "run", config, tracking_uri=store["uri"])
+    assert trained.tracking_error is None
+    val_ids = trained.result.split["val"]
+    assert len(val_ids) == 3  # more than the cap
+    expected = [f"validation_qc/{c}.png" for c in sorted(val_ids[:2])]
+    client = mlflow.MlflowClient(store["uri"])
+    assert [a.path for a in client.list_artifacts(trained.run_id, "validation_qc")] == expected
+    local = tmp_path / "run" / "validation_qc"
+    for artifact in expected:
+        got = Path(client.download_artifacts(trained.run_id, artifact, str(tmp_path / "dl")))
+        with Image.open(got) as picture:
+            assert picture.format == "PNG"
+            with Image.open(local / got.name) as written:
+                assert picture.size == written.size  # the picture as drawn
+            assert picture.size[0] >= 3 * 220 * 0.5 and picture.size[1] > 220

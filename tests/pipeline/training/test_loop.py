@@ -61,6 +61,10 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
     assert (run / "training_curves.png").read_bytes()[:4] == b"\x89PNG"
     assert json.loads((run / "result.json").read_text())["epochs_run"] == 2
     assert result.model_dir is not None and (result.model_dir / "weights.safetensors").is_file()
+    # QC pictures of the validation cases (up to train.val_qc_cases), with the best weights.
+    assert sorted(p.name for p in (run / "validation_qc").iterdir()) == sorted(
+        f"{c}.png" for c in result.split["val"][:4]
+    )
 
 
 def test_training_resumes_after_being_killed(staging, tmp_path):
