@@ -44,8 +44,13 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
         assert {"loss", "lr", "slices_per_s", "val_dice_mean", "val_dice/organ", "val_hd95/lesion"} <= set(
             metrics
         )
-        assert 0.0 <= metrics["val_dice_mean"] <= 1.0 and math.isfinite(metrics["loss"])
-    assert set(result.best_dice) == {"organ", "lesion"} and 0 <= result.best_epoch <= 1
+        per_label = (metrics["val_dice/organ"], metrics["val_dice/lesion"])
+        assert metrics["val_dice_mean"] == pytest.approx(sum(per_label) / 2) and math.isfinite(metrics["loss"])
+    # the best epoch is the one with the highest validation Dice, and its per-label scores are kept
+    scores = {epoch: metrics["val_dice_mean"] for epoch, metrics in rec.epochs}
+    assert scores[result.best_epoch] == max(scores.values())
+    best_metrics = dict(rec.epochs)[result.best_epoch]
+    assert result.best_dice == pytest.approx({k: best_metrics[f"val_dice/{k}"] for k in ("organ", "lesion")})
     assert not set(result.split["train"]) & set(result.split["val"])
     run = tmp_path / "run"
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
