@@ -24,8 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
-import random
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
@@ -33,7 +31,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from monai.losses import DiceCELoss
 from torch import nn
@@ -84,6 +81,7 @@ from pipeline.training.result import (
     write_model_dir,
     write_result,
 )
+from pipeline.training.schedule import Budget, lr_lambda, seed_everything
 from pipeline.training.validate import ValCase, load_val_cases, validate, write_validation_qc
 from unet_model import UNet, UNetConfig
 from unet_model.deep_supervision import DeepSupervision, DeepSupervisionLoss
@@ -178,50 +176,6 @@ class LoopState:
 # Helpers
 
 
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed Python, NumPy and torch; optionally ask for deterministic kernels (slower)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True, warn_only=True)
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-
-
-@dataclass(frozen=True)
-class _Budget:
-    """The wall-clock budget, counted from the run's start in this process (a resumed run gets a
-    new one)."""
-
-    start: float  # time.monotonic()
-    seconds: float | None  # None: no budget
-
-    def spent(self) -> bool:
-        return self.seconds is not None and time.monotonic() - self.start > self.seconds
-
-
-def _lr_lambda(optimizer_name: str, warmup: int, total: int, budget: _Budget):
-    """Linear warm-up over `warmup` steps, then cosine (adamw) or poly 0.9 (sgd) decay to ~0.
-
-    With a wall-clock budget the decay runs on whichever ends first, the steps or the budget
-    (progress = max(step share, time share)), so a budget-bounded run still anneals fully.
-    """
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        t = min(1.0, (step - warmup) / max(1, total - warmup))
-        if budget.seconds:
-            t = max(t, min(1.0, (time.monotonic() - budget.start) / budget.seconds))
-        if optimizer_name == "sgd":
-            return max(1e-3, (1.0 - t) ** 0.9)
-        return max(1e-3, 0.5 * (1.0 + math.cos(math.pi * t)))
-
-    return factor
-
-
 def _hook(callback: Any, name: str):
     """The callback's method `name`, or a no-op: any object with some of the hooks will do."""
     return getattr(callback, name, None) or (lambda *args, **kwargs: None)
@@ -247,7 +201,7 @@ class _Run:
     loss_fn: nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LambdaLR
-    budget: _Budget
+    budget: Budget
     ckpt_dir: Path
 
     @property
@@ -344,10 +298,10 @@ def _build_run(
             net.parameters(), lr=tc.lr, momentum=tc.momentum, nesterov=True, weight_decay=tc.weight_decay
         )
     total_steps = tc.epochs * tc.steps_per_epoch
-    budget = _Budget(time.monotonic(), tc.time_budget_minutes * 60 if tc.time_budget_minutes else None)
+    budget = Budget(time.monotonic(), tc.time_budget_minutes * 60 if tc.time_budget_minutes else None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
-        _lr_lambda(tc.optimizer, tc.warmup_epochs * tc.steps_per_epoch, total_steps, budget),
+        lr_lambda(tc.optimizer, tc.warmup_epochs * tc.steps_per_epoch, total_steps, budget),
     )
     if checkpoint is not None:
         net.load_state_dict(checkpoint.model)
