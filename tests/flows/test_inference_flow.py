@@ -74,6 +74,7 @@ def _task_runs(flow_run_id) -> list:
         return client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
 
 
+@pytest.mark.slow
 def test_flow_writes_outputs_and_artifacts_and_a_rerun_comes_from_the_cache(prefect_api, setup, tmp_path):
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
 
@@ -281,6 +282,7 @@ def test_a_case_past_its_timeout_is_killed_and_the_batch_goes_on(prefect_api, se
         assert {r["case_id"]: r["reason"] for r in csv.DictReader(fh)}[hung] == "TIMEOUT"
 
 
+@pytest.mark.slow
 def test_dask_task_runner_with_a_local_cluster(prefect_api, setup, tmp_path):
     src, out = _source(setup, tmp_path, 3), tmp_path / "out"
     state = _run(prefect_api, setup, src, out, task_runner="dask")

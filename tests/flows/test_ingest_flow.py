@@ -20,6 +20,7 @@ def prefect_api(tmp_path_factory):
         yield flows.ingest
 
 
+@pytest.mark.slow
 def test_ingest_flow_reads_the_config_and_its_budget(prefect_api, tmp_path):
     from pipeline.ingest import FIXED_OVERHEAD_BYTES
 

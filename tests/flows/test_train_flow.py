@@ -39,6 +39,7 @@ async def _summary_artifact(flow_run_id) -> str:
     return next(a.data for a in artifacts if a.key == "train-summary")
 
 
+@pytest.mark.slow
 def test_train_flow_links_mlflow_and_prefect_both_ways(prefect_api, tmp_path):
     staging = make_staging(tmp_path, n_cases=4)
     state = prefect_api.train_flow(
