@@ -35,7 +35,7 @@ pytestmark = pytest.mark.slow  # a Prefect server and a Dask cluster: minutes on
 
 REPO = Path(__file__).resolve().parents[2]
 N_CASES = 8
-OK_LINE = re.compile(r"pipeline\.inference: case (case_[0-9a-f]{16}): ok in")
+OK_LINE = re.compile(r"pipeline\.inference(?:\.\w+)*: case (case_[0-9a-f]{16}): ok in")
 
 
 def _free_port() -> int:
