@@ -45,7 +45,9 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
             metrics
         )
         per_label = (metrics["val_dice/organ"], metrics["val_dice/lesion"])
-        assert metrics["val_dice_mean"] == pytest.approx(sum(per_label) / 2) and math.isfinite(metrics["loss"])
+        assert metrics["val_dice_mean"] == pytest.approx(sum(per_label) / 2) and math.isfinite(
+            metrics["loss"]
+        )
     # the best epoch is the one with the highest validation Dice, and its per-label scores are kept
     scores = {epoch: metrics["val_dice_mean"] for epoch, metrics in rec.epochs}
     assert scores[result.best_epoch] == max(scores.values())
