@@ -193,6 +193,17 @@ class InferConfig(_Section):
     batch_size: int = Field(16, ge=1)  # slices per forward pass
     largest_component: bool = False  # keep only the largest connected component of each label
     fill_holes: bool = False  # fill enclosed holes of each label
+    # Test-time mirroring (nnU-Net's default): the softmax of each slice and of its flips along
+    # these in-plane axes (H: rows, W: columns of the preprocessed slice) averaged, each flip
+    # undone, before the argmax: 2**len passes (4 with both); []: one plain pass. Training flips
+    # along both axes (preprocess.flip_prob), so the network has seen every mirrored view.
+    mirror_axes: tuple[Literal["H", "W"], ...] = ("H", "W")
+
+    @model_validator(mode="after")
+    def _distinct_axes(self) -> InferConfig:
+        if len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise ValueError(f"infer.mirror_axes must not repeat an axis; got {list(self.mirror_axes)}")
+        return self
 
 
 class TrackingConfig(_Section):

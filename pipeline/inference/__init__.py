@@ -6,7 +6,8 @@ re-exports nothing, so `results` stays a leaf the output writers can import):
 - `model`: loading and verifying the model (ModelHandle, ModelLoadError), the per-process cache,
   the model staged in the batch's work folder;
 - `cases`: the cases of a source (PredictCase, plan_cases), loading one case's image;
-- `predictor`: one volume through the network (PredictOptions, predict_volume, predict_prepared);
+- `predictor`: one volume through the network, with test-time mirroring (PredictOptions,
+  predict_volume, predict_prepared);
 - `postprocess`: largest connected component and hole filling, per label;
 - `batch`: prepare_batch -> predict_case -> finalize_batch, and `predict` running all three;
 - `worker`: one case run step by step to its done-marker (what predict_case runs);

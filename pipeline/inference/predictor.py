@@ -1,14 +1,17 @@
 """One volume through the network: preprocessed slices in batches, argmax'd, mapped back, cleaned up.
 
 Each case is preprocessed with the model's own plan, its slices run through the network in
-batches, argmax'd (uint8 labels, never a whole volume of float probabilities), mapped back to
+batches (with test-time mirroring, nnU-Net's default: the softmax of each slice and of its flips
+averaged), argmax'd (uint8 labels, never a whole volume of float probabilities), mapped back to
 the native grid and optionally post-processed per label (`predict_prepared`: the same path
 validation during training scores).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from itertools import combinations
 from typing import Any
 
 import numpy as np
@@ -20,6 +23,9 @@ from pipeline.io.model_dir import LoadedModel
 from pipeline.io.volume import Volume
 from pipeline.runtime import autocast, resolve_precision, to_input
 
+# The in-plane axes of an (N, C, H, W) slice batch that test-time mirroring may flip.
+MIRROR_DIMS = {"H": 2, "W": 3}
+
 
 @dataclass(frozen=True)
 class PredictOptions:
@@ -30,6 +36,16 @@ class PredictOptions:
     fill_holes: bool = False  # fill enclosed background holes of each label
     precision: str = "auto"  # runtime.resolve_precision: bf16 autocast on CUDA, fp32 on CPU
     channels_last: bool = True
+    mirror_axes: tuple[str, ...] = ("H", "W")  # in-plane axes flipped at test time (MIRROR_DIMS); (): none
+
+    def __post_init__(self) -> None:
+        # A tuple however it came (the batch record stores the options as JSON, lists included).
+        object.__setattr__(self, "mirror_axes", tuple(self.mirror_axes))
+        unknown = [a for a in self.mirror_axes if a not in MIRROR_DIMS]
+        if unknown or len(set(self.mirror_axes)) != len(self.mirror_axes):
+            raise ValueError(
+                f"mirror_axes must be distinct axes among {sorted(MIRROR_DIMS)}; got {list(self.mirror_axes)}"
+            )
 
     @classmethod
     def from_config(
@@ -44,6 +60,7 @@ class PredictOptions:
             batch_size=batch_size or infer.batch_size,
             largest_component=infer.largest_component if postprocess is None else postprocess,
             fill_holes=infer.fill_holes if postprocess is None else postprocess,
+            mirror_axes=tuple(infer.mirror_axes),
         )
 
     def mask_key(self) -> dict[str, Any]:
@@ -52,6 +69,7 @@ class PredictOptions:
             "largest_component": self.largest_component,
             "fill_holes": self.fill_holes,
             "precision": self.precision,
+            "mirror_axes": list(self.mirror_axes),
         }
 
 
@@ -63,20 +81,41 @@ def segment_slices(
     batch_size: int,
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = True,
+    mirror_axes: Sequence[str] = (),
 ) -> torch.Tensor:
-    """(S, 1, H, W) normalized slices -> (S, H, W) uint8 argmax labels on the CPU.
+    """(S, C, H, W) normalized slices -> (S, H, W) uint8 argmax labels on the CPU.
 
+    With `mirror_axes` (names of MIRROR_DIMS) the labels are the argmax of the mean softmax over
+    the slices and their flips along every subset of those axes, each flip undone (nnU-Net's
+    test-time mirroring: 2**len(mirror_axes) passes). The flipped copies of a slice share its
+    forward pass, so a forward pass holds at most `batch_size` images whatever the mirroring.
     The model must be in eval mode. Only one batch of logits exists at a time: memory is
     bounded by the batch, not the volume.
     """
+    dims = [MIRROR_DIMS[a] for a in mirror_axes]
+    flips = [list(c) for r in range(len(dims) + 1) for c in combinations(dims, r)]  # [] first: as is
     n, _, h, w = slices.shape
+    step = max(1, batch_size // len(flips))  # slices per chunk
+    per_pass = max(1, batch_size // step)  # flipped views of a chunk per forward pass
     out = torch.empty((n, h, w), dtype=torch.uint8)
     with torch.inference_mode():
-        for start in range(0, n, batch_size):
-            x = to_input(slices[start : start + batch_size], device, channels_last)
-            with autocast(device, amp_dtype):
-                logits = model(x)
-            out[start : start + x.shape[0]] = logits.argmax(dim=1).to(torch.uint8).cpu()
+        for start in range(0, n, step):
+            x = to_input(slices[start : start + step], device, channels_last)
+            if len(flips) == 1:
+                with autocast(device, amp_dtype):
+                    labels = model(x).argmax(dim=1)
+            else:
+                probs = None  # (step, num_classes, H, W) float32: the sum of the un-flipped softmaxes
+                for first in range(0, len(flips), per_pass):
+                    group = flips[first : first + per_pass]
+                    views = to_input(torch.cat([x.flip(f) if f else x for f in group]), device, channels_last)
+                    with autocast(device, amp_dtype):
+                        logits = model(views)
+                    for f, part in zip(group, logits.float().softmax(dim=1).split(x.shape[0]), strict=True):
+                        part = part.flip(f) if f else part
+                        probs = part if probs is None else probs + part
+                labels = probs.argmax(dim=1)
+            out[start : start + x.shape[0]] = labels.to(torch.uint8).cpu()
     return out
 
 
@@ -102,6 +141,7 @@ def predict_prepared(
         batch_size=options.batch_size,
         amp_dtype=resolve_precision(options.precision, device),
         channels_last=options.channels_last,
+        mirror_axes=options.mirror_axes,
     )
     mask = restore_labels(labels, info)
     del labels

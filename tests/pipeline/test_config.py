@@ -47,6 +47,8 @@ def test_unknown_keys_list_the_valid_options(data, expected):
         ({"preprocess": {"patch_size": 100}}, "preprocess.patch_size", "100"),
         ({"model": {"norm": "group"}}, "model.norm", "'group'"),
         ({"train": {"optimizer": "adam"}}, "train.optimizer", "'adam'"),
+        ({"infer": {"mirror_axes": ["H", "Z"]}}, "infer.mirror_axes", "'Z'"),
+        ({"infer": {"mirror_axes": ["W", "W"]}}, "infer.mirror_axes", "['W', 'W']"),
     ],
 )
 def test_bad_values_name_the_field_and_value(data, field, value):
