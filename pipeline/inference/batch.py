@@ -56,7 +56,14 @@ from pipeline.inference.cases import (
     common_folder,
     plan_cases,
 )
-from pipeline.inference.memory import Pending, default_budget, planned_case_bytes, prefetch
+from pipeline.inference.memory import (
+    Pending,
+    Writing,
+    default_budget,
+    planned_case_bytes,
+    planned_write_bytes,
+    prefetch,
+)
 from pipeline.inference.model import (
     MODEL_DIR,
     ModelHandle,
@@ -69,7 +76,8 @@ from pipeline.inference.model import (
 from pipeline.inference.predictor import PredictOptions
 from pipeline.inference.records import OUTPUT_VERSION, clear_case, clip_line, done_marker, output_settings
 from pipeline.inference.results import CaseResult, PredictSummary
-from pipeline.inference.worker import load, open_batch, run_case
+from pipeline.inference.worker import load, open_batch, predict_loaded, run_case, write_case
+from pipeline.inference.writers import Writers
 from pipeline.ingest import IngestLimits
 from pipeline.io.batchdir import BatchDir, case_key, load_or_create_secret, resolve_folders
 from pipeline.io.model_dir import code_version
@@ -94,6 +102,9 @@ class BatchSettings:
     # Bytes the cases in memory at once may take (`predict` only; never part of a case key).
     # None: limits.memory_budget, else half the memory available (`memory.default_budget`).
     memory_budget: int | None = None
+    # Threads writing finished cases' outputs while the model works on the next (`predict` only;
+    # never part of a case key). 0: each case written in the loop, before the next is predicted.
+    writers: int = 2
 
 
 @dataclass(frozen=True)
@@ -433,8 +444,11 @@ def predict(
     `BatchSettings` for the settings.
 
     Raises ModelLoadError (before any case runs), FileNotFoundError or ValueError for bad arguments;
-    never for a bad case. The three steps in one process, the next case loading in the background
-    while the planned peaks of both fit `settings.memory_budget`.
+    never for a bad case. The three steps in one process, pipelined: the next case loads in the
+    background while the planned peaks of both fit `settings.memory_budget`, and the outputs of
+    finished cases are written by `settings.writers` threads (`writers`) while the model works
+    on the next; each case's lock is held from its prediction until its done-marker stands.
+    `on_case_done` (and the progress bar) fire once a case is fully done, in this thread.
     """
     settings = settings or BatchSettings()
     plan = prepare_batch(source, model, out, settings, progress=progress)
@@ -446,13 +460,35 @@ def predict(
         if budget is None:
             budget = default_budget()
         bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
-        cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
-        for case, pending in prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget):
-            with batch.work.case_lock(case.case_id):
-                result = run_case(case, pending, batch)
-            del pending
+
+        def done(result: CaseResult) -> None:  # a case fully done: outputs and marker, or its record
             if on_case_done is not None:
                 on_case_done(result)
             bar.update(1)
+
+        cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
+        writing = Writing()
+        write = lambda p: write_case(batch, p)  # noqa: E731
+        with Writers(write, workers=max(1, settings.writers), writing=writing, on_done=done) as writers:
+            cases = prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget, writing=writing)
+            for case, pending in cases:
+                lock = ExitStack()  # held across predict and write; a writer closes it when done
+                lock.enter_context(batch.work.case_lock(case.case_id))
+                try:
+                    if settings.writers < 1:  # serially, in this thread
+                        result = run_case(case, pending, batch)
+                    else:
+                        result = predict_loaded(case, pending, batch)
+                    del pending
+                except BaseException:  # an interrupt: the case was not handed on
+                    lock.close()
+                    raise
+                if isinstance(result, CaseResult):
+                    lock.close()
+                    done(result)
+                else:
+                    writers.submit(result, lock, planned_write_bytes(cost(case)))
+                del result
+                writers.poll()
         bar.close()
     return finalize_batch(out)

@@ -3,13 +3,17 @@
 Each case's peak memory is planned from its headers (voxel count and spacing, read before any
 voxel is), with the per-voxel costs measured on predict's own path (see PEAK_BYTES_PER_VOXEL).
 The loader then reads the next case ahead of the one computing only while both planned peaks
-fit the budget; a case whose plan alone exceeds the budget still runs, alone.
+fit the budget; a case whose plan alone exceeds the budget still runs, alone. Cases whose
+outputs are still being written (`writers`) hold their volume and mask until done: their planned
+bytes (`planned_write_bytes`) count against the same budget (`Writing`), so a load waits for
+them when the budget has no room for both.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Generic, TypeVar
@@ -31,6 +35,10 @@ R = TypeVar("R")
 # planning only costs overlap, under-planning costs memory.
 PEAK_BYTES_PER_VOXEL = 24
 PEAK_BYTES_PER_PREPROCESSED_VOXEL = 16
+# Planned bytes per source voxel of a case whose outputs are being written: the volume as read
+# (at most float32, 4), the uint8 mask (1) and the DICOM SEG's frames while highdicom builds them
+# (up to 3); the slices are gone by then.
+WRITE_BYTES_PER_VOXEL = 8
 # Without a stated budget, cases in flight may use this share of the memory available at start.
 DEFAULT_BUDGET_SHARE = 0.5
 
@@ -47,6 +55,42 @@ def planned_case_bytes(voxels: int, spacing: Sequence[float], *, target_spacing:
     finest = sorted(float(s) for s in spacing)[:2]
     scale = max(1.0, math.prod(finest) / float(target_spacing) ** 2) if len(finest) == 2 else 1.0
     return int(voxels * (PEAK_BYTES_PER_VOXEL + PEAK_BYTES_PER_PREPROCESSED_VOXEL * scale))
+
+
+def planned_write_bytes(case_bytes: int) -> int:
+    """Planned bytes a case holds while its outputs are written, from its planned peak
+    (`planned_case_bytes`); counted as if its grids matched, so never under the plan."""
+    per_voxel = PEAK_BYTES_PER_VOXEL + PEAK_BYTES_PER_PREPROCESSED_VOXEL
+    return int(case_bytes) * WRITE_BYTES_PER_VOXEL // per_voxel
+
+
+class Writing:
+    """The planned bytes of the cases being written now, shared by the writer threads (which
+    hold and release them) and the loader (which waits for room)."""
+
+    def __init__(self) -> None:
+        self._held = 0
+        self._changed = threading.Condition()
+
+    @property
+    def held(self) -> int:
+        with self._changed:
+            return self._held
+
+    def hold(self, n: int) -> None:
+        with self._changed:
+            self._held += int(n)
+
+    def release(self, n: int) -> None:
+        with self._changed:
+            self._held -= int(n)
+            self._changed.notify_all()
+
+    def wait_for_room(self, n: int, budget: int) -> None:
+        """Return once `n` more bytes fit `budget` beside the writes, or no write is left."""
+        with self._changed:
+            while self._held > 0 and self._held + n > budget:
+                self._changed.wait()
 
 
 def default_budget() -> int:
@@ -92,24 +136,33 @@ class Pending(Generic[R]):
 
 
 def prefetch(
-    items: Sequence[T], load: Callable[[T], Any], *, cost: Callable[[T], int], budget: int
+    items: Sequence[T],
+    load: Callable[[T], Any],
+    *,
+    cost: Callable[[T], int],
+    budget: int,
+    writing: Writing | None = None,
 ) -> Iterator[tuple[T, Pending]]:
     """Yield (item, its Pending load) in order, loading in one background thread.
 
-    The next item is loaded while the current one computes only when the planned costs of both
-    fit `budget`; otherwise its load starts once the consumer asks for it, i.e. after the
-    current item is finished (the consumer has dropped its result). So at most two cases are in
-    memory, and two only when the budget allows.
+    The next item is loaded while the current one computes only when the planned costs of both,
+    plus the bytes `writing` holds, fit `budget`; otherwise its load starts once the consumer
+    asks for it, i.e. after the current item is finished (the consumer has dropped its result
+    or handed it to a writer), and once the writes leave it room. So at most two cases are read
+    or computing at once, two only when the budget allows, and the writes count too.
     """
     if not items:
         return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-load") as pool:
         ahead: Pending | None = None
         for i, item in enumerate(items):
+            if ahead is None and writing is not None:
+                writing.wait_for_room(cost(item), budget)
             current = ahead if ahead is not None else Pending(pool.submit(load, item))
             ahead = None
             if i + 1 < len(items):
-                if cost(item) + cost(items[i + 1]) <= budget:
+                held = writing.held if writing is not None else 0
+                if cost(item) + cost(items[i + 1]) + held <= budget:
                     ahead = Pending(pool.submit(load, items[i + 1]))
                 else:
                     log.debug("next case not loaded ahead: the two planned peaks exceed the memory budget")

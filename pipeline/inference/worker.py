@@ -133,13 +133,23 @@ def load(batch: OpenBatch, case: PredictCase) -> Loaded:
     return Loaded(case, volume, slices, info, time.perf_counter() - t0)
 
 
-def _write_outputs(batch: OpenBatch, case: PredictCase, loaded: Loaded, mask: np.ndarray) -> list[str]:
+@dataclass
+class Predicted:
+    """One case through the network, its outputs not yet written (what a writer takes)."""
+
+    case: PredictCase  # with its job rebuilt
+    volume: Volume
+    mask: np.ndarray  # uint8 labels on the volume's grid
+    seconds: float  # reading, preprocessing and predicting
+
+
+def _write_outputs(batch: OpenBatch, case: PredictCase, volume: Volume, mask: np.ndarray) -> list[str]:
     """Write the case's outputs, each in its own step; returns the names written."""
     handle, names = batch.handle, batch.handle.label_names
     case_dir = batch.out / case.case_id
     with step(Reason.OUTPUT_WRITE_FAILED, "writing the NIfTI mask"):
         clear_case(case_dir)
-        masks.write_mask_nifti(case_dir / MASK_FILE, mask, loaded.volume.affine)
+        masks.write_mask_nifti(case_dir / MASK_FILE, mask, volume.affine)
     outputs = [MASK_FILE]
     job = case.job
     if batch.meta["write_seg"] and case.kind == "dicom" and job is not None and job.group is not None:
@@ -158,11 +168,11 @@ def _write_outputs(batch: OpenBatch, case: PredictCase, loaded: Loaded, mask: np
         with step(Reason.QC_WRITE_FAILED, "drawing the QC picture"):
             qc.write_qc_png(
                 case_dir / QC_FILE,
-                loaded.volume.data,
+                volume.data,
                 mask,
                 names,
-                affine=loaded.volume.affine,
-                modality=loaded.volume.modality,
+                affine=volume.affine,
+                modality=volume.modality,
                 title=case.case_id,
             )
         outputs.append(QC_FILE)
@@ -170,9 +180,15 @@ def _write_outputs(batch: OpenBatch, case: PredictCase, loaded: Loaded, mask: np
 
 
 def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResult:
-    """Run one case to its done-marker, step by step; a bad input becomes a quarantined result,
-    a failure in any step a failed one with the step's reason, recorded in OUT/.batch/failed/ for
-    `finalize_batch` (and the case's partial outputs removed). Never raises for the case."""
+    """Run one case to its done-marker, step by step (`predict_loaded`, then `write_case`, in
+    this thread). Never raises for the case."""
+    predicted = predict_loaded(case, pending, batch)
+    return predicted if isinstance(predicted, CaseResult) else write_case(batch, predicted)
+
+
+def predict_loaded(case: PredictCase, pending: Pending, batch: OpenBatch) -> Predicted | CaseResult:
+    """The first half of a case: take its load and predict its mask. A bad input or a failed
+    step is the case's result already (recorded as `write_case` records a failure)."""
     t0 = time.perf_counter()
     try:
         loaded: Loaded = pending.take()
@@ -186,15 +202,27 @@ def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResul
                 prepared=(loaded.slices, loaded.info),
             )
             del loaded.slices  # the largest buffer left: not needed by the writers
-        outputs = _write_outputs(batch, case, loaded, mask)
-        volumes_ml, voxels = _volumes(mask, loaded.volume.spacing, batch.handle.label_names)
+        return Predicted(case, loaded.volume, mask, loaded.seconds + time.perf_counter() - t0)
+    except Exception as exc:  # noqa: BLE001 - one case's failure, at any step, is that case's record
+        return _failed(batch, case, exc)
+
+
+def write_case(batch: OpenBatch, predicted: Predicted) -> CaseResult:
+    """The second half of a case: its outputs, then its done-marker, last. A failed step is the
+    case's failure record with the step's reason (its partial outputs removed). Never raises
+    for the case; safe to run in another thread than the prediction (one thread per case)."""
+    t0 = time.perf_counter()
+    case, volume, mask = predicted.case, predicted.volume, predicted.mask
+    try:
+        outputs = _write_outputs(batch, case, volume, mask)
+        volumes_ml, voxels = _volumes(mask, volume.spacing, batch.handle.label_names)
         result = CaseResult(
             case.case_id,
             case.source,
             Status.OK,
             volumes_ml=volumes_ml,
             voxels=voxels,
-            seconds=round(loaded.seconds + time.perf_counter() - t0, 3),
+            seconds=round(predicted.seconds + time.perf_counter() - t0, 3),
         )
         with step(Reason.RECORD_WRITE_FAILED, "writing the done-marker"):
             batch.work.record_failure(case.case_id, None)
@@ -210,14 +238,22 @@ def run_case(case: PredictCase, pending: Pending, batch: OpenBatch) -> CaseResul
             )
         log.info("case %s: ok in %.2f s", case.case_id, result.seconds)
         return result
-    except InputRejected as err:
+    except Exception as exc:  # noqa: BLE001 - one case's failure, at any step, is that case's record
+        return _failed(batch, case, exc)
+
+
+def _failed(batch: OpenBatch, case: PredictCase, exc: Exception) -> CaseResult:
+    """A case's bad input (quarantined) or failed step (failed) as its result and its failure
+    record in OUT/.batch/failed/ for `finalize_batch`, its partial outputs removed."""
+    if isinstance(exc, InputRejected):
+        err = exc
         err.details.setdefault("files", [case.source])
         record = {"status": Status.QUARANTINED, "case_id": case.case_id, **err.to_record()}
         log.warning("case %s quarantined: %s", case.case_id, err.reason.value)
         result = CaseResult(
             case.case_id, case.source, Status.QUARANTINED, err.reason.value, message=clip_line(err.message)
         )
-    except Exception as exc:  # noqa: BLE001 - one case's failure, at any step, is that case's record
+    else:
         failed = exc if isinstance(exc, CaseFailed) else CaseFailed(Reason.PREDICTION_FAILED, one_line(exc))
         record = {
             "status": Status.FAILED,

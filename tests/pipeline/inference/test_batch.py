@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import csv
+import itertools
 import json
 import logging
 import os
@@ -389,14 +390,18 @@ def test_kill_mid_batch_then_rerun_finishes_only_the_rest(setup, nifti_source, t
     )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     done = sorted(p.parent.name for p in out.glob("*/done.json"))
-    assert len(done) == 2
+    # Cases 1 and 2 were handed to the writers before case 3; one of them may still have been
+    # writing (two writers) when case 3's QC killed the process.
+    assert 1 <= len(done) <= 2
+    for case_id in done:
+        assert {p.name for p in (out / case_id).iterdir()} == {"seg.nii.gz", "qc.png", "done.json"}
     # Nothing partial at a final path: each final file of the killed case is complete.
     for mask in out.glob("*/seg.nii.gz"):
         assert np.asarray(nib.load(mask).dataobj).dtype == np.uint8
     assert not (out / "results.csv").exists()
     rerun = predict(nifti_source, setup.model_dir, out, BatchSettings(device="cpu", secret_file=setup.secret))
     assert rerun.exit_code == 0
-    assert rerun.skipped == 2 and rerun.processed == 2
+    assert rerun.skipped == len(done) and rerun.processed == 4 - len(done)
     assert sorted(r.case_id for r in rerun.results if r.skipped) == done
 
 
@@ -455,11 +460,10 @@ def test_a_failure_in_any_step_fails_that_case_only(
 
     target = importlib.import_module(module)
     real = getattr(target, name)
-    calls = []
+    calls = itertools.count(1)  # next() is atomic: writer threads may call at once
 
     def second_call_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 2:
+        if next(calls) == 2:
             raise error
         return real(*args, **kwargs)
 
@@ -495,11 +499,10 @@ def test_cli_exit_code_1_and_a_failed_row_when_one_case_fails(setup, dicom_sourc
     from pipeline.outputs import masks
 
     real = masks.write_dicom_seg
-    calls = []
+    calls = itertools.count(1)
 
     def first_fails(*args, **kwargs):
-        calls.append(1)
-        if len(calls) == 1:
+        if next(calls) == 1:
             raise AttributeError("'FileDataset' object has no attribute 'PatientSex'")
         return real(*args, **kwargs)
 
@@ -605,24 +608,40 @@ def test_predict_plans_case_sizes_and_a_small_budget_loads_one_case_at_a_time(se
         assert plan.case_bytes[case_id] == expected > 0
 
     events: list[str] = []
-    real = worker.load_image
+    real_load, real_predict, real_marker = worker.load_image, worker.predict_volume, worker.write_done_marker
 
-    def recorded(case, *args, **kwargs):
-        events.append("load")
-        return real(case, *args, **kwargs)
+    def recorded(event, real):
+        def call(*args, **kwargs):
+            result = real(*args, **kwargs)
+            events.append(event)
+            return result
+
+        return call
 
     smallest = min(plan.case_bytes.values())
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(worker, "load_image", recorded)
-        summary = predict(
-            nifti_source,
-            setup.model_dir,
-            tmp_path / "out",
-            BatchSettings(device="cpu", secret_file=setup.secret, memory_budget=2 * smallest - 1),
-            on_case_done=lambda r: events.append("done"),
-        )
-    assert summary.exit_code == 0
-    assert events == ["load", "done"] * 4
+    # Below two cases' peaks, above one case and one case being written: no case is read while
+    # another is read or predicted; a case may be read while the one before is being written.
+    # At the smallest peak, not even beside a write: each case's marker stands before the next
+    # is read.
+    for budget, expected in [
+        (2 * smallest - 1, ["load", "predict"] * 4),
+        (smallest, ["load", "predict", "marker"] * 4),
+    ]:
+        events.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(worker, "load_image", recorded("load", real_load))
+            mp.setattr(worker, "predict_volume", recorded("predict", real_predict))
+            mp.setattr(worker, "write_done_marker", recorded("marker", real_marker))
+            summary = predict(
+                nifti_source,
+                setup.model_dir,
+                tmp_path / f"out{budget}",
+                BatchSettings(device="cpu", secret_file=setup.secret, memory_budget=budget),
+                on_case_done=lambda r: events.append("done"),
+            )
+        assert summary.exit_code == 0
+        assert [e for e in events if e in expected] == expected
+        assert events.count("done") == 4
 
 
 def test_the_memory_budget_is_not_part_of_the_case_key(setup, nifti_source, tmp_path):
@@ -637,3 +656,65 @@ def test_the_memory_budget_is_not_part_of_the_case_key(setup, nifti_source, tmp_
         replace(settings, limits=IngestLimits(memory_budget=2**30)),
     )
     assert [first.case_key(c) for c in first.case_ids] == [other.case_key(c) for c in other.case_ids]
+
+
+# ------------------------------------------------------------------------------------------
+# The pipeline: writers overlap the model
+
+
+def _locked(lock_file: Path) -> bool:
+    import fcntl
+
+    with open(lock_file, "a+b") as fh:
+        try:
+            fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        return False
+
+
+def test_pipelined_outputs_equal_the_serial_ones_and_a_case_is_reported_only_when_done(
+    setup, dicom_source, tmp_path, monkeypatch
+):
+    from pipeline.outputs import qc
+
+    settings = BatchSettings(device="cpu", secret_file=setup.secret)
+    serial = predict(dicom_source, setup.model_dir, tmp_path / "serial", replace(settings, writers=0))
+
+    out = tmp_path / "pipelined"
+    real_qc = qc.write_qc_png
+    held: list[bool] = []
+    reported: list[tuple[str, set[str]]] = []
+
+    def qc_under_lock(path, *args, **kwargs):  # in a writer thread: the case's lock is still held
+        held.append(_locked(out / ".batch" / "locks" / f"{Path(path).parent.name}.lock"))
+        return real_qc(path, *args, **kwargs)
+
+    monkeypatch.setattr(qc, "write_qc_png", qc_under_lock)
+    pipelined = predict(
+        dicom_source,
+        setup.model_dir,
+        out,
+        replace(settings, writers=2),
+        on_case_done=lambda r: reported.append((r.case_id, {p.name for p in (out / r.case_id).iterdir()})),
+    )
+    assert serial.exit_code == pipelined.exit_code == 0
+    assert held == [True] * 3
+    assert sorted(c for c, _ in reported) == sorted(r.case_id for r in serial.results)
+    assert all(names == {"seg.nii.gz", "seg.dcm", "qc.png", "done.json"} for _, names in reported)
+    for r in serial.results:
+        a, b = tmp_path / "serial" / r.case_id, out / r.case_id
+        assert (a / "seg.nii.gz").read_bytes() == (b / "seg.nii.gz").read_bytes()
+        assert (a / "qc.png").read_bytes() == (b / "qc.png").read_bytes()
+        seg_a, seg_b = pydicom.dcmread(a / "seg.dcm"), pydicom.dcmread(b / "seg.dcm")
+        assert seg_a.PixelData == seg_b.PixelData  # UIDs differ by design, the content does not
+        assert [s.SegmentLabel for s in seg_a.SegmentSequence] == [
+            s.SegmentLabel for s in seg_b.SegmentSequence
+        ]
+        done_a = json.loads((a / "done.json").read_text())
+        done_b = json.loads((b / "done.json").read_text())
+        assert done_a["case_key"] == done_b["case_key"]
+        for name in ("seg.nii.gz", "qc.png"):
+            assert done_a["outputs"][name] == done_b["outputs"][name]
+        assert done_a["result"]["volumes_ml"] == done_b["result"]["volumes_ml"]

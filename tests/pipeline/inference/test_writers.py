@@ -1,0 +1,87 @@
+"""The writer pool: bounded, its memory counted, each case reported once it is done."""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import ExitStack
+
+import pytest
+
+from pipeline.inference.memory import Writing, planned_write_bytes, prefetch
+from pipeline.inference.writers import Writers
+
+
+def test_writers_run_at_most_their_number_and_report_in_the_submitting_thread():
+    running, peak, guard = [0], [0], threading.Lock()
+    main = threading.get_ident()
+    reported: list[tuple[int, int]] = []
+    released: list[int] = []
+    writing = Writing()
+
+    def write(i: int) -> int:
+        with guard:
+            running[0] += 1
+            peak[0] = max(peak[0], running[0])
+        time.sleep(0.02 * (3 - i % 3))  # later cases may finish first
+        with guard:
+            running[0] -= 1
+        return i
+
+    with Writers(
+        write, workers=2, writing=writing, on_done=lambda r: reported.append((r, threading.get_ident()))
+    ) as w:
+        for i in range(7):
+            lock = ExitStack()
+            lock.callback(released.append, i)
+            w.submit(i, lock, 10)
+            assert writing.held <= 20
+    assert peak[0] == 2
+    assert sorted(r for r, _ in reported) == list(range(7))
+    assert {t for _, t in reported} == {main}
+    assert sorted(released) == list(range(7)) and writing.held == 0
+
+
+def test_a_case_is_reported_after_its_lock_is_released():
+    order: list[str] = []
+    with Writers(
+        lambda i: order.append("written") or i,
+        workers=1,
+        writing=Writing(),
+        on_done=lambda r: order.append("done"),
+    ) as w:
+        lock = ExitStack()
+        lock.callback(order.append, "unlocked")
+        w.submit(0, lock, 1)
+    assert order == ["written", "unlocked", "done"]
+
+
+def test_a_load_waits_until_the_writes_leave_room():
+    writing = Writing()
+    writing.hold(15)
+    events: list[str] = []
+    threading.Timer(0.2, lambda: (events.append("written"), writing.release(15))).start()
+    for item, pending in prefetch(
+        [0], lambda i: events.append("load") or i, cost=lambda i: 10, budget=20, writing=writing
+    ):
+        assert pending.take() == item
+    assert events == ["written", "load"]
+
+
+def test_no_load_ahead_when_the_writes_leave_no_room_for_two():
+    writing = Writing()
+    writing.hold(6)
+    started: list[int] = []
+    seen = []
+    for item, pending in prefetch(
+        list(range(3)), lambda i: started.append(i) or i, cost=lambda i: 10, budget=25, writing=writing
+    ):
+        assert pending.take() == item
+        seen.append(list(started))
+    assert seen == [[0], [0, 1], [0, 1, 2]]  # never the next one before its turn
+    writing.release(6)
+
+
+@pytest.mark.parametrize("planned", [0, 40, 40 * 1_000_003])
+def test_a_write_plans_a_fifth_of_the_case_peak(planned):
+    assert planned_write_bytes(planned) == planned * 8 // 40
