@@ -10,7 +10,9 @@ re-exports nothing, so `results` stays a leaf the output writers can import):
   predict_volume, predict_prepared);
 - `postprocess`: largest connected component and hole filling, per label;
 - `batch`: prepare_batch -> predict_case -> finalize_batch, and `predict` running all three;
-- `worker`: one case run step by step to its done-marker (what predict_case runs);
+- `worker`: one case run step by step to its done-marker (what predict_case runs), in two
+  halves (`predict_loaded`, `write_case`) that `predict` overlaps;
+- `writers`: the bounded pool of threads that writes finished cases while the model works;
 - `records`: a case's output names, its settings and done-marker, a step's failure (CaseFailed);
 - `memory`, `footprint`: planned memory of a case (loading ahead; cases in flight per worker);
 - `results`: CaseResult and PredictSummary, a leaf module.

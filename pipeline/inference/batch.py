@@ -18,7 +18,9 @@ model staged beside batch.json (`model.stage_model`), so workers never need the 
 The model is loaded and verified (sha256, no pickle) once, before any case runs (`model`). The
 cases are found by the ingest rules (`cases`) and predicted by `predictor`. A background thread
 loads and preprocesses the next case while the current one computes, when the planned peaks of
-both fit the memory budget (`memory`).
+both fit the memory budget (`memory`); writer threads (`writers`) write the finished cases'
+outputs and done-markers while the model works on the next one, their planned bytes counted in
+the same budget, each case's lock held until its done-marker stands.
 
 Reliability: every output is written atomically and the done-marker last, so a crash leaves a
 case without a marker and the rerun redoes it; a case whose case key changed (input bytes,
