@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -187,13 +188,26 @@ def _segmentation(hd, sources, pixels, descriptions, algorithm_name, algorithm_v
     )
 
 
+# Writers run in several threads (`pipeline.inference.writers`): the first SEG in raises
+# highdicom's log level and the last one out restores it, so no thread restores it while
+# another is still writing.
+_QUIET = threading.Lock()
+_quiet_state = {"holders": 0, "level": logging.NOTSET}
+
+
 @contextlib.contextmanager
 def _quiet_highdicom() -> Iterator[None]:
     """highdicom logs source SOP Instance UIDs at INFO: keep identifiers out of our logs."""
     logger = logging.getLogger("highdicom")
-    level = logger.level
-    logger.setLevel(max(level, logging.WARNING))
+    with _QUIET:
+        if _quiet_state["holders"] == 0:
+            _quiet_state["level"] = logger.level
+            logger.setLevel(max(logger.level, logging.WARNING))
+        _quiet_state["holders"] += 1
     try:
         yield
     finally:
-        logger.setLevel(level)
+        with _QUIET:
+            _quiet_state["holders"] -= 1
+            if _quiet_state["holders"] == 0:
+                logger.setLevel(_quiet_state["level"])

@@ -85,3 +85,37 @@ def test_no_load_ahead_when_the_writes_leave_no_room_for_two():
 @pytest.mark.parametrize("planned", [0, 40, 40 * 1_000_003])
 def test_a_write_plans_a_fifth_of_the_case_peak(planned):
     assert planned_write_bytes(planned) == planned * 8 // 40
+
+
+def test_highdicom_stays_quiet_while_any_writer_thread_writes_a_seg():
+    import logging
+
+    from pipeline.outputs.masks import _quiet_highdicom
+
+    logger = logging.getLogger("highdicom")
+    before = logger.level
+    logger.setLevel(logging.INFO)
+    first_in, second_in, first_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[int] = []
+
+    def first():
+        with _quiet_highdicom():
+            first_in.set()
+            second_in.wait(5)
+        first_out.set()
+
+    def second():
+        first_in.wait(5)
+        with _quiet_highdicom():
+            second_in.set()
+            first_out.wait(5)
+            seen.append(logger.getEffectiveLevel())  # the first one has left; this one still writes
+
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    level = logger.level
+    logger.setLevel(before)
+    assert seen == [logging.WARNING] and level == logging.INFO
