@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
             demo.dicom_root, handle, tmp / "warmup", BatchSettings(secret_file=secret)
         )  # imports, kernel warm-up
 
-        # The bound: forward + argmax only, on the same cases' slices already in memory.
+        # The bound: forward + argmax only (with the model's test-time mirroring, as predict does),
+        # on the same cases' slices already in memory.
         cases, _ = plan_cases(demo.dicom_root, _secret(secret), IngestLimits())
         prepared = [preprocess_volume(load_image(c, demo.dicom_root, IngestLimits()), plan)[0] for c in cases]
         model = prepare_model(handle.loaded.model, device)
@@ -85,7 +86,14 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
         def forward_all() -> None:
             for slices in prepared:
-                segment_slices(model, slices, device=device, batch_size=bs, amp_dtype=amp)
+                segment_slices(
+                    model,
+                    slices,
+                    device=device,
+                    batch_size=bs,
+                    amp_dtype=amp,
+                    mirror_axes=cfg.infer.mirror_axes,
+                )
 
         forward_all()
         # Interleaved, best of each: on a shared machine both see the same background load.
