@@ -34,8 +34,11 @@ def _held_elsewhere(root: Path, case_id: str):
         assert held.wait(60), "the other process never took the lock"
         yield holder, release
     finally:
-        release.set()
-        holder.join(30)
+        # Never set the event for a holder that was killed while waiting on it: a multiprocessing
+        # Condition's notify waits for each sleeper to acknowledge, and a dead one never does.
+        if holder.is_alive():
+            release.set()
+            holder.join(30)
 
 
 def test_a_case_lock_excludes_a_second_process_until_released(tmp_path):
