@@ -35,6 +35,7 @@ from bench.demo_dice import msd_to_staging
 from pipeline.config import PipelineConfig
 from pipeline.inference.predictor import PredictOptions
 from pipeline.io.manifest import read_manifest
+from pipeline.planning.network import unet_config
 from pipeline.planning.plan import load_plan
 from pipeline.runtime import configure_threads, prepare_model, resolve_device
 from pipeline.synthetic.dataset import make_demo_dataset
@@ -110,16 +111,7 @@ def held_out_scores(
     """Mean Dice and HD95 over the held-out cases of the run's best weights, as predict scores them."""
     plan = load_plan(run_dir / loop.PLAN_FILE)
     mc = config.model
-    net = factory(
-        UNetConfig(
-            in_channels=1,
-            num_classes=plan.num_classes,
-            base_channels=plan.base_channels,
-            depth=mc.depth,
-            norm=mc.norm,
-            dropout=mc.dropout,
-        )
-    )
+    net = factory(unet_config(plan, mc))
     net.load_state_dict(load_best(run_dir / CHECKPOINT_DIR / BEST))
     device = resolve_device(config.train.device)
     net = prepare_model(net, device).eval()

@@ -32,12 +32,12 @@ from pipeline.inference.model import load_model
 from pipeline.inference.predictor import segment_slices
 from pipeline.ingest import IngestLimits, ingest
 from pipeline.io.model_dir import save_model_dir
-from pipeline.planning.network import plan_network
+from pipeline.planning.network import plan_network, unet_config
 from pipeline.planning.plan import plan_dataset
 from pipeline.planning.transforms import preprocess_volume
 from pipeline.runtime import configure_threads, prepare_model, resolve_device, resolve_precision
 from pipeline.synthetic.dataset import make_demo_dataset
-from unet_model import UNet, UNetConfig
+from unet_model import UNet
 
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
@@ -57,15 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         cfg = PipelineConfig()
         # the width the default config trains for the prediction device
         plan = plan_network(plan_dataset(tmp / "staging"), cfg, resolve_device(args.device))
-        net = UNet(
-            UNetConfig(
-                in_channels=1,
-                num_classes=plan.num_classes,
-                base_channels=plan.base_channels,
-                depth=cfg.model.depth,
-                norm=cfg.model.norm,
-            )
-        )
+        net = UNet(unet_config(plan, cfg.model))
         save_model_dir(
             net, tmp / "model", plan=plan.to_dict(), config=cfg.to_dict(), label_names=plan.label_names
         )

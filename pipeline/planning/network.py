@@ -28,9 +28,10 @@ import torch
 
 from pipeline.planning.plan import Plan
 from pipeline.runtime import describe_device, resolve_precision
+from unet_model import UNetConfig
 
 if TYPE_CHECKING:
-    from pipeline.config import PipelineConfig
+    from pipeline.config import ModelConfig, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +47,18 @@ MAX_BATCH_SHARE = 0.05  # a batch covers at most this share of the dataset's sli
 # concatenation's two halves, its double conv's 6), and the backward pass holds about as much again
 # in gradients: 2 x (6 + 9) = 30.
 MAPS_PER_LEVEL = 30
+
+
+def unet_config(plan: Plan, model: ModelConfig) -> UNetConfig:
+    """The network a run trains: the plan's classes and width, the config's depth, norm and dropout."""
+    return UNetConfig(
+        in_channels=1,
+        num_classes=plan.num_classes,
+        base_channels=plan.base_channels,
+        depth=model.depth,
+        norm=model.norm,
+        dropout=model.dropout,
+    )
 
 
 def activation_bytes(base: int, depth: int, patch: int, bytes_per_value: int) -> int:

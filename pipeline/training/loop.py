@@ -40,7 +40,7 @@ from pipeline.config import PipelineConfig
 from pipeline.inference.predictor import PredictOptions
 from pipeline.io.atomic import write_text
 from pipeline.io.manifest import read_manifest
-from pipeline.planning.network import plan_network
+from pipeline.planning.network import plan_network, unet_config
 from pipeline.planning.plan import Plan, load_plan, plan_dataset, save_plan
 from pipeline.runtime import (
     autocast,
@@ -83,7 +83,7 @@ from pipeline.training.result import (
 )
 from pipeline.training.schedule import Budget, lr_lambda, seed_everything
 from pipeline.training.validate import ValCase, load_val_cases, validate, write_validation_qc
-from unet_model import UNet, UNetConfig
+from unet_model import UNet
 from unet_model.deep_supervision import DeepSupervision, DeepSupervisionLoss
 
 log = logging.getLogger(__name__)
@@ -268,16 +268,7 @@ def _build_run(
 ) -> _Run:
     """Network, loss, optimizer and schedule, restored from `checkpoint` when resuming."""
     tc, mc = config.train, config.model
-    net = UNet(
-        UNetConfig(
-            in_channels=1,
-            num_classes=plan.num_classes,
-            base_channels=plan.base_channels,
-            depth=mc.depth,
-            norm=mc.norm,
-            dropout=mc.dropout,
-        )
-    )
+    net = UNet(unet_config(plan, mc))
     if tc.deep_supervision:
         net = DeepSupervision(net)
     channels_last = training_channels_last(tc.channels_last, device)
