@@ -35,7 +35,16 @@ def demo(
         "demo-work"
     ),
     cases: Annotated[int, typer.Option(help="Labelled cases to generate.")] = 12,
-    train_minutes: Annotated[float, typer.Option(help="Training time budget (minutes).")] = 3.0,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Training epochs (default: the config's, ending earlier on convergence)."),
+    ] = None,
+    train_minutes: Annotated[
+        float | None,
+        typer.Option(
+            help="A wall-clock training budget (off: the model then depends on the machine's load)."
+        ),
+    ] = None,
 ) -> None:
     """The main job end to end on generated data: ingest -> train -> register -> gate -> predict."""
     import json
@@ -61,7 +70,9 @@ def demo(
     summary = end_to_end_flow(
         str(data / "dicom"),
         str(workdir),
-        config_overrides={"train": {"time_budget_minutes": train_minutes}},
+        config_overrides={
+            "train": {"time_budget_minutes": train_minutes} | ({"epochs": epochs} if epochs else {})
+        },
         secret_file=str(workdir / "site-secret"),
     )
     typer.echo("")

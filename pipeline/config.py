@@ -107,6 +107,9 @@ class PreprocessConfig(_Section):
     max_patch_size: int = Field(96, ge=16, multiple_of=16)  # cap of the planned patch (memory, speed)
     ct_clip_percentiles: tuple[float, float] = (0.5, 99.5)  # CT foreground clip (nnU-Net)
     foreground_ratio: float = Field(0.67, ge=0.0, le=1.0)  # share of slices centred on a labelled voxel
+    # foreground centres drawn per class (each label as likely as the others, as nnU-Net samples):
+    # a small lesion is seen as often as the organ around it; False: per voxel (large labels dominate)
+    balance_classes: bool = True
     crop_foreground: bool = True  # crop each volume to its body (Otsu) bounding box
     augment: bool = True  # random flips, rotation/scaling, noise, contrast and intensity shift
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)  # per in-plane axis

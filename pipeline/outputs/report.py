@@ -131,13 +131,14 @@ body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;max-width:1400px}
 h2{margin-top:1.4em;font-size:1.15em}
 table{border-collapse:collapse;margin:1em 0}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top;font-size:13px}
+td{overflow-wrap:anywhere}
 th{background:#f3f3f3;cursor:pointer;user-select:none;white-space:nowrap}
 th[aria-sort=ascending]::after{content:' \\25B2'}th[aria-sort=descending]::after{content:' \\25BC'}
 .ok{color:#176317}.quarantined{color:#9a6b00}.failed,.push_failed{color:#b00020}
 .flag{background:#ffe7a8}
 .badge{display:inline-block;padding:6px 12px;margin:0 8px 8px 0;border-radius:6px;background:#f3f3f3}
 .badge b{font-size:1.4em;display:block}
-td img{max-width:380px}
+td img{max-width:320px;display:block}
 .num{text-align:right;font-variant-numeric:tabular-nums}
 """
 

@@ -58,28 +58,52 @@ class SampleIndicesd(MapTransform):
     RandCropByPosNegLabeld otherwise scans the whole label volume on every call. Each list holds
     at most `max_indices` entries, a uniform random subset drawn with a seed from the volume's
     shape and label count (the cached value is the same on every run), so a 512 x 512 x 600 case
-    caches 2 x 1.6 MB rather than 1.3 GB of int64 indices; a uniform subset samples centres with
-    the same distribution as the full list.
+    caches 2 x 1.6 MB rather than 1.3 GB of int64 indices. With `balance_classes`, the foreground
+    list holds the same number of entries of every label present (a label's voxels repeated when
+    it has fewer), so a uniform draw from it picks each label equally often, whatever its size;
+    without, a uniform subset samples centres with the distribution of the full list.
     """
 
-    def __init__(self, label_key: str = LABEL, max_indices: int = 200_000) -> None:
+    def __init__(
+        self, label_key: str = LABEL, max_indices: int = 200_000, balance_classes: bool = False
+    ) -> None:
         super().__init__([label_key])
-        self.label_key, self.max_indices = label_key, max_indices
+        self.label_key, self.max_indices, self.balance_classes = label_key, max_indices, balance_classes
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
         d = dict(data)
         label = d[self.label_key]
-        flat = (label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)).reshape(
-            -1
-        ) > 0
-        seed = int(flat.numel()) * 1_000_003 + int(flat.sum())
+        flat = (label.as_tensor() if isinstance(label, MetaTensor) else torch.as_tensor(label)).reshape(-1)
+        fg = flat > 0
+        seed = int(flat.numel()) * 1_000_003 + int(fg.sum())
         rng = np.random.default_rng(seed % 2**63)
-        for key, mask in ((FG_INDICES, flat), (BG_INDICES, ~flat)):
-            idx = torch.nonzero(mask, as_tuple=False).reshape(-1).numpy()
-            if idx.size > self.max_indices:
-                idx = np.sort(rng.choice(idx, self.max_indices, replace=False))
-            d[key] = idx
+        d[FG_INDICES] = (
+            self._balanced(flat, rng) if self.balance_classes else self._subset(torch.nonzero(fg), rng)
+        )
+        d[BG_INDICES] = self._subset(torch.nonzero(~fg), rng)
         return d
+
+    def _subset(self, found: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+        """The flat indices of `found` (nonzero's output), at most max_indices of them, sorted."""
+        idx = found.reshape(-1).numpy()
+        if idx.size > self.max_indices:
+            idx = np.sort(rng.choice(idx, self.max_indices, replace=False))
+        return idx
+
+    def _balanced(self, flat: torch.Tensor, rng: np.random.Generator) -> np.ndarray:
+        """Equal shares of every foreground label's indices (with repeats for the smaller ones)."""
+        values = [int(v) for v in torch.unique(flat) if int(v) > 0]
+        if not values:
+            return np.zeros(0, dtype=np.int64)
+        per_label = [torch.nonzero(flat == v).reshape(-1).numpy() for v in values]
+        share = min(self.max_indices // len(values), max(idx.size for idx in per_label))
+        parts = [
+            rng.choice(idx, share, replace=False)
+            if idx.size >= share
+            else np.concatenate([idx, rng.choice(idx, share - idx.size)])  # every voxel, then repeats
+            for idx in per_label
+        ]
+        return np.sort(np.concatenate(parts))
 
 
 class RandSlicesd(Randomizable, MapTransform):
@@ -128,7 +152,7 @@ def train_transforms(plan: Plan, preprocess: Any, slices_per_volume: int) -> Com
     steps = [
         *geometry_transforms(plan),
         SliceAxisLastd([IMAGE, LABEL]),
-        SampleIndicesd(LABEL),  # the last cached step
+        SampleIndicesd(LABEL, balance_classes=preprocess.balance_classes),  # the last cached step
         RandSlicesd([IMAGE, LABEL], p, float(preprocess.foreground_ratio), slices_per_volume),  # (k, h, w)
     ]
     if preprocess.augment:

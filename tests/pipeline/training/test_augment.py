@@ -6,7 +6,7 @@ from monai.data import set_track_meta
 from pipeline.config import PreprocessConfig
 from pipeline.io.manifest import read_manifest
 from pipeline.planning.plan import plan_dataset
-from pipeline.training.augment import train_transforms
+from pipeline.training.augment import FG_INDICES, SampleIndicesd, train_transforms
 from pipeline.training.data import make_train_dataset
 from tests.pipeline.ingest.staging_fixture import make_staging
 
@@ -39,6 +39,33 @@ def test_foreground_oversampling_hits_labels(staged):
     row = rows[0]
     samples = transform({"image": row["image"], "label": row["label"], "modality": row["modality"]})
     assert all(int((s["label"] > 0).sum()) > 0 for s in samples)
+
+
+@pytest.mark.parametrize(("balance", "max_indices"), [(True, 1000), (True, 37), (False, 1000)])
+def test_foreground_centres_per_label_or_per_voxel(balance, max_indices):
+    """A 2000-voxel organ around a 12-voxel lesion: balanced, half the foreground centres are the
+    lesion's (its voxels repeated); per voxel, the lesion gets its 0.6 % share."""
+    label = torch.zeros(1, 33, 37, 5, dtype=torch.int64)
+    label[0, 2:27, 2:34, 1:4] = 1  # 25 * 32 * 3 = 2400 voxels, 12 of them lesion below
+    label[0, 10:12, 10:12, 1:4] = 2
+    fg = SampleIndicesd(max_indices=max_indices, balance_classes=balance)({"label": label})[FG_INDICES]
+    values = label.reshape(-1)[torch.as_tensor(fg)]
+    assert bool((values > 0).all())
+    assert len(fg) <= max_indices
+    lesion_share = float((values == 2).float().mean())
+    if balance:
+        assert lesion_share == 0.5 and set(fg[values.numpy() == 2]) == set(
+            torch.nonzero(label.reshape(-1) == 2).reshape(-1).tolist()
+        )
+    else:
+        assert lesion_share == pytest.approx(12 / 2400, abs=0.01)
+
+
+def test_balanced_centres_of_a_label_map_without_foreground_are_empty():
+    fg = SampleIndicesd(balance_classes=True)({"label": torch.zeros(1, 16, 16, 2, dtype=torch.int64)})[
+        FG_INDICES
+    ]
+    assert fg.size == 0
 
 
 @pytest.mark.parametrize("tracked", [True, False])
