@@ -165,6 +165,10 @@ class TrainConfig(_Section):
     batch_size: int | None = Field(None, ge=1)
     slices_per_volume: int = Field(4, ge=1)  # slices sampled from one cached volume per visit
     val_every: int = Field(2, ge=1)  # validate every N epochs (and at the last one)
+    # Test-time mirroring in the loop's validations too (each costs 4x with both axes mirrored).
+    # Off: they rank epochs without it, and the best weights are scored once more at the end
+    # exactly as predict runs them (infer.mirror_axes): the score the model and the gate carry.
+    val_mirroring: bool = False
     early_stopping_patience: int | None = Field(10, ge=1)  # validations without improvement; None: off
     # Mean validation Dice gain that counts as an improvement for patience (smaller gains still
     # keep the better weights but do not reset the count).

@@ -27,7 +27,7 @@ import math
 import sys
 import time
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -408,6 +408,25 @@ def validate_epoch(
     return val
 
 
+def loop_val_options(config: PipelineConfig) -> PredictOptions:
+    """How the loop's validations predict: as predict does, without mirroring unless val_mirroring."""
+    options = PredictOptions.from_config(config.infer)  # what predict with this model does
+    return options if config.train.val_mirroring else replace(options, mirror_axes=())
+
+
+def final_validation(run: _Run, state: LoopState, cases: Sequence[ValCase]) -> None:
+    """Score the best weights (loaded) as predict runs them; that score becomes the best metrics."""
+    options = PredictOptions.from_config(run.config.infer)
+    val = validate(run.unet, cases, run.plan, device=run.device, options=options)
+    log.info(
+        "best weights (epoch %d) scored as predict runs them: mean val Dice %.4f (%.4f in the loop)",
+        state.best_epoch,
+        val["val_dice_mean"],
+        state.best_metrics.get("val_dice_mean", math.nan),
+    )
+    state.best_metrics = val
+
+
 def run_epoch(
     run: _Run,
     state: LoopState,
@@ -511,7 +530,7 @@ def _train(
     if epochs_left:
         batches = _train_batches(run, by_id, out_dir, start_epoch)
         val_cases = load_val_cases([by_id[c] for c in split["val"]], plan)
-        val_options = PredictOptions.from_config(config.infer)  # what predict with this model does
+        val_options = loop_val_options(config)
     quiet = not dctx.main or not sys.stderr.isatty()
     with tqdm(total=tc.epochs, initial=start_epoch, desc="train", unit="epoch", disable=quiet) as bar:
         for epoch in range(start_epoch, tc.epochs if epochs_left else start_epoch):
@@ -521,6 +540,8 @@ def _train(
     # The best weights (by mean val Dice) become the model; the last ones if none validated.
     if state.best_epoch >= 0 and (run.ckpt_dir / BEST).is_file():
         run.unet.load_state_dict(load_best(run.ckpt_dir / BEST))
+        if epochs_left and val_options != PredictOptions.from_config(config.infer):
+            final_validation(run, state, val_cases)
     model_dir = None
     if dctx.main:
         if state.history:

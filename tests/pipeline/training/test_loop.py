@@ -37,7 +37,8 @@ class Recorder(TrainCallback):
 
 def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
     rec = Recorder()
-    result = train(staging, tmp_path / "run", tiny_config(), callbacks=[rec])
+    # mirrored in the loop too: the best epoch's loop metrics are then the model's final scores
+    result = train(staging, tmp_path / "run", tiny_config(val_mirroring=True), callbacks=[rec])
     assert result.epochs_run == 2 and result.stopped_reason == "completed"
     assert [e for e, _ in rec.epochs] == [0, 1] and rec.started and rec.result is result
     for _, metrics in rec.epochs:  # validated every epoch on whole volumes
@@ -177,7 +178,8 @@ def test_plot_training_curves(tmp_path):
 @pytest.mark.parametrize("postprocess", [False, True], ids=["raw", "postprocessed"])
 def test_validation_dice_equals_evaluate_on_predicts_output(staging, tmp_path, postprocess):
     """The champion gate's score (the best validation Dice) is `evaluate` on what predict writes
-    for the validation cases with the saved model: one prediction path."""
+    for the validation cases with the saved model: one prediction path. The loop validates without
+    test-time mirroring (train.val_mirroring off) and scores the best weights with it at the end."""
     from typer.testing import CliRunner
 
     from pipeline.cli import app
