@@ -87,15 +87,20 @@ def train_flow(
     register_as: str | None = None,
     run_dir: str | None = None,
     config_overrides: dict | None = None,
+    folds: int | None = None,
 ) -> dict:
     """Train on STAGING, log to MLflow, register as REGISTER_AS (default: the config's name), gate it.
 
     `config_overrides` maps sections to fields, e.g. {"train": {"time_budget_minutes": 3}}.
+    `folds` K > 1 (data.folds): K-fold cross-validation, one model per fold (one after the
+    other, each an MLflow run nested under the flow's run), registered as their ensemble.
     """
     logger = get_run_logger()
     config = load_config(config_file)
     if config_overrides:
         config = config.replace(**config_overrides)
+    if folds is not None:
+        config = config.replace(data={"folds": folds})
     workdir = Workdir.resolve()
     uri = workdir.mlflow_tracking_uri()
     # One folder per (data, config): a rerun resumes its own checkpoint, never another dataset's.

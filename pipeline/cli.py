@@ -301,6 +301,14 @@ def train_command(
     config: Annotated[Path | None, typer.Option(help="YAML configuration (see `config --show`).")] = None,
     out: Annotated[Path | None, typer.Option(help="Run folder (default <workdir>/runs/<time>).")] = None,
     register: Annotated[str | None, typer.Option(help="Register the model under this name.")] = None,
+    folds: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="K-fold cross-validation: one model per fold, registered as their ensemble "
+            "(data.folds; 1: one hold-out split).",
+        ),
+    ] = None,
     workdir: Annotated[
         Path | None, typer.Option(help="Work directory (default $UNET_PIPELINE_WORKDIR).")
     ] = None,
@@ -308,6 +316,8 @@ def train_command(
 ) -> None:
     """Train a U-Net on the staged cases, log it to MLflow, register and gate it; print one JSON line.
 
+    With --folds K it trains one U-Net per fold, each validated on its held-out fold, and the
+    model is their ensemble (the mean of their softmax); its score is the out-of-fold Dice.
     With --register NAME the new version becomes `champion` when its validation Dice is not worse
     than the champion's (re-scored on the same cases) by more than tracking.champion_margin.
     """
@@ -320,6 +330,8 @@ def train_command(
     setup_logging(verbose)
     try:
         cfg = load_config(config)
+        if folds is not None:
+            cfg = cfg.replace(data={"folds": folds})
     except ConfigError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(code=2) from exc

@@ -5,6 +5,10 @@ batches (with test-time mirroring, nnU-Net's default: the softmax of each slice 
 averaged), argmax'd (uint8 labels, never a whole volume of float probabilities), mapped back to
 the native grid and optionally post-processed per label (`predict_prepared`: the same path
 validation during training scores).
+
+A cross-validation model is one network here (`unet_model.ensemble.UNetEnsemble`): its output
+is the log of its folds' mean softmax, so the softmax averaged over the mirrored views is the
+mean over every fold and view before the argmax, with no code of its own.
 """
 
 from __future__ import annotations

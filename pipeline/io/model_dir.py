@@ -3,9 +3,14 @@
 A model folder holds:
 
 - ``weights.safetensors``: the state_dict (safetensors never executes code on load);
-- ``model.json``: format, UNetConfig, label names, sha256 of every other file, code version, time;
+- ``model.json``: format, UNetConfig, label names, sha256 of every other file, code version, time,
+  and ``folds`` (K) for a cross-validation ensemble;
 - ``plan.json``: the dataset plan inference must reuse exactly;
 - ``config.json``: the resolved pipeline configuration the model was trained with.
+
+A cross-validation model holds the K fold networks of one plan as one `UNetEnsemble` (its
+state_dict: ``members.<k>.<key>``, in one weights file, so one sha256 names the whole model) and
+predicts with the mean of their softmax. A folder without ``folds`` is one U-Net, as before.
 
 The folder is written to a temporary sibling and renamed into place, so a crash leaves the old
 model or the new one, never a mix. Loading checks every sha256 before the network is built.
@@ -34,6 +39,7 @@ from safetensors.torch import save as save_safetensors_bytes
 import pipeline
 from pipeline.runtime import resolve_device
 from unet_model import UNet, UNetConfig
+from unet_model.ensemble import UNetEnsemble
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +67,19 @@ class ModelIntegrityError(ValueError):
 class LoadedModel:
     """A verified model, ready to predict."""
 
-    model: UNet  # in eval mode, on the requested device
-    unet_config: UNetConfig
+    model: UNet | UNetEnsemble  # in eval mode, on the requested device; an ensemble holds the folds
+    unet_config: UNetConfig  # one network's (an ensemble's members share it)
     plan: dict[str, Any]  # the dataset plan saved with the model: inference must use this copy
     config: dict[str, Any]  # the resolved pipeline configuration of the training run
     label_names: dict[int, str]  # output channel -> label name, background included
     sha256: str  # of weights.safetensors, as checked on load
     path: Path  # the folder read (for registry loads, a download that may since have been removed)
     metadata: dict[str, Any]  # the whole model.json (code_version, created, ...)
+
+    @property
+    def folds(self) -> int:
+        """How many fold networks the model averages (1: a single U-Net)."""
+        return fold_count(self.model)
 
 
 @functools.cache
@@ -104,24 +115,35 @@ def _write_synced(path: Path, data: bytes) -> None:
         os.fsync(fh.fileno())
 
 
+def fold_count(model: UNet | UNetEnsemble) -> int:
+    """The number of networks `model` averages: its members for an ensemble, else 1."""
+    return len(model.members) if isinstance(model, UNetEnsemble) else 1
+
+
 def save_model_dir(
-    model: UNet,
+    model: UNet | UNetEnsemble,
     out_dir: Path,
     *,
     plan: dict[str, Any],
     config: dict[str, Any],
     label_names: dict[int, str],
     validation: dict[str, float] | None = None,
+    fold_val_cases: list[list[str]] | None = None,
 ) -> Path:
     """Write `model` to the folder `out_dir` (replacing a previous model there) and return it.
 
     `validation`: the model's validation metrics (e.g. val_dice_mean), kept in model.json so that
-    a batch report can show them without asking the tracking server.
+    a batch report can show them without asking the tracking server. `fold_val_cases`: for an
+    ensemble, each member's held-out case IDs (pseudonymous, as staged), so that a case it
+    trained on can be scored by the one member that did not (`release.evaluate_on_cases`).
 
     Weights are copied to contiguous CPU tensors first (channels_last weights are strided, and
     safetensors stores plain row-major buffers). `plan` and `config` must be JSON-serializable.
+    An ensemble of one is written as its one U-Net (the folder of a single model).
     """
     out_dir = Path(out_dir)
+    if isinstance(model, UNetEnsemble) and len(model.members) == 1:
+        model = model.members[0]
     unet_config = model.config
     if len(label_names) != unet_config.num_classes:
         raise ValueError(
@@ -141,6 +163,14 @@ def save_model_dir(
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "validation": {k: float(v) for k, v in (validation or {}).items()},
     }
+    if isinstance(model, UNetEnsemble):
+        meta["folds"] = len(model.members)  # absent for one U-Net: folders of single models unchanged
+        if fold_val_cases is not None:
+            if len(fold_val_cases) != len(model.members):
+                raise ValueError(
+                    f"fold_val_cases has {len(fold_val_cases)} entries for {len(model.members)} members"
+                )
+            meta["fold_val_cases"] = [sorted(str(c) for c in cases) for cases in fold_val_cases]
     files[MODEL_FILE] = _json_bytes(meta)
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -173,6 +203,9 @@ def _read_model_json(path: Path) -> dict[str, Any]:
     for key in ("unet_config", "label_names", "weights_sha256", "files_sha256"):
         if key not in meta:
             raise ModelIntegrityError(path, f"{MODEL_FILE} lacks the key {key!r}")
+    folds = meta.get("folds", 1)
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 1:
+        raise ModelIntegrityError(path, f"{MODEL_FILE} has folds {folds!r}, expected a positive integer")
     return meta
 
 
@@ -204,13 +237,16 @@ def load_model_dir(path: str | Path, device: str | torch.device = "cpu") -> Load
         contents[name] = data
 
     unet_config = UNetConfig.from_dict(meta["unet_config"])
-    model = UNet(unet_config)
+    folds = meta.get("folds", 1)
+    model: UNet | UNetEnsemble = (
+        UNetEnsemble([UNet(unet_config) for _ in range(folds)]) if folds > 1 else UNet(unet_config)
+    )
     try:
         state = load_safetensors_bytes(contents[WEIGHTS_FILE])
         model.load_state_dict(state, strict=True)
     except (SafetensorError, RuntimeError) as exc:
         raise ModelIntegrityError(
-            path, f"{WEIGHTS_FILE} does not fit the recorded UNetConfig ({exc})"
+            path, f"{WEIGHTS_FILE} does not fit the recorded UNetConfig and {folds} fold(s) ({exc})"
         ) from exc
     model = model.to(resolve_device(device) if isinstance(device, str) else device).eval()
     return LoadedModel(

@@ -20,7 +20,9 @@ is predict's mask, voxel for voxel.
 
 ``params={"level": "slices"}`` keeps the bare network available: ``image`` is then a float32
 (N, C, H, W) batch of already normalized slices and the output column ``logits`` holds the
-(N, num_classes, H, W) logits.
+(N, num_classes, H, W) logits. A cross-validation model (the folds' `UNetEnsemble`) is one
+network too: its ``logits`` are the log of the folds' mean softmax, so their softmax is the
+ensemble's probabilities.
 
 The model is logged "from code" (MLflow runs `_MODEL_CODE`, which imports this module; nothing is
 pickled) with the project's own packages as `code_paths` and pinned `pip_requirements` that a

@@ -7,6 +7,11 @@ trained either way is logged, registered and gated the same way:
     version = register_model(trained.model_uri, name)
     champion = gate(name, version, trained, staging, config)    # on the fixed validation cases
 
+With `data.folds` K > 1, `train_and_log` cross-validates (`training.folds.cross_validate`): the
+parent MLflow run holds the config, the plan, the out-of-fold scores (`cv_*`) and the ensemble
+model; each fold is a run nested under it (`fold-<k>`) with its own epochs, curves and QC
+pictures. The gate scores an ensemble out of fold on the cases its folds trained on.
+
 The one module of `pipeline.tracking` above the training stage (it calls `train` and scores the
 champion with training's validation); the package's `__init__` does not import it, so that
 loading a registered model never imports the training loop.
@@ -16,20 +21,26 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from torch import nn
 
 from pipeline import tracking
 from pipeline.config import PipelineConfig, Workdir
 from pipeline.inference.predictor import PredictOptions
 from pipeline.io.manifest import read_manifest
 from pipeline.io.model_dir import LoadedModel
-from pipeline.planning.plan import Plan
+from pipeline.planning.plan import Plan, load_plan
 from pipeline.runtime import prepare_model, resolve_device
-from pipeline.training.loop import train
+from pipeline.tracking.store import MLFLOW_PARENT_RUN_ID, TAG_FOLD, TAG_FOLD_RESUMED, TAG_FOLDS
+from pipeline.training.folds import Fold, check_folds, cross_validate
+from pipeline.training.loop import PLAN_FILE, train
 from pipeline.training.result import CURVES_FILE, VAL_QC_DIR, TrainResult, read_result
 from pipeline.training.validate import load_val_cases, validate
+from unet_model.ensemble import UNetEnsemble
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +57,8 @@ class TrainedModel:
     run_url: str | None = None  # the run's page on an http(s) tracking server
 
     def summary(self) -> dict[str, Any]:
-        return {
+        """What the CLI prints and the flow returns; `val_dice` is out-of-fold for a cross-validation."""
+        summary = {
             "run_id": self.run_id,
             "run_url": self.run_url,
             "model_uri": self.model_uri,
@@ -55,6 +67,17 @@ class TrainedModel:
             "stopped_reason": self.result.stopped_reason,
             "tracking_error": self.tracking_error,
         }
+        if self.result.folds:
+            summary["folds"] = [
+                {
+                    "fold": f["fold"],
+                    "val_dice_mean": f["best_dice_mean"],
+                    "val_cases": len(f["val"]),
+                    "stopped_reason": f["stopped_reason"],
+                }
+                for f in self.result.folds
+            ]
+        return summary
 
 
 class _LogConfig:
@@ -70,6 +93,55 @@ class _LogConfig:
         self.tracker.log_dataset(self.staging, split)
 
 
+def _log_outputs(tracker: tracking.Tracker, run_dir: Path) -> None:
+    """The training curves and validation QC pictures a training run left in `run_dir`."""
+    curves = run_dir / CURVES_FILE
+    if curves.is_file():
+        tracker.log_artifact(curves)
+    # Written by that run (the folder is emptied first): the best weights' pictures.
+    tracker.log_artifacts(sorted((run_dir / VAL_QC_DIR).glob("*.png")), artifact_path=VAL_QC_DIR)
+
+
+class _FoldRuns:
+    """Cross-validation's `run_fold`: each fold an MLflow run nested under the parent run."""
+
+    def __init__(self, parent: tracking.Tracker, staging: Path, tags: dict[str, str] | None) -> None:
+        self.parent = parent
+        self.staging = staging
+        self.tags = dict(tags or {})
+
+    def __call__(self, fold: Fold, train_fold) -> TrainResult:
+        if not self.parent.active:  # tracking failed: the folds still train
+            return train_fold(())
+        with tracking.Tracker(
+            experiment=self.parent.experiment,
+            run_name=f"fold-{fold.index}",
+            tracking_uri=self.parent.tracking_uri,
+            dataset_sha256=tracking.dataset_sha256(self.staging / "manifest.jsonl"),
+            tags={**self.tags, MLFLOW_PARENT_RUN_ID: str(self.parent.run_id), TAG_FOLD: str(fold.index)},
+        ) as child:
+            log_config = _LogConfig(child, self.staging)
+            if fold.finished is None:
+                result = train_fold([log_config, child])
+            else:  # trained by an earlier run: its record, not its training again
+                result = fold.finished
+                plan = load_plan(result.out_dir / PLAN_FILE)
+                log_config.on_train_start(config=fold.config, plan=plan, split=result.split)
+                for metrics in result.history:
+                    child.on_epoch_end(int(metrics["epoch"]), metrics)
+                child.set_tags({TAG_FOLD_RESUMED: "finished in an earlier run"})
+            _log_outputs(child, result.out_dir)
+        return result
+
+
+def _cv_metrics(result: TrainResult) -> dict[str, float]:
+    """The parent run's metrics: the out-of-fold scores (cv_*), finite ones only."""
+    metrics = {"cv_dice_mean": result.best_dice_mean}
+    metrics.update({f"cv_dice/{k}": v for k, v in result.best_dice.items()})
+    metrics.update({f"cv_hd95/{k}": v for k, v in result.best_hd95.items()})
+    return {k: float(v) for k, v in metrics.items() if math.isfinite(float(v))}
+
+
 def train_and_log(
     staging: str | Path,
     out: str | Path,
@@ -83,25 +155,37 @@ def train_and_log(
     `run_tags` are added to the run (an orchestrator's run ID and link, for example). The run
     samples system metrics, records the staged dataset as its input and keeps the validation QC
     pictures under `validation_qc/<case_id>.png`. Tracking failures never
-    lose the model: they are returned in `tracking_error`.
+    lose the model: they are returned in `tracking_error`. With `config.data.folds` > 1 it
+    cross-validates: one nested run per fold, the ensemble model on the parent run.
     """
     staging, out = Path(staging), Path(out)
+    folds = config.data.folds
+    if folds > 1:
+        check_folds(staging, folds)  # before a run is opened: the error, not a FAILED run
     uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
     with tracking.Tracker(
         experiment=config.tracking.experiment_name,
         tracking_uri=uri,
         dataset_sha256=tracking.dataset_sha256(staging / "manifest.jsonl"),
-        tags=run_tags,
+        tags={**(run_tags or {}), TAG_FOLDS: str(folds)} if folds > 1 else run_tags,
         system_metrics=True,
     ) as tracker:
-        result = train(staging, out, config, callbacks=[_LogConfig(tracker, staging), tracker])
+        if folds > 1:
+            result = cross_validate(
+                staging,
+                out,
+                config,
+                callbacks=[_LogConfig(tracker, staging)],
+                run_fold=_FoldRuns(tracker, staging, run_tags),
+            )
+            tracker.log_metrics(_cv_metrics(result))
+            for fold in result.folds:  # one chart over the folds
+                tracker.log_metrics({"fold_val_dice_mean": fold["best_dice_mean"]}, step=fold["fold"])
+        else:
+            result = train(staging, out, config, callbacks=[_LogConfig(tracker, staging), tracker])
+            _log_outputs(tracker, out)
         if result.model_dir is None:
             raise RuntimeError(f"training in {out} finished without a model folder")
-        curves = out / CURVES_FILE
-        if curves.is_file():
-            tracker.log_artifact(curves)
-        # Written by this run just now (the folder is emptied first): the best weights' pictures.
-        tracker.log_artifacts(sorted((out / VAL_QC_DIR).glob("*.png")), artifact_path=VAL_QC_DIR)
         val_dice = {**result.best_dice, "mean": result.best_dice_mean}
         model_uri = tracker.log_model(result.model_dir, val_dice=val_dice)
     return TrainedModel(
@@ -133,21 +217,48 @@ def validation_sha256(staging: str | Path, case_ids: list[str]) -> str:
     return digest.hexdigest()
 
 
+def out_of_fold_groups(loaded: LoadedModel, case_ids: list[str]) -> list[tuple[nn.Module, list[str]]]:
+    """(network, cases) pairs that score `case_ids` without a network scoring a case it trained on.
+
+    A fold ensemble that records its folds' validation cases scores each of those cases with
+    the one fold that held it out (its out-of-fold prediction, as its cross-validation Dice was
+    computed) and every other case with the whole ensemble; any other model scores all cases.
+    """
+    fold_val = loaded.metadata.get("fold_val_cases")
+    model = loaded.model
+    if not isinstance(model, UNetEnsemble) or not fold_val:
+        return [(model, list(case_ids))]
+    held_out_by = {c: k for k, cases in enumerate(fold_val) for c in cases}
+    groups: dict[int, list[str]] = {}
+    for case_id in case_ids:
+        groups.setdefault(held_out_by.get(case_id, -1), []).append(case_id)
+    return [(model if k < 0 else model.members[k], ids) for k, ids in sorted(groups.items())]
+
+
 def evaluate_on_cases(
     loaded: LoadedModel, staging: str | Path, case_ids: list[str], config: PipelineConfig
 ) -> float:
-    """Mean validation Dice of a loaded model on whole cases, with its own plan (the gate's metric)."""
+    """Mean validation Dice of a loaded model on whole cases, with its own plan (the gate's metric).
+
+    Predicted through predict's path; a fold ensemble scores the cases its folds trained on
+    out of fold (`out_of_fold_groups`), so no network is scored on its own training cases.
+    """
     plan = Plan.from_dict(loaded.plan)
-    cases = load_val_cases(validation_rows(staging, case_ids), plan)
     device = resolve_device(config.train.device)
-    metrics = validate(
-        prepare_model(loaded.model, device, channels_last=True),  # as predict loads it
-        cases,
-        plan,
-        device=device,
-        options=PredictOptions.from_config(config.infer),
-    )
-    return float(metrics["val_dice_mean"])
+    options = PredictOptions.from_config(config.infer)
+    total, count = 0.0, 0
+    for net, ids in out_of_fold_groups(loaded, case_ids):
+        cases = load_val_cases(validation_rows(staging, ids), plan)
+        metrics = validate(
+            prepare_model(net, device, channels_last=True),  # as predict loads it
+            cases,
+            plan,
+            device=device,
+            options=options,
+        )
+        total += float(metrics["val_dice_mean"]) * len(ids)  # a mean over cases: weighted by cases
+        count += len(ids)
+    return total / count
 
 
 def gate(
@@ -174,8 +285,10 @@ def gate_run(
 ) -> bool:
     """The gate for a finished training folder (its result.json holds the split and the score).
 
-    The new version's score is its best validation Dice; the champion is re-scored on the same
-    validation cases when its own score came from other cases.
+    The new version's score is its best validation Dice (for a cross-validation, the out-of-fold
+    Dice over every case of its folds); the champion is re-scored on the same validation cases,
+    through predict's path (an ensemble out of fold where it trained on them), when its own score
+    came from other cases.
     """
     uri = tracking_uri or Workdir.resolve().mlflow_tracking_uri()
     result = read_result(run_dir)
@@ -200,8 +313,10 @@ def summary_markdown(
     validation Dice, the MLflow run and model version, champion or challenger, why training stopped."""
     dice = summary["val_dice"]
     per_label = ", ".join(f"{k} {v:.3f}" for k, v in dice.items() if k != "mean")
+    folds = summary.get("folds")
+    what = f"{len(folds)}-fold cross-validation: out-of-fold mean Dice" if folds else "Mean validation Dice"
     return (
-        f"# Training\n\nMean validation Dice **{dice['mean']:.3f}** ({per_label}).\n\n"
+        f"# Training\n\n{what} **{dice['mean']:.3f}** ({per_label}).\n\n"
         f"{_mlflow_links(summary, name, version, tracking_uri)}: "
         f"{'champion' if champion else 'challenger'}.\n\nStopped: {summary['stopped_reason']}."
     )

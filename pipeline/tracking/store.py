@@ -41,6 +41,10 @@ TAG_VAL_DICE_PREFIX = "val_dice."  # on logged models and versions: val_dice.<la
 TAG_VAL_DICE_MEAN = "val_dice.mean"
 TAG_PREFECT_FLOW_RUN_ID = "prefect.flow_run_id"
 TAG_PREFECT_FLOW_RUN_URL = "prefect.flow_run_url"
+TAG_FOLDS = "cv.folds"  # on a cross-validation's parent run: its number of folds
+TAG_FOLD = "cv.fold"  # on a fold's run, nested under the parent
+TAG_FOLD_RESUMED = "cv.fold_resumed"  # on a fold's run recorded from an earlier run's result
+MLFLOW_PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag: its UI nests a run under that run
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"

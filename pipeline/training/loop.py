@@ -229,9 +229,11 @@ def _plan_and_split(
     device: torch.device,
     checkpoint: Checkpoint | None,
     resume: bool,
+    given_plan: Plan | None = None,
 ) -> tuple[Plan, dict[str, list[str]], dict[str, dict[str, Any]]]:
     """The run's plan (its network decisions for `device`) and split, computed once and reused as
-    is on resume, and its labelled manifest rows by case ID."""
+    is on resume, and its labelled manifest rows by case ID. `given_plan` (one plan for all the
+    folds of a cross-validation) replaces planning, never a checkpoint's plan."""
     rows = [r for r in read_manifest(staging, resolve=True) if r.get("label")]
     by_id = {r["case_id"]: r for r in rows}
     if checkpoint is not None:
@@ -239,11 +241,12 @@ def _plan_and_split(
         split = checkpoint.split
     else:
         plan_path = out_dir / PLAN_FILE
-        plan = (
-            load_plan(plan_path)
-            if (resume and plan_path.is_file())
-            else plan_dataset(staging, config.preprocess)
-        )
+        if given_plan is not None:
+            plan = given_plan
+        elif resume and plan_path.is_file():
+            plan = load_plan(plan_path)
+        else:
+            plan = plan_dataset(staging, config.preprocess)
         dc = config.data
         train_ids, val_ids = split_cases(
             list(by_id), val_fraction=dc.val_fraction, folds=dc.folds, fold=dc.fold, seed=dc.split_seed
@@ -477,11 +480,15 @@ def train(
     *,
     callbacks: Sequence[TrainCallback] = (),
     resume: bool = True,
+    plan: Plan | None = None,
 ) -> TrainResult:
     """Train on the labelled cases of `staging`; checkpoints, plan and model go to `out_dir`.
 
     With `resume` and a checkpoint in `out_dir/checkpoints/last.pt`, the run continues from it with
     the plan, split and config it started with (the checkpoint's config wins over `config`).
+    `plan`: the dataset plan to train with instead of planning (cross-validation plans once for
+    all its folds); with config.data.folds > 1 this trains fold config.data.fold only
+    (`training.folds.cross_validate` trains them all).
     """
     config = config or PipelineConfig()
     staging, out_dir = Path(staging), Path(out_dir)
@@ -492,7 +499,7 @@ def train(
         config = PipelineConfig.from_dict(checkpoint.config, source=f"checkpoint {last_path}")
         log.info("resuming from %s after epoch %d", last_path, checkpoint.epoch)
     with process_group(config.train.device) as dctx:
-        return _train(staging, out_dir, config, checkpoint, dctx, callbacks, resume)
+        return _train(staging, out_dir, config, checkpoint, dctx, callbacks, resume, plan)
 
 
 def _train(
@@ -503,6 +510,7 @@ def _train(
     dctx: DistContext,
     callbacks: Sequence[TrainCallback],
     resume: bool,
+    given_plan: Plan | None = None,
 ) -> TrainResult:
     """`train` inside its process group."""
     tc = config.train
@@ -512,7 +520,7 @@ def _train(
         device = torch.device("cuda", dctx.local_rank)  # one GPU per rank
     seed_everything(tc.seed + dctx.rank, tc.deterministic)
 
-    plan, split, by_id = _plan_and_split(staging, out_dir, config, device, checkpoint, resume)
+    plan, split, by_id = _plan_and_split(staging, out_dir, config, device, checkpoint, resume, given_plan)
     if dctx.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         save_plan(plan, out_dir / PLAN_FILE)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +37,24 @@ class TrainResult:
     history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
     resumed_from_epoch: int | None = None  # epochs already done in the checkpoint resumed from
     split: dict[str, list[str]] = field(default_factory=dict)  # {"train": [...], "val": [...]}
+    # Cross-validation only: per fold {"fold", "val", "best_dice_mean", "best_epoch",
+    # "stopped_reason", "epochs_run", "out_dir"}; the scores above are then out-of-fold means.
+    folds: list[dict[str, Any]] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["out_dir"] = str(self.out_dir)
         data["model_dir"] = str(self.model_dir) if self.model_dir else None
         return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TrainResult:
+        """The result `to_json` wrote (result.json)."""
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in data.items() if k in known}
+        values["out_dir"] = Path(data["out_dir"])
+        values["model_dir"] = Path(data["model_dir"]) if data.get("model_dir") else None
+        return cls(**values)
 
 
 def write_result(result: TrainResult) -> Path:
@@ -86,9 +98,15 @@ def plot_training_curves(history: Sequence[dict[str, float]], path: str | Path) 
 
 
 def write_model_dir(
-    model: nn.Module, out_dir: Path, plan: Plan, config: PipelineConfig, validation: dict[str, float]
+    model: nn.Module,
+    out_dir: Path,
+    plan: Plan,
+    config: PipelineConfig,
+    validation: dict[str, float],
+    fold_val_cases: list[list[str]] | None = None,
 ) -> Path:
-    """The model folder: weights, plan, config, label names and the validation scores."""
+    """The model folder: weights, plan, config, label names and the validation scores (and for a
+    fold ensemble, each fold's validation cases)."""
     names = {v: plan.label_names.get(v, f"label_{v}") for v in range(plan.num_classes)}
     return save_model_dir(
         model,
@@ -97,4 +115,5 @@ def write_model_dir(
         config=config.to_dict(),
         label_names=names,
         validation={k: v for k, v in validation.items() if isinstance(v, int | float) and math.isfinite(v)},
+        fold_val_cases=fold_val_cases,
     )

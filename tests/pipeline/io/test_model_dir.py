@@ -20,6 +20,7 @@ from pipeline.io.model_dir import (
 )
 from pipeline.runtime import prepare_model
 from unet_model import UNet, UNetConfig
+from unet_model.ensemble import UNetEnsemble
 
 LABELS = {0: "background", 1: "liver", 2: "tumour"}
 PLAN = {"slice_axis": 2, "spacing": [0.8, 0.8], "patch_size": [64, 64], "normalization": "ct"}
@@ -134,3 +135,67 @@ def test_label_names_must_cover_every_class(model, tmp_path):
     with pytest.raises(ValueError, match="label_names has 2 entries"):
         save_model_dir(model, tmp_path / "m", plan=PLAN, config=CONFIG, label_names={0: "bg", 1: "liver"})
     assert not (tmp_path / "m").exists()
+
+
+# ------------------------------------------------------------------------------------------
+# Cross-validation models: the folds' networks in one folder, one plan
+
+
+def _ensemble(k: int) -> UNetEnsemble:
+    members = []
+    for seed in range(k):
+        torch.manual_seed(seed)
+        members.append(UNet(UNetConfig(num_classes=3, base_channels=4)).eval())
+    return UNetEnsemble(members).eval()
+
+
+def test_a_single_model_folder_is_written_and_read_as_before(saved):
+    """No key of the ensembles in a single model's model.json: folders of single models (and
+    those written before ensembles existed) load as one U-Net."""
+    meta = json.loads((saved / MODEL_FILE).read_text())
+    assert set(meta) == {
+        "format",
+        "unet_config",
+        "label_names",
+        "weights_sha256",
+        "files_sha256",
+        "code_version",
+        "created",
+        "validation",
+    }
+    loaded = load_model_dir(saved)
+    assert type(loaded.model) is UNet and loaded.folds == 1
+
+
+def test_an_ensemble_round_trips_with_its_folds_in_one_weights_file(tmp_path):
+    ensemble = _ensemble(3)
+    val_cases = [["c3", "c0"], ["c1"], ["c2"]]
+    path = save_model_dir(
+        ensemble, tmp_path / "m", plan=PLAN, config=CONFIG, label_names=LABELS, fold_val_cases=val_cases
+    )
+    assert sorted(p.name for p in path.iterdir()) == sorted(REQUIRED_FILES)
+    meta = json.loads((path / MODEL_FILE).read_text())
+    assert meta["folds"] == 3 and meta["fold_val_cases"] == [["c0", "c3"], ["c1"], ["c2"]]
+    loaded = load_model_dir(path)
+    assert isinstance(loaded.model, UNetEnsemble) and loaded.folds == 3
+    assert loaded.unet_config == ensemble.config and loaded.plan == PLAN
+    for key, tensor in ensemble.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], tensor), key
+    x = torch.randn(1, 1, 33, 37)
+    with torch.inference_mode():
+        torch.testing.assert_close(loaded.model(x), ensemble(x))
+
+
+def test_an_ensemble_of_one_is_saved_as_its_single_model(tmp_path, model):
+    path = save_model_dir(UNetEnsemble([model]), tmp_path / "m", plan=PLAN, config=CONFIG, label_names=LABELS)
+    assert "folds" not in json.loads((path / MODEL_FILE).read_text())
+    assert type(load_model_dir(path).model) is UNet
+
+
+def test_a_fold_count_that_does_not_fit_the_weights_is_refused(tmp_path):
+    path = save_model_dir(_ensemble(2), tmp_path / "m", plan=PLAN, config=CONFIG, label_names=LABELS)
+    meta = json.loads((path / MODEL_FILE).read_text())
+    for folds, problem in ((3, "3 fold"), (0, "folds 0")):
+        (path / MODEL_FILE).write_text(json.dumps({**meta, "folds": folds}))
+        with pytest.raises(ModelIntegrityError, match=problem):
+            load_model_dir(path)
