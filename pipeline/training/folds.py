@@ -94,7 +94,9 @@ def finished_fold(out_dir: Path) -> TrainResult | None:
         return None
     try:
         # The folder as it is now (a run folder may have been moved since it was written).
-        result = replace(TrainResult.from_json(read_result(out_dir)), out_dir=out_dir, model_dir=out_dir / MODEL_DIR)
+        result = replace(
+            TrainResult.from_json(read_result(out_dir)), out_dir=out_dir, model_dir=out_dir / MODEL_DIR
+        )
         load_model_dir(result.model_dir)  # verified now: an ensemble is never made of a damaged fold
     except (OSError, ValueError, KeyError, TypeError) as exc:
         log.warning("fold run %s is trained again: its result cannot be used (%s)", out_dir, exc)
@@ -134,7 +136,10 @@ def cross_validate(
             split = {"train": case_ids, "val": case_ids}
             for cb in callbacks:
                 hook(cb, "on_train_start")(config=config, plan=plan, split=split)
-        results = [_run_fold(staging, out_dir, config, plan, index, run_fold, resume) for index in range(config.data.folds)]
+        results = [
+            _run_fold(staging, out_dir, config, plan, index, run_fold, resume)
+            for index in range(config.data.folds)
+        ]
         result = combine_folds(out_dir, config, plan, results, write_model=dctx.main)
         if dctx.main:
             write_result(result)
@@ -182,7 +187,12 @@ def _run_fold(
 
 
 def combine_folds(
-    out_dir: Path, config: PipelineConfig, plan: Plan, results: Sequence[TrainResult], *, write_model: bool = True
+    out_dir: Path,
+    config: PipelineConfig,
+    plan: Plan,
+    results: Sequence[TrainResult],
+    *,
+    write_model: bool = True,
 ) -> TrainResult:
     """The cross-validation's result: out-of-fold scores and, with `write_model`, the ensemble of
     the folds' best weights as `out_dir/model` (the folds' plans must be one plan)."""

@@ -69,3 +69,29 @@ def test_train_flow_links_mlflow_and_prefect_both_ways(prefect_api, tmp_path):
     summary = asyncio.run(_summary_artifact(state.state_details.flow_run_id))
     assert f"MLflow run `{result['run_id']}`" in summary
     assert f"models:/flow-seg/{result['model_version']}" in summary  # a local store: the URI to open
+
+
+@pytest.mark.slow
+def test_train_flow_cross_validates_with_folds(prefect_api, tmp_path):
+    from pipeline.tracking import load_registered
+
+    staging = make_staging(tmp_path, n_cases=4)
+    state = prefect_api.train_flow(
+        str(staging),
+        register_as="flow-cv",
+        run_dir=str(tmp_path / "run"),
+        config_overrides={"model": TINY["model"], "train": {**TINY["train"], "val_qc_cases": 0}},
+        folds=2,
+        return_state=True,
+    )
+    assert state.is_completed(), state
+    result = state.result()
+    assert [f["fold"] for f in result["folds"]] == [0, 1]
+    assert sum(f["val_cases"] for f in result["folds"]) == 4
+    assert (tmp_path / "run" / "fold_0" / "model").is_dir() and (
+        tmp_path / "run" / "fold_1" / "model"
+    ).is_dir()
+    uri = Workdir.resolve().mlflow_tracking_uri()
+    assert load_registered(f"models:/flow-cv/{result['model_version']}", tracking_uri=uri).folds == 2
+    summary = asyncio.run(_summary_artifact(state.state_details.flow_run_id))
+    assert "2-fold cross-validation: out-of-fold mean Dice" in summary

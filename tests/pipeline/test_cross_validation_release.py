@@ -10,6 +10,7 @@ import torch
 
 from pipeline import tracking
 from pipeline.io.model_dir import load_model_dir
+from pipeline.tracking import release
 from pipeline.tracking.release import (
     evaluate_on_cases,
     gate_run,
@@ -19,6 +20,9 @@ from pipeline.tracking.release import (
     validation_sha256,
 )
 from tests.pipeline.ingest.staging_fixture import make_staging, tiny_config
+from unet_model import UNet
+
+pytestmark = pytest.mark.slow  # three tiny trainings and two logged models: about 2 minutes on 2 cores
 
 CASES = [f"case_{i:03d}" for i in range(4)]
 
@@ -31,7 +35,9 @@ def runs(tmp_path_factory):
     uri = f"sqlite:///{root}/mlflow.db"
     base = tiny_config(val_qc_cases=1).replace(tracking={"experiment_name": "cv"})
     cv = train_and_log(staging, root / "cv", base.replace(data={"folds": 2}), tracking_uri=uri)
-    single = train_and_log(staging, root / "single", base.replace(data={"val_fraction": 0.5}), tracking_uri=uri)
+    single = train_and_log(
+        staging, root / "single", base.replace(data={"val_fraction": 0.5}), tracking_uri=uri
+    )
     return {"staging": staging, "uri": uri, "cv": cv, "single": single, "config": base}
 
 
@@ -42,10 +48,9 @@ def test_folds_are_runs_nested_under_the_run_that_holds_the_ensemble(runs):
     assert parent.data.tags["cv.folds"] == "2"
     assert parent.data.metrics["cv_dice_mean"] == pytest.approx(cv.result.best_dice_mean)
     assert parent.data.metrics["cv_dice/organ"] == pytest.approx(cv.result.best_dice["organ"])
-    per_fold = client.get_metric_history(cv.run_id, "fold_val_dice_mean")
-    assert [(m.step, m.value) for m in sorted(per_fold, key=lambda m: m.step)] == pytest.approx(
-        [(f["fold"], f["best_dice_mean"]) for f in cv.result.folds]
-    )
+    per_fold = sorted(client.get_metric_history(cv.run_id, "fold_val_dice_mean"), key=lambda m: m.step)
+    assert [m.step for m in per_fold] == [0, 1]
+    assert [m.value for m in per_fold] == pytest.approx([f["best_dice_mean"] for f in cv.result.folds])
     children = client.search_runs(
         [parent.info.experiment_id], filter_string=f"tags.mlflow.parentRunId = '{cv.run_id}'"
     )
@@ -94,6 +99,20 @@ def test_an_ensemble_is_scored_out_of_fold_on_the_cases_its_folds_trained_on(run
     assert net is loaded.model and ids == ["elsewhere"]
 
 
+@pytest.fixture
+def scored(monkeypatch):
+    """(network, case IDs) of every scoring the gate runs (the real validation runs)."""
+    calls = []
+    real = release.validate
+
+    def spy(model, cases, plan, **kwargs):
+        calls.append((model, [c.case_id for c in cases]))
+        return real(model, cases, plan, **kwargs)
+
+    monkeypatch.setattr(release, "validate", spy)
+    return calls
+
+
 def _gate_tags(runs, name, first, second):
     """Register `first` then `second` (TrainedModels) under `name`, gating each; the second's tags."""
     uri, staging, config = runs["uri"], runs["staging"], runs["config"]
@@ -103,33 +122,41 @@ def _gate_tags(runs, name, first, second):
     return mlflow.MlflowClient(uri).get_model_version(name, str(version)).tags
 
 
-def test_gate_scores_a_single_champion_on_the_cross_validations_cases(runs):
+def test_gate_scores_a_single_champion_on_the_cross_validations_cases(runs, scored):
     single, cv = runs["single"], runs["cv"]
     tags = _gate_tags(runs, "gate-single-then-cv", single, cv)
+    # The challenger's score is its out-of-fold Dice over all four cases; the champion (one
+    # U-Net) is scored again on exactly those cases, and nothing else is scored.
     assert tags["val_cases_sha256"] == validation_sha256(runs["staging"], CASES)
     assert float(tags["val_mean_dice"]) == pytest.approx(cv.result.best_dice_mean, abs=1e-6)
     assert tags["gate.champion_rescored"] == "true"
+    ((net, ids),) = scored
+    assert type(net) is UNet and ids == CASES
     champion = load_model_dir(single.model_dir)
     expected = evaluate_on_cases(champion, runs["staging"], CASES, runs["config"])
     assert float(tags["gate.champion_score"]) == pytest.approx(expected, abs=1e-6)
 
 
-def test_gate_scores_an_ensemble_champion_out_of_fold_on_the_challengers_cases(runs):
+def test_gate_scores_an_ensemble_champion_out_of_fold_on_the_challengers_cases(runs, scored):
     single, cv = runs["single"], runs["cv"]
     tags = _gate_tags(runs, "gate-cv-then-single", cv, single)
     val_ids = single.result.split["val"]
     assert tags["val_cases_sha256"] == validation_sha256(runs["staging"], val_ids)
     assert tags["gate.champion_rescored"] == "true"
     # The ensemble trained on every staged case: each of the challenger's cases is scored by
-    # the fold that held it out, through predict's path.
+    # the one fold network that held it out, through predict's path.
+    assert sorted(c for _, ids in scored for c in ids) == sorted(val_ids)
+    fold_of = {c: f["fold"] for f in cv.result.folds for c in f["val"]}
+    for net, ids in scored:
+        assert type(net) is UNet  # a fold's network, never the whole ensemble
+        assert len({fold_of[c] for c in ids}) == 1
     champion = load_model_dir(cv.model_dir)
     expected = evaluate_on_cases(champion, runs["staging"], val_ids, runs["config"])
     assert float(tags["gate.champion_score"]) == pytest.approx(expected, abs=1e-6)
-    assert all(net is not champion.model for net, _ in out_of_fold_groups(champion, val_ids))
 
 
-def test_two_cross_validations_of_the_same_cases_compare_their_out_of_fold_scores(runs):
+def test_two_cross_validations_of_the_same_cases_compare_their_out_of_fold_scores(runs, scored):
     cv = runs["cv"]
     tags = _gate_tags(runs, "gate-cv-then-cv", cv, cv)  # a retrain of the same folds
-    assert "gate.champion_rescored" not in tags  # already scored on the same cases: nothing redone
+    assert "gate.champion_rescored" not in tags and not scored  # same cases: nothing scored again
     assert float(tags["gate.champion_score"]) == pytest.approx(cv.result.best_dice_mean, abs=1e-6)

@@ -52,7 +52,7 @@ def test_config_is_the_members_and_they_must_share_it():
     config = UNetConfig(num_classes=2, base_channels=4, depth=2)
     assert UNetEnsemble(_members(2, config)).config == config
     other = UNet(UNetConfig(num_classes=2, base_channels=8, depth=2))
-    with pytest.raises(ValueError, match="member 1 has .*base_channels=8"):
+    with pytest.raises(ValueError, match=r"member 1 has .*base_channels=8"):
         UNetEnsemble([UNet(config), other])
     with pytest.raises(ValueError, match="at least one member"):
         UNetEnsemble([])

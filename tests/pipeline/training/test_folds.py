@@ -15,6 +15,8 @@ from pipeline.training.folds import check_folds, cross_validate
 from pipeline.training.result import read_result
 from tests.pipeline.ingest.staging_fixture import tiny_config
 
+pytestmark = pytest.mark.slow  # three tiny fold trainings: about a minute on 2 cores
+
 CASES = [f"case_{i:03d}" for i in range(4)]  # the staging fixture's
 
 
@@ -49,7 +51,9 @@ def test_each_fold_validates_on_its_own_held_out_fold(cv):
         assert recorded["split"] == {"train": train_ids, "val": val_ids}
         assert fold["val"] == val_ids and fold["out_dir"] == str(out / f"fold_{k}")
         assert (out / f"fold_{k}" / "checkpoints" / "last.pt").is_file()
-        assert sorted(p.name for p in (out / f"fold_{k}" / "validation_qc").iterdir()) == [f"{val_ids[0]}.png"]
+        assert sorted(p.name for p in (out / f"fold_{k}" / "validation_qc").iterdir()) == [
+            f"{val_ids[0]}.png"
+        ]
         seen += val_ids
     assert sorted(seen) == CASES  # every case validated by exactly one fold
     # The cross-validation's own record: every case trained some fold and scores out of fold.
