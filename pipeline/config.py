@@ -78,7 +78,7 @@ class DataConfig(_Section):
 
     val_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # share of labelled cases held out (folds == 1)
     folds: int = Field(1, ge=1)  # 1: one seeded hold-out split; k > 1: k-fold cross-validation by case
-    fold: int = Field(0, ge=0)  # which fold validates when folds > 1
+    fold: int = Field(0, ge=0)  # the fold one `loop.train` run validates on (cross-validation sets each)
     split_seed: int = 0  # seed of the case split (independent of the training seed)
     cache: Literal["memory", "disk", "none"] = "memory"  # CacheDataset, PersistentDataset, or none
     cache_dir: str | None = None  # PersistentDataset folder (default <out_dir>/cache) when cache: disk
