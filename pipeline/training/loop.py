@@ -535,10 +535,11 @@ def _train(
             _hook(cb, "on_train_start")(config=config, plan=plan, split=split)
 
     epochs_left = not state.finished(tc.epochs)
+    val_cases: Sequence[ValCase] = ()
+    val_options = loop_val_options(config)
     if epochs_left:
         batches = _train_batches(run, by_id, out_dir, start_epoch)
         val_cases = load_val_cases([by_id[c] for c in split["val"]], plan)
-        val_options = loop_val_options(config)
     quiet = not dctx.main or not sys.stderr.isatty()
     with tqdm(total=tc.epochs, initial=start_epoch, desc="train", unit="epoch", disable=quiet) as bar:
         for epoch in range(start_epoch, tc.epochs if epochs_left else start_epoch):
@@ -548,8 +549,8 @@ def _train(
     # The best weights (by mean val Dice) become the model; the last ones if none validated.
     if state.best_epoch >= 0 and (run.ckpt_dir / BEST).is_file():
         run.unet.load_state_dict(load_best(run.ckpt_dir / BEST))
-        if epochs_left and val_options != PredictOptions.from_config(config.infer):
-            final_validation(run, state, val_cases)
+        if val_options != PredictOptions.from_config(config.infer):  # also when resuming a finished run
+            final_validation(run, state, val_cases or load_val_cases([by_id[c] for c in split["val"]], plan))
     model_dir = None
     if dctx.main:
         if state.history:
