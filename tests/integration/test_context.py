@@ -33,7 +33,9 @@ def _mixed_masks(model_dir, out_dir):
     net = loaded.model
     with torch.no_grad():
         net.head.bias.copy_(torch.tensor([0.0, 0.3, 0.6]))
-    return save_model_dir(net, out_dir, plan=loaded.plan, config=loaded.config, label_names=loaded.label_names)
+    return save_model_dir(
+        net, out_dir, plan=loaded.plan, config=loaded.config, label_names=loaded.label_names
+    )
 
 
 @pytest.mark.slow  # about a minute on 2 cores: a training run, predict, and logging the pyfunc
@@ -48,7 +50,9 @@ def test_a_three_slice_run_predicts_the_same_masks_everywhere(tmp_path):
 
     model_dir = _mixed_masks(result.model_dir, tmp_path / "model")
     out = tmp_path / "predicted"
-    summary = predict(staging, model_dir, out, BatchSettings(write_seg=False, write_qc=False, secret_file=tmp_path / "s"))
+    summary = predict(
+        staging, model_dir, out, BatchSettings(write_seg=False, write_qc=False, secret_file=tmp_path / "s")
+    )
     assert summary.exit_code == EXIT_OK
     table = pd.read_csv(out / "results.csv", dtype=str)
 
