@@ -8,9 +8,10 @@ the same loop, config and budget (early stopping off, so each uses its whole bud
 the best weights on the held-out cases through predict's path (`training.validate`): mean Dice and
 HD95 over cases, with the seconds each run took. Variants: ours with the defaults; ours without
 deep supervision; with SGD (Nesterov, momentum 0.99, poly, lr 0.01: nnU-Net's) instead of AdamW;
-without augmentation; without test-time mirroring; and MONAI's BasicUNet and UNet trained by the
-same loop at our planned width (without deep supervision, which needs our decoder). Prints a
-table and one JSON line.
+without augmentation; without test-time mirroring; without the 2.5-D context (one input slice,
+`preprocess.context_slices: 1`; the same as ours where the plan chose 1); and MONAI's BasicUNet
+and UNet trained by the same loop at our planned width and context (without deep supervision,
+which needs our decoder). Prints a table and one JSON line.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ RECIPE_VARIANTS: dict[str, dict[str, dict]] = {
     "sgd instead of adamw": {"train": {"optimizer": "sgd", "lr": 0.01}},
     "- augmentation": {"preprocess": {"augment": False}},
     "- test-time mirroring": {"infer": {"mirror_axes": []}},
+    "- 2.5-D context": {"preprocess": {"context_slices": 1}},
 }
 
 

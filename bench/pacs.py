@@ -54,7 +54,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         secret_file = root / "site-secret"
         ingest(demo.msd_root, root / "staging", secret_file=secret_file, workers=1)
         plan = plan_dataset(root / "staging")
-        model = UNet(UNetConfig(in_channels=1, num_classes=plan.num_classes, base_channels=args.base))
+        model = UNet(
+            UNetConfig(in_channels=plan.context_slices, num_classes=plan.num_classes, base_channels=args.base)
+        )
         config = PipelineConfig().replace(model={"base_channels": args.base}).to_dict()
         model_dir = save_model_dir(
             model, root / "model", plan=plan.to_dict(), config=config, label_names=plan.label_names

@@ -85,6 +85,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
                     batch_size=bs,
                     amp_dtype=amp,
                     mirror_axes=cfg.infer.mirror_axes,
+                    context=plan.context_slices,
                 )
 
         forward_all()

@@ -28,7 +28,7 @@ from bench.common import network_in_loop
 from bench.demo_dice import msd_to_staging
 from pipeline.config import PipelineConfig
 from pipeline.io.manifest import read_manifest
-from pipeline.planning.network import plan_network
+from pipeline.planning.network import plan_network, unet_config
 from pipeline.planning.plan import plan_dataset
 from pipeline.runtime import configure_threads, prepare_model, resolve_device, to_input
 from pipeline.synthetic.dataset import make_demo_dataset
@@ -69,9 +69,7 @@ def loader_ratio(staging: Path, config: PipelineConfig, block: int = 15, blocks:
         buffer_size=config.data.loader_buffer,
         workers=loader_workers(config.data.loader_workers, "cpu"),
     )
-    model = prepare_model(
-        UNet(UNetConfig(num_classes=plan.num_classes, base_channels=plan.base_channels)), device
-    )
+    model = prepare_model(UNet(unet_config(plan, config.model)), device)  # the loop's network
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     loss_fn = torch.nn.CrossEntropyLoss()
 

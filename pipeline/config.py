@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 WORKDIR_ENV = "UNET_PIPELINE_WORKDIR"
 DEFAULT_WORKDIR = Path.home() / ".unet-pipeline"
+MAX_CONTEXT_SLICES = 15  # preprocess.context_slices: beyond this the neighbours are other anatomy
 
 
 @dataclass(frozen=True)
@@ -105,6 +106,10 @@ class PreprocessConfig(_Section):
     target_spacing: float | None = Field(None, gt=0.0)  # in-plane mm; None: the dataset median
     patch_size: int | None = Field(None, ge=16, multiple_of=16)  # None: planned from the data
     max_patch_size: int = Field(96, ge=16, multiple_of=16)  # cap of the planned patch (memory, speed)
+    # 2.5-D context: the network sees k neighbouring slices as input channels, centred on the slice
+    # it segments (edge slices repeated). None: planned from the slice spacing (the plan's `reasons`
+    # say why); 1: off (one slice); an odd k >= 3: always k.
+    context_slices: int | None = Field(None, ge=1, le=MAX_CONTEXT_SLICES)
     ct_clip_percentiles: tuple[float, float] = (0.5, 99.5)  # CT foreground clip (nnU-Net)
     foreground_ratio: float = Field(0.67, ge=0.0, le=1.0)  # share of slices centred on a labelled voxel
     # foreground centres drawn per class (each label as likely as the others, as nnU-Net samples):
@@ -127,6 +132,11 @@ class PreprocessConfig(_Section):
         g0, g1 = self.contrast_gamma
         if not 0.0 < g0 <= g1:
             raise ValueError(f"preprocess.contrast_gamma must be 0 < lo <= hi; got {[g0, g1]}")
+        if self.context_slices is not None and self.context_slices % 2 == 0:
+            raise ValueError(
+                f"preprocess.context_slices must be odd (the segmented slice in the middle, as many "
+                f"neighbours on each side): 1 (off), 3, 5, ... or null (planned); got {self.context_slices}"
+            )
         return self
 
 

@@ -25,6 +25,7 @@ from pipeline.inference.model import ModelHandle, plan_of
 from pipeline.inference.postprocess import postprocess
 from pipeline.io.model_dir import LoadedModel
 from pipeline.io.volume import Volume
+from pipeline.planning.plan import context_indices
 from pipeline.runtime import autocast, resolve_precision, to_input
 
 # The in-plane axes of an (N, C, H, W) slice batch that test-time mirroring may flip.
@@ -86,8 +87,14 @@ def segment_slices(
     amp_dtype: torch.dtype | None = None,
     channels_last: bool = True,
     mirror_axes: Sequence[str] = (),
+    context: int = 1,
 ) -> torch.Tensor:
     """(S, C, H, W) normalized slices -> (S, H, W) uint8 argmax labels on the CPU.
+
+    With `context` k > 1 (the plan's `context_slices`) the slices are one channel each and the
+    network's input for slice i is slices i - (k-1)/2 .. i + (k-1)/2 as k channels, clamped at the
+    volume's ends (`plan.context_indices`, the rule training samples by); they are stacked one
+    chunk at a time, so the volume is never held k times.
 
     With `mirror_axes` (names of MIRROR_DIMS) the labels are the argmax of the mean softmax over
     the slices and their flips along every subset of those axes, each flip undone (nnU-Net's
@@ -98,13 +105,15 @@ def segment_slices(
     """
     dims = [MIRROR_DIMS[a] for a in mirror_axes]
     flips = [list(c) for r in range(len(dims) + 1) for c in combinations(dims, r)]  # [] first: as is
-    n, _, h, w = slices.shape
+    n, channels, h, w = slices.shape
+    if context > 1 and channels != 1:
+        raise ValueError(f"a {context}-slice context stacks single-channel slices; got {channels} channels")
     step = max(1, batch_size // len(flips))  # slices per chunk
     per_pass = max(1, batch_size // step)  # flipped views of a chunk per forward pass
     out = torch.empty((n, h, w), dtype=torch.uint8)
     with torch.inference_mode():
         for start in range(0, n, step):
-            x = to_input(slices[start : start + step], device, channels_last)
+            x = to_input(_with_context(slices, start, start + step, context), device, channels_last)
             if len(flips) == 1:
                 with autocast(device, amp_dtype):
                     labels = model(x).argmax(dim=1)
@@ -121,6 +130,15 @@ def segment_slices(
                 labels = probs.argmax(dim=1)
             out[start : start + x.shape[0]] = labels.to(torch.uint8).cpu()
     return out
+
+
+def _with_context(slices: torch.Tensor, start: int, stop: int, context: int) -> torch.Tensor:
+    """Slices start..stop-1 of (S, 1, H, W), each with its `context` neighbours as channels."""
+    if context == 1:
+        return slices[start:stop]
+    n = slices.shape[0]
+    index = torch.from_numpy(context_indices(range(start, min(stop, n)), n, context))  # (m, k)
+    return slices[index.reshape(-1), 0].reshape(index.shape[0], context, *slices.shape[2:])
 
 
 def predict_prepared(
@@ -146,6 +164,7 @@ def predict_prepared(
         amp_dtype=resolve_precision(options.precision, device),
         channels_last=options.channels_last,
         mirror_axes=options.mirror_axes,
+        context=info.context_slices,
     )
     mask = restore_labels(labels, info)
     del labels

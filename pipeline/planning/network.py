@@ -50,9 +50,10 @@ MAPS_PER_LEVEL = 30
 
 
 def unet_config(plan: Plan, model: ModelConfig) -> UNetConfig:
-    """The network a run trains: the plan's classes and width, the config's depth, norm and dropout."""
+    """The network a run trains: the plan's context slices as input channels, its classes and width,
+    the config's depth, norm and dropout."""
     return UNetConfig(
-        in_channels=1,
+        in_channels=plan.context_slices,
         num_classes=plan.num_classes,
         base_channels=plan.base_channels,
         depth=model.depth,

@@ -12,6 +12,9 @@ per-modality intensity statistics of the labelled foreground, and voxel counts p
   foreground of all CT cases and z-scored with that foreground's mean and std; MR and any other
   modality are z-scored per case over the body (Otsu) mask;
 - patch size: the median in-plane size after resampling, rounded up to a multiple of 16, capped;
+- 2.5-D context (`plan_context`): the network's input is the slice and its neighbours along the
+  slice axis, k = 3 slices when the median slice spacing is at most `CONTEXT_MAX_SPACING_RATIO` x
+  the in-plane target (neighbours close enough to show the same anatomy), else 1;
 - base width and batch size: for the training device (`planning.network.plan_network`);
 - class weights: inverse square root of each label's voxel share, normalised to mean 1.
 
@@ -42,6 +45,9 @@ PATCH_MULTIPLE = 16  # the U-Net (depth 4) halves 4 times; patches are padded to
 ANISOTROPY_RATIO = 1.5  # a case's coarsest axis is "its" slice axis when this much coarser than the others
 FINGERPRINT_PERCENTILES = (0.5, 1, 2, 5, 50, 95, 98, 99, 99.5)  # foreground percentiles kept
 SAMPLES_PER_CASE = 20_000  # foreground intensities sampled per case for the CT statistics
+# 2.5-D context: neighbours count as the same anatomy up to this slice spacing / in-plane spacing.
+CONTEXT_MAX_SPACING_RATIO = 3.0
+CONTEXT_SLICES = 3  # the planned context when the slices are close enough: the slice and one each side
 
 
 @dataclass(frozen=True)
@@ -86,6 +92,14 @@ class Plan:
     base_channels: int | None = None  # U-Net first-level width for training (`plan_network`)
     batch_size: int | None = None  # 2D slices per training step (`plan_network`)
     reasons: dict[str, str] = field(default_factory=dict)  # decision (patch_size, ...) -> why
+    # Input channels: the slice and its (k - 1) / 2 neighbours on each side along the slice axis
+    # (`plan_context`); 1: the slice alone (plans from before 2.5-D context read as 1).
+    context_slices: int = 1
+
+    def __post_init__(self) -> None:
+        k = self.context_slices
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ValueError(f"plan context_slices must be an odd positive integer (1: off); got {k!r}")
 
     @property
     def num_classes(self) -> int:
@@ -248,10 +262,11 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
     draft = Plan(
         slice_axis, 1.0, PATCH_MULTIPLE, {}, fingerprint.labels, [], anisotropy_ratio=ANISOTROPY_RATIO
     )
-    in_plane_spacing, in_plane_size, slices = [], [], []
+    in_plane_spacing, in_plane_size, slices, slice_spacing = [], [], [], []
     for sp, sh in zip(spacings, shapes, strict=True):
         axis = draft.case_slice_axis(sp)
         slices.append(sh[axis])
+        slice_spacing.append(sp[axis])
         others = [a for a in range(3) if a != axis]
         in_plane_spacing.extend(sp[others])
         in_plane_size.append(sh[others] * sp[others])  # extent in mm
@@ -303,6 +318,7 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
     weights = weights / weights.mean()
 
     median_shape = tuple(round(float(s)) for s in np.median(shapes * spacings, axis=0) / target)
+    context, context_why = plan_context(float(np.median(slice_spacing)), target, pre.context_slices)
     return Plan(
         slice_axis=slice_axis,
         target_spacing=round(target, 4),
@@ -312,7 +328,8 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
         class_weights=[round(float(w), 4) for w in weights],
         crop_foreground=bool(pre.crop_foreground),
         median_shape=median_shape,  # type: ignore[arg-type]
-        reasons={"patch_size": patch_why},
+        reasons={"patch_size": patch_why, "context_slices": context_why},
+        context_slices=context,
         fingerprint_summary={
             "cases": len(fingerprint.cases),
             "modalities": {
@@ -321,8 +338,48 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
             "median_spacing_ras": [round(float(s), 4) for s in median_spacing],
             "median_in_plane_px": round(median_px, 1),
             "median_slices": int(np.median(slices)),  # along each case's own slice axis
+            "median_slice_spacing": round(float(np.median(slice_spacing)), 4),  # mm, the same axis
             "intensity": fingerprint.intensity,
         },
+    )
+
+
+def context_indices(centres: np.ndarray | range | list[int], num_slices: int, k: int) -> np.ndarray:
+    """(len(centres), k) slice indices of each centre's 2.5-D context: the (k - 1) / 2 slices
+    before it, itself, the ones after, clamped to 0..num_slices - 1 (an edge slice repeats).
+
+    Training samples and inference stacks its input channels with this one rule.
+    """
+    if k < 1 or k % 2 == 0:
+        raise ValueError(f"context slices must be an odd positive integer; got {k}")
+    offsets = np.arange(k, dtype=np.int64) - k // 2
+    return np.clip(np.asarray(centres, dtype=np.int64)[:, None] + offsets, 0, num_slices - 1)
+
+
+def plan_context(slice_spacing: float, target_spacing: float, configured: int | None) -> tuple[int, str]:
+    """(k, why): the input slices of the 2.5-D context for a median slice spacing (mm).
+
+    k = CONTEXT_SLICES when the slices are at most CONTEXT_MAX_SPACING_RATIO x the in-plane spacing
+    apart, else 1 (thick slices: a neighbour shows other anatomy). `configured`
+    (preprocess.context_slices) wins when set.
+    """
+    ratio = slice_spacing / target_spacing
+    close = ratio <= CONTEXT_MAX_SPACING_RATIO
+    automatic = CONTEXT_SLICES if close else 1
+    why = (
+        f"the median slice spacing {slice_spacing:g} mm is {ratio:.1f}x the in-plane {target_spacing:g} mm "
+        + (
+            f"(<= {CONTEXT_MAX_SPACING_RATIO:g}x: neighbours show the same anatomy): the slice and "
+            f"{(CONTEXT_SLICES - 1) // 2} neighbour(s) each side, {CONTEXT_SLICES} input channels"
+            if close
+            else f"(> {CONTEXT_MAX_SPACING_RATIO:g}x: neighbours show other anatomy): the slice alone"
+        )
+    )
+    if configured is None:
+        return automatic, why
+    return configured, (
+        f"preprocess.context_slices set in the config (explicit beats automatic; the plan would choose "
+        f"{automatic}: {why})"
     )
 
 
@@ -330,10 +387,11 @@ def plan_dataset(staging: str | Path, preprocess: Any | None = None) -> Plan:
     """Fingerprint then plan: the one call training makes."""
     plan = make_plan(fingerprint_dataset(staging), preprocess)
     log.info(
-        "plan: slice axis %d, in-plane %.3f mm, patch %d, normalization %s",
+        "plan: slice axis %d, in-plane %.3f mm, patch %d, context %d slice(s), normalization %s",
         plan.slice_axis,
         plan.target_spacing,
         plan.patch_size,
+        plan.context_slices,
         {m: n["scheme"] for m, n in plan.normalization.items()},
     )
     return plan

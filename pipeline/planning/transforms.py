@@ -156,6 +156,7 @@ class PreprocessInfo:
     spatial_shape: tuple[int, int, int]  # preprocessed volume (RAS order)
     original_affine: np.ndarray  # (4, 4) of the input volume
     original_shape: tuple[int, int, int]
+    context_slices: int = 1  # the plan's: the network's input is each slice with its neighbours
 
 
 def preprocess_volume(
@@ -165,6 +166,8 @@ def preprocess_volume(
 
     `volume` is a `Volume` or a NIfTI path; `modality` defaults to the Volume's (CT, MR, ...) and
     must be given for paths. Slices are not padded: the U-Net pads any H, W >= 16 internally.
+    The info carries the plan's `context_slices`: the predictor stacks each slice's neighbours
+    from it (one channel per slice here, so the volume is held once).
     """
     if isinstance(volume, Volume):
         modality = modality or volume.modality
@@ -194,6 +197,7 @@ def preprocess_volume(
         spatial_shape=tuple(int(s) for s in image.shape[1:]),  # type: ignore[arg-type]
         original_affine=original_affine,
         original_shape=tuple(int(s) for s in original_shape),  # type: ignore[arg-type]
+        context_slices=plan.context_slices,
     )
     return slices, info
 

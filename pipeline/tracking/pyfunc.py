@@ -19,10 +19,10 @@ training config's infer section says, and the return to the input's grid. So the
 is predict's mask, voxel for voxel.
 
 ``params={"level": "slices"}`` keeps the bare network available: ``image`` is then a float32
-(N, C, H, W) batch of already normalized slices and the output column ``logits`` holds the
-(N, num_classes, H, W) logits. A cross-validation model (the folds' `UNetEnsemble`) is one
-network too: its ``logits`` are the log of the folds' mean softmax, so their softmax is the
-ensemble's probabilities.
+(N, C, H, W) batch of already normalized slices (C: the plan's `context_slices`, each slice
+between its neighbours) and the output column ``logits`` holds the (N, num_classes, H, W) logits.
+A cross-validation model (the folds' `UNetEnsemble`) is one network too: its ``logits`` are the
+log of the folds' mean softmax, so their softmax is the ensemble's probabilities.
 
 The model is logged "from code" (MLflow runs `_MODEL_CODE`, which imports this module; nothing is
 pickled) with the project's own packages as `code_paths` and pinned `pip_requirements` that a

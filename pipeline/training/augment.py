@@ -2,8 +2,10 @@
 
 After the plan's deterministic chain (`pipeline.planning.transforms.geometry_transforms`, cached),
 training moves each case's slice axis last and samples 2D slices with foreground oversampling
-(RandCropByPosNegLabeld with a (patch, patch, 1) box, from cached centre indices), stacks each
-volume's slices so one augmentation draw serves them together, augments them (flips,
+(RandCropByPosNegLabeld with a (patch, patch, 1) box, from cached centre indices) and, for the
+plan's 2.5-D context, the same box of each slice's neighbours as input channels (the label is the
+centre slice's); it stacks each volume's slices so one augmentation draw serves them together
+(every spatial one alike on a slice and its neighbours), augments them (flips,
 rotation/scaling, noise, contrast, intensity shift) and pads them to the patch size (a multiple
 of 16). Validation and inference never run these: they take whole volumes through
 `preprocess_volume`.
@@ -29,11 +31,11 @@ from monai.transforms import (
     Randomizable,
     RandShiftIntensityd,
     SelectItemsd,
+    SpatialCrop,
     SpatialPadd,
-    SplitDimd,
 )
 
-from pipeline.planning.plan import Plan
+from pipeline.planning.plan import Plan, context_indices
 from pipeline.planning.transforms import IMAGE, LABEL, SLICE_AXIS_KEY, geometry_transforms
 
 
@@ -107,21 +109,29 @@ class SampleIndicesd(MapTransform):
 
 
 class RandSlicesd(Randomizable, MapTransform):
-    """Sample `num_samples` 2D slices of one cached volume, stacked as channels (k, h, w).
+    """Sample `num_samples` 2D slices of one cached volume with their 2.5-D context, stacked as
+    channels: image (num_samples * context, h, w), label (num_samples, h, w).
 
     MONAI's RandCropByPosNegLabeld draws the slice centres (foreground oversampling from the
-    cached indices of SampleIndicesd); stacking the crops lets each augmentation below run once
-    per volume visit instead of once per slice, with one random draw shared by the volume's
-    slices (every visit draws anew). Per-slice MONAI calls cost more CPU than the training step
-    can spare on a small CPU; SplitDimd makes single-slice samples again at the end.
+    cached indices of SampleIndicesd) and crops the label there; the image is cut at the same
+    in-plane box (MONAI's SpatialCrop of the same centre) from the centre slice and its neighbours
+    (`plan.context_indices`: the predictor's rule, edge slices repeated), so sample i's image is
+    channels i*context .. (i+1)*context - 1 with the centre slice in the middle. Stacking lets each
+    augmentation below run once per volume visit instead of once per slice, with one random draw
+    shared by the volume's slices and their neighbours (every visit draws anew). Per-slice MONAI
+    calls cost more CPU than the training step can spare on a small CPU; SplitSamplesd makes
+    single samples again at the end.
     """
 
-    def __init__(self, keys: Sequence[str], patch: int, pos_ratio: float, num_samples: int) -> None:
+    def __init__(
+        self, keys: Sequence[str], patch: int, pos_ratio: float, num_samples: int, context: int = 1
+    ) -> None:
         super().__init__(keys)
+        self.size, self.context = (patch, patch, 1), context
         self.crop = RandCropByPosNegLabeld(
-            keys,
+            [LABEL],
             label_key=LABEL,
-            spatial_size=(patch, patch, 1),
+            spatial_size=self.size,
             pos=pos_ratio,
             neg=1.0 - pos_ratio,
             num_samples=num_samples,
@@ -138,12 +148,33 @@ class RandSlicesd(Randomizable, MapTransform):
         pass
 
     def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
-        samples = self.crop(data)
+        image = torch.as_tensor(data[IMAGE])  # (1, a, b, slices): SliceAxisLastd's plain tensor
+        # Without the image: the crop deep-copies every key it does not crop, once per sample.
+        samples = self.crop({k: v for k, v in data.items() if k != IMAGE})
         d = {k: v for k, v in samples[0].items() if k not in (FG_INDICES, BG_INDICES)}
-        for key in self.key_iterator(d):
-            stacked = torch.cat([torch.as_tensor(s[key])[..., 0] for s in samples])  # (k, h, w)
-            d[key] = stacked.as_tensor() if isinstance(stacked, MetaTensor) else stacked
+        label = torch.cat([torch.as_tensor(s[LABEL])[..., 0] for s in samples])  # (n, h, w)
+        d[LABEL] = label.as_tensor() if isinstance(label, MetaTensor) else label
+        parts = []
+        for centre in self.crop.cropper.centers:
+            box = SpatialCrop(roi_center=centre, roi_size=self.size).slices[:2]  # the label's box
+            z = context_indices([int(centre[2])], image.shape[-1], self.context)[0]
+            parts.append(image[(slice(None), *box)][..., torch.from_numpy(z)].movedim(-1, 1).flatten(0, 1))
+        d[IMAGE] = torch.cat(parts)  # (n * context, h, w)
         return d
+
+
+class SplitSamplesd(MapTransform):
+    """(n * c, h, w) stacks -> n samples of (c, h, w) per key (c: the context for the image, 1 for
+    the label). MONAI's SplitDimd splits into single channels only."""
+
+    def __init__(self, keys: Sequence[str], num_samples: int) -> None:
+        super().__init__(keys)
+        self.num_samples = num_samples
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> list[dict[Hashable, Any]]:
+        d = dict(data)
+        parts = {key: d[key].chunk(self.num_samples) for key in self.key_iterator(d)}
+        return [{**d, **{key: chunks[i] for key, chunks in parts.items()}} for i in range(self.num_samples)]
 
 
 def train_transforms(plan: Plan, preprocess: Any, slices_per_volume: int) -> Compose:
@@ -153,7 +184,10 @@ def train_transforms(plan: Plan, preprocess: Any, slices_per_volume: int) -> Com
         *geometry_transforms(plan),
         SliceAxisLastd([IMAGE, LABEL]),
         SampleIndicesd(LABEL, balance_classes=preprocess.balance_classes),  # the last cached step
-        RandSlicesd([IMAGE, LABEL], p, float(preprocess.foreground_ratio), slices_per_volume),  # (k, h, w)
+        # (slices_per_volume * context, h, w) images, (slices_per_volume, h, w) labels
+        RandSlicesd(
+            [IMAGE, LABEL], p, float(preprocess.foreground_ratio), slices_per_volume, plan.context_slices
+        ),
     ]
     if preprocess.augment:
         rad = float(np.deg2rad(preprocess.rotate_degrees))
@@ -179,6 +213,6 @@ def train_transforms(plan: Plan, preprocess: Any, slices_per_volume: int) -> Com
         SpatialPadd([LABEL], spatial_size=(p, p), mode="constant"),
         CastToTyped([IMAGE, LABEL], dtype=(torch.float32, torch.int64)),
         SelectItemsd([IMAGE, LABEL]),  # a batch is two tensors: each more costs the workers a copy
-        SplitDimd([IMAGE, LABEL], dim=0, keepdim=True, list_output=True),  # k samples of (1, h, w)
+        SplitSamplesd([IMAGE, LABEL], slices_per_volume),  # samples of (context, h, w) and (1, h, w)
     ]
     return Compose(steps)

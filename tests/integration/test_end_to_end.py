@@ -66,7 +66,7 @@ def test_ingest_then_train_register_and_gate(world, monkeypatch):
     registered = tracking.load_registered("models:/e2e-seg@champion", tracking_uri=uri, dst=root / "dl")
     local = load_model_dir(trained.model_dir)
     assert registered.sha256 == local.sha256
-    x = torch.randn(2, 1, 33, 37)
+    x = torch.randn(2, local.unet_config.in_channels, 33, 37)  # the plan's context slices
     with torch.no_grad():
         torch.testing.assert_close(registered.model(x), local.model(x))
 

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -87,3 +89,24 @@ def test_cli_config_show_prints_the_defaults_as_yaml():
     result = CliRunner().invoke(app, ["config", "--show"])
     assert result.exit_code == 0, result.output
     assert yaml.safe_load(result.output) == PipelineConfig().to_dict()
+
+
+@pytest.mark.parametrize("k", [None, 1, 3, 5, 15])
+def test_context_slices_accepts_planned_off_and_odd_counts(k):
+    assert PipelineConfig.from_dict({"preprocess": {"context_slices": k}}).preprocess.context_slices == k
+    assert PipelineConfig().preprocess.context_slices is None  # planned by default
+
+
+@pytest.mark.parametrize(
+    ("k", "message"),
+    [
+        (2, "preprocess.context_slices must be odd"),
+        (4, "1 (off), 3, 5, ... or null (planned); got 4"),
+        (0, "preprocess.context_slices: Input should be greater than or equal to 1"),
+        (17, "preprocess.context_slices: Input should be less than or equal to 15"),
+        ("three", "preprocess.context_slices"),
+    ],
+)
+def test_context_slices_refuses_even_and_out_of_range_counts(k, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        PipelineConfig.from_dict({"preprocess": {"context_slices": k}})

@@ -23,9 +23,9 @@ def served(tmp_path_factory):
     """An untrained model with a real plan, logged, registered and made champion; predict's masks."""
     root = tmp_path_factory.mktemp("pyfunc")
     setup = make_predict_setup(root, n_cases=3, size=32)
-    # Seed 2's untrained network splits these volumes about half background, half label 2, so
-    # equal masks below mean equal geometry, not equal emptiness.
-    model_dir = save_untrained_model(setup.plan, root / "model-seed2", seed=2)
+    # Seed 7's untrained network (three input slices: the plan's context for these volumes)
+    # splits them between the labels, so equal masks below mean equal geometry, not equal emptiness.
+    model_dir = save_untrained_model(setup.plan, root / "model-seed7", seed=7)
     uri = f"sqlite:///{root}/mlflow.db"
     with Tracker(tracking_uri=uri, run_name="pyfunc-test") as tracker:
         model_uri = tracker.log_model(model_dir, val_dice={"organ": 0.5, "lesion": 0.25, "mean": 0.375})
@@ -144,13 +144,15 @@ def test_the_slice_level_returns_the_networks_logits(served):
 
     from pipeline.io.model_dir import load_model_dir
 
-    net = load_model_dir(served["model_dir"]).model.eval()
-    x = np.random.default_rng(3).normal(size=(3, 1, 33, 37)).astype(np.float32)
+    loaded = load_model_dir(served["model_dir"])
+    net, k = loaded.model.eval(), loaded.unet_config.in_channels  # k: the plan's context slices
+    assert k == served["setup"].plan.context_slices
+    x = np.random.default_rng(3).normal(size=(3, k, 33, 37)).astype(np.float32)
     with torch.inference_mode():
         expected = net(torch.from_numpy(x)).numpy()
     got = served["pyfunc"].predict({"image": [x]}, params={"level": "slices"})["logits"][0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5)
-    with pytest.raises(MlflowException, match=r"\(N, 1, H, W\)"):
+    with pytest.raises(MlflowException, match=rf"\(N, {k}, H, W\)"):
         served["pyfunc"].predict({"image": [x[:, 0]]}, params={"level": "slices"})
     with pytest.raises(MlflowException, match="valid levels: volume, slices"):
         served["pyfunc"].predict({"image": [x]}, params={"level": "voxels"})

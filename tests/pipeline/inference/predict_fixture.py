@@ -32,7 +32,9 @@ class PredictSetup:
 
 def save_untrained_model(plan: Plan, out: Path, seed: int = 0, base: int = 4) -> Path:
     torch.manual_seed(seed)
-    model = UNet(UNetConfig(in_channels=1, num_classes=plan.num_classes, base_channels=base))
+    model = UNet(
+        UNetConfig(in_channels=plan.context_slices, num_classes=plan.num_classes, base_channels=base)
+    )
     config = PipelineConfig().replace(model={"base_channels": base}).to_dict()
     return save_model_dir(model, out, plan=plan.to_dict(), config=config, label_names=plan.label_names)
 

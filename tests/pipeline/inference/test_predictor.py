@@ -98,3 +98,83 @@ def test_the_options_follow_the_config_and_survive_the_batch_record():
 def test_unknown_or_repeated_axes_are_refused(axes):
     with pytest.raises(ValueError, match="mirror_axes"):
         PredictOptions(mirror_axes=axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# 2.5-D context: each slice between its neighbours as the network's input channels
+
+
+class _Recorder(nn.Module):
+    """Keeps every input batch; logits of zeros (two classes)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.inputs.append(x.detach().clone())
+        return torch.zeros(x.shape[0], 2, *x.shape[2:])
+
+
+def _in_context(model, slices, k, axes, batch_size=4):
+    return segment_slices(
+        model, slices, device=CPU, batch_size=batch_size, channels_last=False, mirror_axes=axes, context=k
+    )
+
+
+def _expected_context(slices: torch.Tensor, k: int) -> torch.Tensor:
+    """(S, k, H, W): slice i with slices i-(k-1)/2 .. i+(k-1)/2, an edge slice repeated past the ends."""
+    n, r = slices.shape[0], k // 2
+    return torch.stack(
+        [torch.cat([slices[min(max(i + o, 0), n - 1)] for o in range(-r, r + 1)]) for i in range(n)]
+    )
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("n", [1, 2, 5])
+@pytest.mark.parametrize("batch_size", [1, 4, 16])
+def test_each_slice_goes_in_with_its_neighbours_and_the_edges_repeat(k, n, batch_size):
+    slices, model = _slices(n, 33, 37), _Recorder()
+    labels = _in_context(model, slices, k, (), batch_size)
+    assert labels.shape == (n, 33, 37)
+    fed = torch.cat(model.inputs)
+    assert fed.shape == (n, k, 33, 37)
+    assert torch.equal(fed, _expected_context(slices, k))
+
+
+def test_a_context_network_that_reads_only_the_centre_slice_segments_as_the_one_slice_network():
+    """k = 1 is today's path, and the centre channel of k = 3 is the slice itself: a 3-channel
+    convolution whose neighbour weights are zero gives the 1-channel convolution's labels."""
+    torch.manual_seed(3)
+    one = nn.Conv2d(1, NUM_CLASSES, 3, padding=1).eval()
+    three = nn.Conv2d(3, NUM_CLASSES, 3, padding=1).eval()
+    with torch.no_grad():
+        three.weight.zero_()
+        three.weight[:, 1:2].copy_(one.weight)
+        three.bias.copy_(one.bias)
+    slices = _slices(6, 33, 37)
+    plain = _segment(one, slices, ("H", "W"), 4)
+    assert len(plain.unique()) == NUM_CLASSES
+    assert torch.equal(_in_context(one, slices, 1, ("H", "W")), plain)
+    assert torch.equal(_in_context(three, slices, 3, ("H", "W")), plain)
+    with torch.no_grad():  # the neighbours matter once their weights do: the test could fail
+        three.weight[:, 0].add_(torch.randn_like(three.weight[:, 0]))
+    assert not torch.equal(_in_context(three, slices, 3, ("H", "W")), plain)
+
+
+@pytest.mark.parametrize("batch_size", [1, 3, 16])
+def test_mirroring_flips_a_slice_and_its_neighbours_together(batch_size):
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, NUM_CLASSES, 3, padding=1)).eval()
+    slices = _slices(5, 33, 37)
+    stacked = _expected_context(slices, 3)
+    flips = [[], [2], [3], [2, 3]]
+    with torch.no_grad():
+        mean = sum(model(stacked.flip(f)).softmax(1).flip(f) for f in flips) / len(flips)
+    got = _in_context(model, slices, 3, ("H", "W"), batch_size)
+    assert torch.equal(got, mean.argmax(1).to(torch.uint8))
+
+
+def test_a_context_needs_single_channel_slices():
+    with pytest.raises(ValueError, match="3-slice context stacks single-channel slices; got 2 channels"):
+        segment_slices(_Recorder(), torch.zeros(4, 2, 16, 16), device=CPU, batch_size=4, context=3)

@@ -75,3 +75,10 @@ def test_activation_estimate_grows_with_width_patch_and_precision():
     assert activation_bytes(32, 4, 64, 4) == 2 * small
     assert activation_bytes(16, 4, 128, 4) == 4 * small
     assert activation_bytes(16, 4, 64, 2) * 2 == small
+
+
+@pytest.mark.parametrize("context", [1, 3, 5])
+def test_the_network_takes_the_plans_context_slices_as_input_channels(context):
+    fp = _fp([(1.0, 1.0, 3.0)] * 3, [(64, 64, 20)] * 3)
+    plan = plan_network(make_plan(fp, PreprocessConfig(context_slices=context)), PipelineConfig(), CPU)
+    assert network.unet_config(plan, PipelineConfig().model).in_channels == context

@@ -8,6 +8,7 @@ from pipeline.planning.plan import (
     CaseFingerprint,
     Fingerprint,
     Plan,
+    context_indices,
     load_plan,
     make_plan,
     plan_dataset,
@@ -105,3 +106,66 @@ def test_plan_of_a_staging_folder(tmp_path):
     assert set(plan.normalization) == {"CT", "MR"}
     assert plan.num_classes == 3 and plan.label_names[2] == "lesion"
     assert 0.85 < plan.target_spacing < 1.15
+
+
+@pytest.mark.parametrize(
+    ("spacing", "context", "why"),
+    [
+        ((0.8, 0.8, 0.8), 3, "1.0x the in-plane 0.8 mm (<= 3x"),  # isotropic
+        ((0.9, 0.9, 2.5), 3, "2.8x the in-plane 0.9 mm (<= 3x"),  # the demo's thin-slice CT and MR
+        ((1.0, 1.0, 3.0), 3, "3.0x the in-plane 1 mm (<= 3x"),  # the rule's edge counts as close
+        ((0.7, 0.7, 5.0), 1, "7.1x the in-plane 0.7 mm (> 3x: neighbours show other anatomy)"),
+        ((0.5, 6.0, 0.5), 1, "12.0x"),  # thick coronal slices: the spacing along each case's own axis
+    ],
+)
+def test_context_is_planned_from_the_slice_spacing_and_says_why(spacing, context, why):
+    plan = make_plan(_fp([spacing] * 3, [(64, 64, 20)] * 3))
+    assert plan.context_slices == context
+    assert why in plan.reasons["context_slices"]
+    assert plan.fingerprint_summary["median_slice_spacing"] == pytest.approx(max(spacing))
+
+
+def test_context_follows_the_median_case():
+    """Two thin-slice cases and one thick one: the median slice spacing (2.5 mm) decides."""
+    plan = make_plan(_fp([(1, 1, 2.0), (1, 1, 2.5), (1, 1, 8.0)], [(64, 64, 20)] * 3))
+    assert plan.context_slices == 3 and plan.reasons["context_slices"].startswith(
+        "the median slice spacing 2.5 mm"
+    )
+
+
+@pytest.mark.parametrize(("configured", "automatic"), [(1, 3), (5, 3), (3, 1)])
+def test_a_configured_context_beats_the_plan_and_the_reason_says_so(configured, automatic):
+    thin, thick = (1.0, 1.0, 2.0), (1.0, 1.0, 6.0)
+    fp = _fp([thin if automatic == 3 else thick] * 3, [(64, 64, 20)] * 3)
+    plan = make_plan(fp, PreprocessConfig(context_slices=configured))
+    assert plan.context_slices == configured
+    assert plan.reasons["context_slices"].startswith(
+        "preprocess.context_slices set in the config (explicit beats automatic; the plan would choose "
+        f"{automatic}:"
+    )
+
+
+def test_a_plan_from_before_the_context_reads_as_one_slice_and_bad_contexts_are_refused(tmp_path):
+    data = make_plan(_fp([(1, 1, 2)] * 2, [(64, 64, 10)] * 2)).to_dict()
+    assert data["context_slices"] == 3
+    del data["context_slices"]
+    assert Plan.from_dict(data).context_slices == 1
+    for bad in (0, 2, -1, 1.5, True):
+        with pytest.raises(ValueError, match="context_slices must be an odd positive integer"):
+            Plan.from_dict({**data, "context_slices": bad})
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+@pytest.mark.parametrize("num_slices", [1, 2, 7])
+def test_context_indices_are_the_neighbours_with_the_edge_slices_repeated(k, num_slices):
+    got = context_indices(range(num_slices), num_slices, k)
+    assert got.shape == (num_slices, k)
+    for centre in range(num_slices):
+        expected = [min(max(centre + o, 0), num_slices - 1) for o in range(-(k // 2), k // 2 + 1)]
+        assert got[centre].tolist() == expected
+    assert got[:, k // 2].tolist() == list(range(num_slices))  # the centre in the middle
+
+
+def test_context_indices_refuse_an_even_context():
+    with pytest.raises(ValueError, match="odd positive"):
+        context_indices([0], 4, 2)

@@ -59,7 +59,7 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
     assert (run / "checkpoints" / "last.pt").is_file() and (run / "checkpoints" / "best.pt").is_file()
     plan = load_plan(run / "plan.json")
     assert plan.num_classes == 3 and (plan.base_channels, plan.batch_size) == (4, 4)  # tiny_config's
-    assert set(plan.reasons) == {"patch_size", "base_channels", "batch_size"}
+    assert set(plan.reasons) == {"patch_size", "context_slices", "base_channels", "batch_size"}
     assert "explicit beats automatic" in plan.reasons["base_channels"]
     assert load_plan(result.model_dir / "plan.json") == plan  # beside the weights
     # deep supervision (on by default): its heads are trained and resumed, never exported

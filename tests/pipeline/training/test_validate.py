@@ -21,7 +21,9 @@ def test_one_picture_per_case_with_the_truth_and_stale_ones_cleared(staging, tmp
     plan = plan_dataset(staging, PreprocessConfig())
     rows = [r for r in read_manifest(staging, resolve=True) if r.get("label")][:2]
     torch.manual_seed(0)
-    model = UNet(UNetConfig(num_classes=plan.num_classes, base_channels=4, depth=3)).train()
+    model = UNet(
+        UNetConfig(in_channels=plan.context_slices, num_classes=plan.num_classes, base_channels=4, depth=3)
+    ).train()
     folder = tmp_path / "validation_qc"
     folder.mkdir()
     (folder / "case-stale.png").write_bytes(b"old")
