@@ -80,7 +80,7 @@ from pipeline.inference.records import OUTPUT_VERSION, clear_case, clip_line, do
 from pipeline.inference.results import CaseResult, PredictSummary
 from pipeline.inference.worker import load, open_batch, predict_loaded, run_case, write_case
 from pipeline.inference.writers import Writers
-from pipeline.ingest import IngestLimits
+from pipeline.ingest import IngestLimits, forget_jobs, keep_job
 from pipeline.io.batchdir import BatchDir, case_key, load_or_create_secret, resolve_folders
 from pipeline.io.model_dir import code_version
 from pipeline.outputs import report, tables
@@ -137,12 +137,15 @@ def prepare_batch(
     settings: BatchSettings | None = None,
     *,
     progress: bool = False,
+    keep_jobs: bool = False,
 ) -> BatchPlan:
     """Step 1: verify the model (ModelLoadError before anything is written), plan the cases and
     record the plan in OUT/.batch/; see `predict` for the arguments.
 
     Cases with a valid done-marker from an earlier run (same input, model and options) are not
-    in `todo`.
+    in `todo`. keep_jobs: keep the DICOM cases' series (their headers, read here) in this process
+    for workers in it (`worker.OpenBatch.job_for`), sparing them a second header pass; `predict`
+    does, orchestrators whose workers run elsewhere leave it off (the jobs would only hold memory).
     """
     settings = settings or BatchSettings()
     started = datetime.now(UTC)
@@ -159,7 +162,9 @@ def prepare_batch(
             # the model staged and writes the same plan again.
             held.enter_context(work.prepare_lock())
             stage_model(handle, work.work / MODEL_DIR)
-        return _write_plan(handle, source, out, settings, started=started, device=device, progress=progress)
+        return _write_plan(
+            handle, source, out, settings, started=started, device=device, progress=progress, keep=keep_jobs
+        )
 
 
 def _write_plan(
@@ -171,6 +176,7 @@ def _write_plan(
     started: datetime,
     device: str,
     progress: bool,
+    keep: bool,
 ) -> BatchPlan:
     """prepare_batch once the model is staged (under the plan lock): plan the cases, write the plan."""
     work = BatchDir(out)
@@ -220,6 +226,7 @@ def _write_plan(
         handle, options, write_seg=settings.write_seg, write_qc=settings.write_qc, limits=limits
     )
     work.clear_failures()
+    forget_jobs(out)
     todo = []
     case_bytes = {}
     target = float(handle.loaded.plan.get("target_spacing") or 1.0)
@@ -228,6 +235,8 @@ def _write_plan(
         work.write_case(case.case_id, {**case_to_json(case), "planned_bytes": case_bytes[case.case_id]})
         if done_marker(out, case.case_id, case.inputs_sha256, keyed) is None:
             todo.append(case.case_id)
+            if keep and case.job is not None:
+                keep_job(out, case.job)
     batch = {
         "source": str(source),
         "secret_file": str(secret_path.resolve()),
@@ -453,44 +462,58 @@ def predict(
     `on_case_done` (and the progress bar) fire once a case is fully done, in this thread.
     """
     settings = settings or BatchSettings()
-    plan = prepare_batch(source, model, out, settings, progress=progress)
+    plan = prepare_batch(source, model, out, settings, progress=progress, keep_jobs=True)
     out = Path(out).resolve()
-    if plan.todo:
-        batch = open_batch(out)
-        todo = [batch.case(case_id) for case_id in plan.todo]
-        budget = settings.memory_budget if settings.memory_budget is not None else batch.limits.memory_budget
-        if budget is None:
-            budget = default_budget()
-        bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
-
-        def done(result: CaseResult) -> None:  # a case fully done: outputs and marker, or its record
-            if on_case_done is not None:
-                on_case_done(result)
-            bar.update(1)
-
-        cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
-        writing = Writing()
-        write = lambda p: write_case(batch, p)  # noqa: E731
-        with Writers(write, workers=max(1, settings.writers), writing=writing, on_done=done) as writers:
-            cases = prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget, writing=writing)
-            for case, pending in cases:
-                lock = ExitStack()  # held across predict and write; a writer closes it when done
-                lock.enter_context(batch.work.case_lock(case.case_id))
-                try:
-                    if settings.writers < 1:  # serially, in this thread
-                        result = run_case(case, pending, batch)
-                    else:
-                        result = predict_loaded(case, pending, batch)
-                    del pending
-                except BaseException:  # an interrupt: the case was not handed on
-                    lock.close()
-                    raise
-                if isinstance(result, CaseResult):
-                    lock.close()
-                    done(result)
-                else:
-                    writers.submit(result, lock, planned_write_bytes(cost(case)))
-                del result
-                writers.poll()
-        bar.close()
+    try:
+        if plan.todo:
+            _predict_todo(out, plan, settings, progress, on_case_done)
+    finally:
+        forget_jobs(out)  # those of cases not run (an interrupt)
     return finalize_batch(out)
+
+
+def _predict_todo(
+    out: Path,
+    plan: BatchPlan,
+    settings: BatchSettings,
+    progress: bool,
+    on_case_done: Callable[[CaseResult], None] | None,
+) -> None:
+    """predict's step 2: the cases to do, pipelined (see `predict`)."""
+    batch = open_batch(out)
+    todo = [batch.case(case_id) for case_id in plan.todo]
+    budget = settings.memory_budget if settings.memory_budget is not None else batch.limits.memory_budget
+    if budget is None:
+        budget = default_budget()
+    bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
+
+    def done(result: CaseResult) -> None:  # a case fully done: outputs and marker, or its record
+        if on_case_done is not None:
+            on_case_done(result)
+        bar.update(1)
+
+    cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
+    writing = Writing()
+    write = lambda p: write_case(batch, p)  # noqa: E731
+    with Writers(write, workers=max(1, settings.writers), writing=writing, on_done=done) as writers:
+        cases = prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget, writing=writing)
+        for case, pending in cases:
+            lock = ExitStack()  # held across predict and write; a writer closes it when done
+            lock.enter_context(batch.work.case_lock(case.case_id))
+            try:
+                if settings.writers < 1:  # serially, in this thread
+                    result = run_case(case, pending, batch)
+                else:
+                    result = predict_loaded(case, pending, batch)
+                del pending
+            except BaseException:  # an interrupt: the case was not handed on
+                lock.close()
+                raise
+            if isinstance(result, CaseResult):
+                lock.close()
+                done(result)
+            else:
+                writers.submit(result, lock, planned_write_bytes(cost(case)))
+            del result
+            writers.poll()
+    bar.close()

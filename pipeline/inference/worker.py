@@ -37,7 +37,7 @@ from pipeline.inference.records import (
     write_done_marker,
 )
 from pipeline.inference.results import CaseResult
-from pipeline.ingest import IngestLimits, job_from_json
+from pipeline.ingest import IngestLimits, job_from_json, kept_job
 from pipeline.io.batchdir import BatchDir, case_key, load_or_create_secret
 from pipeline.io.model_dir import code_version
 from pipeline.io.volume import Volume
@@ -73,7 +73,12 @@ class OpenBatch:
         return case_from_json(self.work.read_case(case_id))
 
     def job_for(self, case: PredictCase) -> PredictCase:
-        """The case with its ingest job rebuilt (DICOM: headers re-read; raises InputRejected)."""
+        """The case with its ingest job: the one `prepare_batch(keep_jobs=True)` kept in this
+        process when its files are unchanged, else rebuilt (DICOM: headers re-read; raises
+        InputRejected)."""
+        kept = kept_job(self.out, case.case_id)
+        if kept is not None and kept.inputs_sha256 == case.inputs_sha256:
+            return dataclasses.replace(case, job=kept)
         data = self.work.read_case(case.case_id)
         if data["job"] is None:
             return case

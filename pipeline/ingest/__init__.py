@@ -31,7 +31,15 @@ from pipeline.ingest.batch import (
 )
 from pipeline.ingest.convert import CONVERTER_VERSION, load_case
 from pipeline.ingest.finder import CaseFinder
-from pipeline.ingest.jobs import CaseJob, case_id_for, job_from_json, job_to_json
+from pipeline.ingest.jobs import (
+    CaseJob,
+    case_id_for,
+    forget_jobs,
+    job_from_json,
+    job_to_json,
+    keep_job,
+    kept_job,
+)
 from pipeline.ingest.limits import (
     FIXED_OVERHEAD_BYTES,
     PEAK_FACTOR,
@@ -57,10 +65,13 @@ __all__ = [
     "convert_case",
     "default_memory_budget",
     "finalize_ingest",
+    "forget_jobs",
     "ingest",
     "ingest_limits",
     "job_from_json",
     "job_to_json",
+    "keep_job",
+    "kept_job",
     "load_case",
     "planned_peak_bytes",
     "prepare_ingest",

@@ -99,10 +99,11 @@ def job_from_json(data: dict[str, Any], source: Path, secret: bytes, limits: Ing
 
 
 # Jobs found in this process, so a conversion in the same process (or handed to a pool by
-# `ingest`) skips the second header pass; a conversion elsewhere (a flow's task) re-reads the
-# headers from the files its case record names. Each entry carries the size and mtime of every
-# file it read: a file changed since then sends the case down the re-reading path, which
-# notices what changed.
+# `ingest`), or a prediction in the same process (`pipeline.inference.batch.predict`), skips the
+# second header pass; one elsewhere (a flow's task) re-reads the headers from the files its case
+# record names. Keyed by the batch's folder (ingest's STAGING, predict's OUT) and case ID. Each
+# entry carries the size and mtime of every file it read: a file changed since then sends the
+# case down the re-reading path, which notices what changed.
 _KEPT: dict[tuple[str, str], tuple[CaseJob, tuple]] = {}
 
 
@@ -114,24 +115,25 @@ def _file_stamps(job: CaseJob) -> tuple:
     return tuple((st.st_size, st.st_mtime_ns) for st in stats)
 
 
-def keep_job(staging: Path, job: CaseJob) -> None:
-    """Keep a DICOM job in this process for `kept_job`, with the stamps of its files when read
-    (None where unknown: never fresh)."""
+def keep_job(folder: Path, job: CaseJob) -> None:
+    """Keep a DICOM job of the batch in `folder` in this process for `kept_job`, with the stamps
+    of its files when read (None where unknown: never fresh)."""
     if job.group is not None:
-        _KEPT[(str(staging), job.case_id)] = (job, tuple(h.stamp for h in job.group.headers))
+        _KEPT[(str(folder), job.case_id)] = (job, tuple(h.stamp for h in job.group.headers))
 
 
-def forget_jobs(staging: Path) -> None:
-    """Drop the jobs kept for `staging` (a new batch of it is being prepared)."""
-    for key in [k for k in _KEPT if k[0] == str(staging)]:
+def forget_jobs(folder: Path) -> None:
+    """Drop the jobs kept for the batch in `folder` (a new batch of it is being prepared, or it
+    is over)."""
+    for key in [k for k in list(_KEPT) if k[0] == str(folder)]:
         _KEPT.pop(key, None)
 
 
-def kept_job(staging: Path, case_id: str) -> CaseJob | None:
+def kept_job(folder: Path, case_id: str) -> CaseJob | None:
     """The job kept in this process, if its files are as they were when their headers were read.
 
     (The caller checks it against the case record on disk: `inputs_sha256`.)"""
-    entry = _KEPT.pop((str(staging), case_id), None)
+    entry = _KEPT.pop((str(folder), case_id), None)
     if entry is None:
         return None
     job, stamps = entry

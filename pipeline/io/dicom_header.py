@@ -107,7 +107,7 @@ class DicomHeader:
     acquisition_number: int | None
     instance_number: int | None  # informational only: never used to order slices
     gantry_tilt: float | None  # GantryDetectorTilt (degrees) as written, for messages
-    frames: tuple[FrameGeometry, ...]  # one per frame; single-frame files have one
+    frames: tuple[FrameGeometry, ...]  # one per frame (single-frame files have one); a SEG: none
     # Byte offset of native (uncompressed) pixel data with a defined length, found by the header
     # pass: lets the decoder read such pixels straight from the file. None otherwise.
     pixel_offset: int | None = None
@@ -410,7 +410,11 @@ def _header_from_dataset(ds: Dataset, fh: Any, path: Path, rel: str, max_pixels:
         except InputRejected as err:  # the identity is known: the caller may keep the header
             damage = err
 
-    if sop_class in MULTI_FRAME_CLASSES or sop_class == SEGMENTATION_STORAGE:
+    if sop_class == SEGMENTATION_STORAGE:
+        # A SEG's frames are placed when its labels are read (`pipeline.io.seg`); parsing its
+        # per-frame groups here would only slow the scan of a folder with annotations.
+        frames: tuple[FrameGeometry, ...] = ()
+    elif sop_class in MULTI_FRAME_CLASSES:
         frames = _multi_frame_geometry(ds, n_frames)
     else:
         frames = (_single_frame_geometry(ds),)

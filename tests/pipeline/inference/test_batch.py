@@ -718,3 +718,34 @@ def test_pipelined_outputs_equal_the_serial_ones_and_a_case_is_reported_only_whe
         for name in ("seg.nii.gz", "qc.png"):
             assert done_a["outputs"][name] == done_b["outputs"][name]
         assert done_a["result"]["volumes_ml"] == done_b["result"]["volumes_ml"]
+
+
+def test_predict_reads_each_header_once_and_rereads_a_series_changed_since_planning(
+    setup, dicom_source, tmp_path, monkeypatch
+):
+    from pipeline.ingest import jobs
+    from pipeline.io.batchdir import BatchDir
+
+    reread: list[str] = []
+    real = jobs.read_header
+
+    def counted(path, *args, **kwargs):  # a worker rebuilding a case's series from its files
+        reread.append(Path(path).name)
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(jobs, "read_header", counted)
+    settings = BatchSettings(device="cpu", secret_file=setup.secret)
+    summary = predict(dicom_source, setup.model_dir, tmp_path / "once", settings)
+    assert summary.exit_code == 0 and summary.processed == 3
+    assert reread == []  # the workers took the series the plan had read
+
+    # The steps one by one in this process: a file touched after planning sends its case back
+    # to the files; the other cases keep the series read by the plan.
+    out = tmp_path / "steps"
+    plan = prepare_batch(dicom_source, setup.model_dir, out, settings, keep_jobs=True)
+    touched = plan.todo[1]
+    images = BatchDir(out.resolve()).read_case(touched)["job"]["images"]
+    stat = (dicom_source / images[0]).stat()
+    os.utime(dicom_source / images[0], ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    assert [predict_case(out, c)["status"] for c in plan.todo] == ["ok"] * 3
+    assert sorted(reread) == sorted(Path(rel).name for rel in images)

@@ -55,6 +55,19 @@ def test_header_facts(root):
     assert h.frames[0].position == (-100.0, -120.0, -50.0) and h.frames[0].pixel_spacing == (1.0, 1.0)
 
 
+def test_a_seg_header_names_its_series_without_its_frames_geometry(root):
+    from pipeline.synthetic.phantom import make_phantom
+    from pipeline.synthetic.seg import write_seg
+
+    image, label = make_phantom((6, 33, 37), (3.0, 1.2, 1.2), seed=4, modality="CT")
+    paths = write_dicom_series(np.round(image).astype(np.int16), root / "series", SeriesSpec(seed=4))
+    seg_path = write_seg(label, paths, root / "ann" / "case.seg.dcm", {1: "organ", 2: "lesion"}, seed=1)
+    frames = int(pydicom.dcmread(seg_path, stop_before_pixels=True).NumberOfFrames)
+    h = read_header(seg_path, root, MAX_PIXELS)
+    assert h.is_segmentation and h.rel == "ann/case.seg.dcm" and h.number_of_frames == frames > 1
+    assert h.frames == ()  # placed when its labels are read, not in the header pass
+
+
 def test_too_large_is_refused_from_the_header(root):
     (path, *_) = write_dicom_series(stored_volume(3), root, SeriesSpec())
     r = rejection(path, root, max_pixels=32 * 40 - 1)

@@ -118,6 +118,27 @@ def test_qc_png_written_atomically_with_planes_and_legend(tmp_path, with_labels)
     assert (hits > 50) if with_labels else (hits < 200)  # contours in the organ's colour (and the legend)
 
 
+def test_qc_png_text_and_legend_are_drawn_where_the_layout_puts_them(tmp_path):
+    image = np.full((33, 37, 12), 50.0, np.float32)
+    mask = np.zeros(image.shape, np.uint8)
+    mask[5:15, 8:20, 3:9] = 1
+    plain = qc.write_qc_png(tmp_path / "plain.png", image, mask, {0: "background", 1: "organ"}, modality="MR")
+    titled = qc.write_qc_png(
+        tmp_path / "titled.png", image, mask, {0: "background", 1: "organ"}, modality="MR", title="case_x"
+    )
+    a = np.asarray(Image.open(plain).convert("RGB")).astype(int)
+    b = np.asarray(Image.open(titled).convert("RGB")).astype(int)
+    dark = lambda p: (p.sum(axis=2) < 200).sum()  # noqa: E731 - black text on the white page
+    assert dark(a[:5]) == 0 and dark(b[:20]) > 10  # the title, above the planes
+    assert b.shape[0] == a.shape[0] + 18
+    yellow = np.all(np.abs(a - [255, 255, 0]) <= 40, axis=2)
+    assert yellow[:40].sum() > 10  # the side letters at the planes' top corners
+    legend = a[-20:-8, 10:22]  # the organ's swatch, bottom left, edged in black
+    organ = (np.asarray(qc.colour(1)) * 255).round().astype(int)
+    assert np.all(np.abs(legend[4:8, 4:8] - organ) <= 2) and dark(legend[:1]) >= 10
+    assert dark(a[-24:-4, 30:120]) > 10  # the label's name beside it
+
+
 def test_ground_truth_is_a_dashed_contour_distinct_from_the_prediction():
     image = np.full((40, 40), 50.0, np.float32)
     pred = np.zeros((40, 40), np.uint8)
