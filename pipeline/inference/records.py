@@ -35,7 +35,7 @@ QC_FILE = "qc.png"
 CASE_OUTPUTS = (MASK_FILE, SEG_FILE, QC_FILE)
 
 # Bump when what a case's outputs contain changes, so reruns redo cases done by older code.
-OUTPUT_VERSION = "2"
+OUTPUT_VERSION = "3"  # 3: SEG without empty frames, QC drawn with Pillow
 MESSAGE_MAX = 240  # characters of a failure message kept in results.csv and the report
 
 

@@ -57,7 +57,10 @@ def write_dicom_seg(
 
     One segment per model label (value k is segment k, labelled with the model's label name),
     algorithm type AUTOMATIC, identified by model name and version. Frames map to the source
-    instances (or to the frames of one multi-frame source) slice by slice.
+    instances (or to the frames of one multi-frame source) slice by slice; a segment's frame is
+    written only where the segment is present (the standard's and highdicom's default: a reader
+    takes a source frame the SEG does not reference as empty), except in an all-empty mask,
+    whose SEG keeps every frame (a SEG needs at least one).
 
     The patient and study modules are copied from the sources. Type 2 attributes they lack (or
     hold in a form the SEG cannot carry, e.g. PatientSex "U") are given empty values, as the
@@ -184,7 +187,11 @@ def _segmentation(hd, sources, pixels, descriptions, algorithm_name, algorithm_v
         content_description="Automatic segmentation",
         content_label="AUTOSEG",
         series_description=f"U-Net segmentation {algorithm_name} {algorithm_version}"[:64],
-        omit_empty_frames=False,  # every source instance gets its frame: simple to map back
+        # Empty frames left out: most of a volume lies outside a label (a lesion spans a few
+        # slices), and each frame costs its functional groups in highdicom and pydicom (about a
+        # millisecond a frame, the SEG writer's largest cost). An all-empty mask keeps them all
+        # (highdicom would, with a warning).
+        omit_empty_frames=bool(pixels.any()),
     )
 
 

@@ -203,7 +203,10 @@ def test_dicom_seg_reads_back_as_the_nifti_mask_in_the_same_place(setup, dicom_r
             assert np.allclose(ijk[:2], 0, atol=1e-3)
             k = round(float(ijk[2]))
             pixels = seg.get_pixels_by_source_instance(
-                [str(ds.SOPInstanceUID)], combine_segments=True, relabel=False
+                [str(ds.SOPInstanceUID)],
+                combine_segments=True,
+                relabel=False,
+                assert_missing_frames_are_empty=True,
             )[0]
             np.testing.assert_array_equal(pixels, mask[:, :, k].T, err_msg=f"{case.orientation} {rel}")
 

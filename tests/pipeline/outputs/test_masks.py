@@ -88,7 +88,9 @@ def _check_seg(path, group, mask, paths, empty):
     assert seg.FrameOfReferenceUID == src.FrameOfReferenceUID
     for k, (h, _) in enumerate(group.frames):
         uid = pydicom.dcmread(group.headers[h].path, stop_before_pixels=True).SOPInstanceUID
-        pixels = seg.get_pixels_by_source_instance([str(uid)], combine_segments=True, relabel=False)[0]
+        pixels = seg.get_pixels_by_source_instance(
+            [str(uid)], combine_segments=True, relabel=False, assert_missing_frames_are_empty=True
+        )[0]
         np.testing.assert_array_equal(pixels, mask[:, :, k].T)
 
 
@@ -161,6 +163,36 @@ def test_seg_keeps_the_sources_patient_and_study_values(tmp_path):
         if keyword != "PatientSex":
             assert str(seg[keyword].value) == str(src[keyword].value), keyword
     assert seg.PatientSex == "M"
+
+
+@pytest.mark.parametrize("empty", [False, True], ids=["labels", "all-empty"])
+def test_seg_has_frames_where_its_segments_are_and_reads_back_on_the_series_grid(tmp_path, empty):
+    import pydicom
+
+    from pipeline.io.dicom import load_series
+    from pipeline.io.seg import read_seg_labels
+
+    root, paths = _series(tmp_path)
+    group = _group(root, paths)
+    mask = np.zeros(group.shape, np.uint8) if empty else _seg_mask(group)
+    out = masks.write_dicom_seg(
+        tmp_path / "seg.dcm",
+        mask,
+        group,
+        NAMES,
+        algorithm_name="m",
+        algorithm_version="1",
+        software_version="t",
+    )
+    present = sum(bool((mask[:, :, k] == v).any()) for k in range(mask.shape[2]) for v in (1, 2))
+    assert present == 4 or empty  # organ on three slices, lesion on one
+    n_frames = int(pydicom.dcmread(out, stop_before_pixels=True).NumberOfFrames)
+    assert n_frames == (2 * mask.shape[2] if empty else present)  # a SEG keeps at least one frame
+    image = load_series(group, max_voxels=2**28)
+    label, names = read_seg_labels(out, "seg.dcm", [group.headers[h] for h, _ in group.frames], image)
+    assert names == {1: "organ", 2: "lesion"}
+    np.testing.assert_array_equal(label.data, mask)
+    np.testing.assert_allclose(label.affine, image.affine)
 
 
 def test_type2_list_covers_the_patient_and_general_study_modules():
