@@ -1,7 +1,11 @@
-"""Accuracy at equal wall-clock budgets: our recipe, each part of it off in turn, and MONAI peers.
+"""Accuracy at equal budgets (wall clock, or epochs): our recipe, each part of it off in turn, MONAI peers.
 
     .venv/bin/python -m bench.accuracy                       # demo data, 2 minutes per variant
     .venv/bin/python -m bench.accuracy --minutes 1 --staging STAGING --holdout 0.3
+    .venv/bin/python -m bench.accuracy --epochs 24 --cases 24 --size 64   # equal steps instead
+
+On a machine shared with other work a wall-clock budget gives a variant the steps the others'
+load left it; `--epochs N` gives every variant the same N epochs of optimizer steps instead.
 
 Holds out a share of the labelled cases (by case, seeded), trains every variant on the rest with
 the same loop, config and budget (early stopping off, so each uses its whole budget), and scores
@@ -102,8 +106,8 @@ def monai_unet(base: int) -> Callable[[UNetConfig], nn.Module]:
     return build
 
 
-def demo_staging(root: Path, cases: int) -> Path:
-    demo = make_demo_dataset(root / "demo", n_cases=cases, seed=0)
+def demo_staging(root: Path, cases: int, size: int = 112) -> Path:
+    demo = make_demo_dataset(root / "demo", n_cases=cases, seed=0, size=size)
     return msd_to_staging(demo.msd_root, root / "staging")
 
 
@@ -162,7 +166,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--minutes", type=float, default=2.0, help="training budget of every variant")
     p.add_argument("--staging", type=Path, default=None, help="staging folder (default: the demo data)")
+    p.add_argument(
+        "--epochs", type=int, default=None, help="equal steps: this many epochs each (no time budget)"
+    )
     p.add_argument("--cases", type=int, default=12, help="demo cases to generate (without --staging)")
+    p.add_argument("--size", type=int, default=112, help="demo in-plane matrix (without --staging)")
+    p.add_argument("--seed", type=int, default=0, help="training seed of every variant")
+    p.add_argument("--val-every", type=int, default=2, help="validate every N epochs (best weights)")
     p.add_argument("--holdout", type=float, default=0.25, help="share of labelled cases held out")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--only", nargs="*", default=None, help="variant names to run (default: all)")
@@ -170,22 +180,25 @@ def main(argv: list[str] | None = None) -> list[dict]:
     logging.basicConfig(level=logging.WARNING)
     configure_threads()
     defaults = PipelineConfig().replace(
-        # equal wall-clock budgets: the budget ends every run, not the epoch count or convergence
+        # equal budgets: the clock (or the epoch count) ends every run, never convergence
         train={
             "device": args.device,
-            "time_budget_minutes": args.minutes,
-            "epochs": 100_000,
+            "time_budget_minutes": None if args.epochs else args.minutes,
+            "epochs": args.epochs or 100_000,
             "early_stopping_patience": None,
+            "seed": args.seed,
+            "val_every": args.val_every,
         }
     )
+    budget = f"{args.epochs} epochs" if args.epochs else f"{args.minutes:g} min"
     rows: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="bench-accuracy-") as tmp:
         root = Path(tmp)
-        staging = args.staging or demo_staging(root, args.cases)
+        staging = args.staging or demo_staging(root, args.cases, args.size)
         train_view, test_view = split_holdout(staging, args.holdout, seed=0, out=root / "views")
         n_test = sum(1 for r in read_manifest(test_view) if r.get("label"))
         print(
-            f"{n_test} held-out cases, {args.minutes:g} min per variant on {resolve_device(args.device)} "
+            f"{n_test} held-out cases, {budget} per variant on {resolve_device(args.device)} "
             f"({torch.get_num_threads()} threads)"
         )
         print(f"{'variant':<24} {'test Dice':>9} {'HD95 mm':>9} {'val Dice':>8} {'epochs':>6} {'seconds':>7}")
