@@ -9,11 +9,18 @@ report), with the model already loaded (it is loaded once per process). Model-on
 network's forward + argmax on the same preprocessed slices, already in memory. Ratio = end-to-end
 volumes per minute / bound volumes per minute. The model is an untrained U-Net of the default
 config (speed does not depend on the weights).
+
+On a shared CPU, read the figure with the load average it prints. Under load from other
+processes libgomp's default waiting (worker threads spin between parallel regions) slows the
+bound's two-thread forward severalfold, the pipelined predict much less (its own threads' OpenMP
+teams throttle the spinning), which flatters the ratio; `OMP_WAIT_POLICY=PASSIVE` (read when torch
+loads, so set it on the command line) makes both wait passively and gives the stricter bound.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
 import sys
 import tempfile
@@ -49,6 +56,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
 
     configure_threads()
+    load_at_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     try:
         demo = make_demo_dataset(tmp / "demo", n_cases=args.cases, size=args.size)
@@ -109,9 +117,10 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     bound_vpm = len(prepared) / bound * 60
     ratio = e2e_vpm / bound_vpm
     print(
-        f"device {device} ({torch.get_num_threads()} threads); model: untrained UNet, default config "
-        f"(base {plan.base_channels}, depth {cfg.model.depth}); demo {args.cases} cases, "
-        f"size {args.size}"
+        f"device {device} ({torch.get_num_threads()} threads, OMP_WAIT_POLICY "
+        f"{os.environ.get('OMP_WAIT_POLICY', 'unset')}, load average {load_at_start:.1f} at start); "
+        f"model: untrained UNet, default config (base {plan.base_channels}, depth {cfg.model.depth}); "
+        f"demo {args.cases} cases, size {args.size}"
     )
     print(f"  cases ok {n_ok} ({n_slices} slices); end-to-end {best:.2f} s, model-only {bound:.2f} s")
     print(f"  end-to-end {e2e_vpm:.1f} volumes/min, model-only bound {bound_vpm:.1f} volumes/min")
