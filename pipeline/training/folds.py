@@ -36,8 +36,7 @@ from pipeline.io.manifest import read_manifest
 from pipeline.io.model_dir import ModelIntegrityError, load_model_dir
 from pipeline.planning.plan import Plan, load_plan, plan_dataset, save_plan
 from pipeline.training.distributed import process_group
-from pipeline.training.loop import CONFIG_FILE, PLAN_FILE, TrainCallback, train
-from pipeline.training.loop import _hook as hook
+from pipeline.training.loop import CONFIG_FILE, PLAN_FILE, TrainCallback, hook, train
 from pipeline.training.result import (
     MODEL_DIR,
     RESULT_FILE,

@@ -176,7 +176,7 @@ class LoopState:
 # Helpers
 
 
-def _hook(callback: Any, name: str):
+def hook(callback: Any, name: str):
     """The callback's method `name`, or a no-op: any object with some of the hooks will do."""
     return getattr(callback, name, None) or (lambda *args, **kwargs: None)
 
@@ -417,9 +417,8 @@ def loop_val_options(config: PipelineConfig) -> PredictOptions:
     return options if config.train.val_mirroring else replace(options, mirror_axes=())
 
 
-def final_validation(run: _Run, state: LoopState, cases: Sequence[ValCase]) -> None:
-    """Score the best weights (loaded) as predict runs them; that score becomes the best metrics."""
-    options = PredictOptions.from_config(run.config.infer)
+def final_validation(run: _Run, state: LoopState, cases: Sequence[ValCase], options: PredictOptions) -> None:
+    """Score the best weights (loaded) with predict's `options`; that score becomes the best metrics."""
     val = validate(run.unet, cases, run.plan, device=run.device, options=options)
     log.info(
         "best weights (epoch %d) scored as predict runs them: mean val Dice %.4f (%.4f in the loop)",
@@ -460,7 +459,7 @@ def run_epoch(
     if run.dist.main:
         save_checkpoint(run.ckpt_dir / LAST, run.checkpoint(state))
         for cb in callbacks:
-            _hook(cb, "on_epoch_end")(epoch, metrics)
+            hook(cb, "on_epoch_end")(epoch, metrics)
     postfix = {"loss": f"{metrics['loss']:.3f}", "slices/s": f"{metrics['slices_per_s']:.0f}"}
     if state.best_epoch >= 0:
         postfix["val_dice"] = f"{state.best_metrics['val_dice_mean']:.3f}"
@@ -532,11 +531,12 @@ def _train(
     start_epoch = state.epoch + 1
     if dctx.main:
         for cb in callbacks:
-            _hook(cb, "on_train_start")(config=config, plan=plan, split=split)
+            hook(cb, "on_train_start")(config=config, plan=plan, split=split)
 
     epochs_left = not state.finished(tc.epochs)
     val_cases: Sequence[ValCase] = ()
     val_options = loop_val_options(config)
+    predict_options = PredictOptions.from_config(config.infer)  # what predict with this model does
     if epochs_left:
         batches = _train_batches(run, by_id, out_dir, start_epoch)
         val_cases = load_val_cases([by_id[c] for c in split["val"]], plan)
@@ -549,21 +549,23 @@ def _train(
     # The best weights (by mean val Dice) become the model; the last ones if none validated.
     if state.best_epoch >= 0 and (run.ckpt_dir / BEST).is_file():
         run.unet.load_state_dict(load_best(run.ckpt_dir / BEST))
-        if val_options != PredictOptions.from_config(config.infer):  # also when resuming a finished run
-            final_validation(run, state, val_cases or load_val_cases([by_id[c] for c in split["val"]], plan))
+        if val_options != predict_options:  # also when resuming a finished run
+            cases = val_cases or load_val_cases([by_id[c] for c in split["val"]], plan)
+            final_validation(run, state, cases, predict_options)
     model_dir = None
     if dctx.main:
         if state.history:
             plot_training_curves(state.history, out_dir / CURVES_FILE)
         model_dir = write_model_dir(run.unet, out_dir / MODEL_DIR, plan, config, state.best_metrics)
         qc_rows = [by_id[c] for c in split["val"][: tc.val_qc_cases]]  # none: clears an earlier run's
-        options = PredictOptions.from_config(config.infer)
-        write_validation_qc(run.unet, qc_rows, plan, out_dir / VAL_QC_DIR, device=device, options=options)
+        write_validation_qc(
+            run.unet, qc_rows, plan, out_dir / VAL_QC_DIR, device=device, options=predict_options
+        )
     result = _result(state, plan, out_dir, model_dir, split, start_epoch if checkpoint is not None else None)
     if dctx.main:
         write_result(result)
         for cb in callbacks:
-            _hook(cb, "on_train_end")(result)
+            hook(cb, "on_train_end")(result)
     log.info(
         "training %s after %d epochs (%.0f s): best mean val Dice %.4f at epoch %d",
         state.stopped_reason,
