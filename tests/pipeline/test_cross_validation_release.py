@@ -77,7 +77,8 @@ def test_the_registered_ensemble_loads_and_serves_the_mean_of_its_folds(runs):
     mv = mlflow.MlflowClient(uri).get_model_version("cv-served", str(version))
     assert float(mv.tags["val_dice.mean"]) == pytest.approx(cv.result.best_dice_mean, abs=1e-4)
     pyfunc = mlflow.pyfunc.load_model(f"models:/cv-served/{version}")
-    x = torch.randn(2, 1, 33, 37)
+    channels = loaded.model.members[0].config.in_channels  # 2.5-D context slices where planned
+    x = torch.randn(2, channels, 33, 37)
     got = pyfunc.predict({"image": [x.numpy()]}, params={"level": "slices"})["logits"][0]
     with torch.inference_mode():
         mean = torch.stack([m(x).softmax(1) for m in loaded.model.members]).mean(0)
