@@ -202,8 +202,12 @@ def _run_cases(runner, out: str, plan: BatchPlan, chunk_size: int | None, timeou
             update_progress_artifact(progress, 100.0 * finished / total)
             last = time.monotonic()
     for future in futures:
-        if not future.state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
-            logger.error("%s ended %s", future.task_run_id, future.state.name)
+        # wait() first: it keeps the run's final state in the future. Without it `state` is read
+        # from the API, which can still hold the running state just after the task finished.
+        future.wait()
+        state = future.state
+        if not state.is_completed():  # a worker error (not a bad case): finalize lists it as failed
+            logger.error("%s ended %s", future.task_run_id, state.name)
 
 
 def _publish(summary: dict, model: dict) -> None:

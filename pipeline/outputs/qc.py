@@ -56,6 +56,7 @@ PLANE_PX = 220  # the longer side of each orthogonal plane, in pixels
 MONTAGE_PX = 150  # the longer side of each montage tile
 MONTAGE_SLICES = 9
 BLACK = (0.0, 0.0, 0.0)
+FRAME = (0.6, 0.6, 0.6)  # the line around each picture on the white page
 SIDE_LETTER = (1.0, 1.0, 0.0)  # the patient's side at a plane's edges: yellow over the anatomy
 # zlib level of the PNG: 1 writes the flat-coloured page several times faster than the usual 6,
 # for a somewhat larger file (one QC picture per case, for a person to look at).
@@ -273,6 +274,12 @@ def write_qc_png(
 
     def place(tile: np.ndarray, x0: int, top: int, text: str, sides: str = "") -> None:
         page[top : top + tile.shape[0], x0 : x0 + tile.shape[1]] = tile
+        # A grey frame one pixel outside the tile: bright bone at its edge stays apart from the page.
+        h, w = tile.shape[:2]
+        page[max(top - 1, 0), max(x0 - 1, 0) : x0 + w + 1] = FRAME
+        page[min(top + h, height - 1), max(x0 - 1, 0) : x0 + w + 1] = FRAME
+        page[max(top - 1, 0) : top + h + 1, max(x0 - 1, 0)] = FRAME
+        page[max(top - 1, 0) : top + h + 1, min(x0 + w, width - 1)] = FRAME
         texts.append(((x0 + tile.shape[1] // 2, top + tile.shape[0] + 3), text, "mt", 8, BLACK))
         for side, letter in zip(("left", "right"), sides, strict=False):
             at = x0 + 3 if side == "left" else x0 + tile.shape[1] - 3
