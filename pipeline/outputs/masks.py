@@ -75,7 +75,7 @@ def write_dicom_seg(
     per_slice = mask.transpose(2, 1, 0)  # (slice, row, column) in the series' spatial order
     header_ids = [h for h, _ in group.frames]
     if len(set(header_ids)) == len(header_ids) and all(f == 0 for _, f in group.frames):
-        sources = [_read_source(group.headers[h].path) for h in header_ids]
+        sources = [_read_source(group.headers[h].path, first=i == 0) for i, h in enumerate(header_ids)]
         pixels = per_slice
     elif len(group.headers) == 1:  # one multi-frame image: SEG frames follow its frame order
         sources = [_read_source(group.headers[0].path)]
@@ -127,11 +127,16 @@ TYPE2_PATIENT_STUDY = (
 _PATIENT_SEX = {"M", "F", "O"}
 
 
-def _read_source(path: str | Path):
-    """A source header as a dataset in memory (`force`: files without a preamble or file meta)."""
+def _read_source(path: str | Path, *, first: bool = True):
+    """A source header as a dataset in memory (`force`: files without a preamble or file meta).
+
+    The SEG's patient and study modules come from the first source only (highdicom reads the
+    others for their UIDs and geometry), so only the first is made fit for them (`seg_source`).
+    """
     import pydicom
 
-    return seg_source(pydicom.dcmread(path, stop_before_pixels=True, force=True))
+    ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+    return seg_source(ds) if first else ds
 
 
 def seg_source(ds):

@@ -330,6 +330,7 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
         median_shape=median_shape,  # type: ignore[arg-type]
         reasons={"patch_size": patch_why, "context_slices": context_why},
         context_slices=context,
+        anisotropy_ratio=ANISOTROPY_RATIO,
         fingerprint_summary={
             "cases": len(fingerprint.cases),
             "modalities": {

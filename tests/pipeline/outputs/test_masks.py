@@ -76,6 +76,18 @@ def _seg_mask(group):
     return mask
 
 
+def _write_seg(tmp_path, mask, group):
+    return masks.write_dicom_seg(
+        tmp_path / "seg.dcm",
+        mask,
+        group,
+        NAMES,
+        algorithm_name="m",
+        algorithm_version="1",
+        software_version="t",
+    )
+
+
 def _check_seg(path, group, mask, paths, empty):
     import highdicom as hd
     import pydicom
@@ -101,15 +113,7 @@ def test_seg_from_sources_lacking_one_type2_attribute(tmp_path, keyword):
     group = _group(root, paths)
     before = _digests(paths)
     mask = _seg_mask(group)
-    out = masks.write_dicom_seg(
-        tmp_path / "seg.dcm",
-        mask,
-        group,
-        NAMES,
-        algorithm_name="m",
-        algorithm_version="1",
-        software_version="t",
-    )
+    out = _write_seg(tmp_path, mask, group)
     assert _digests(paths) == before  # the inputs are only read
     _check_seg(out, group, mask, paths, empty=[keyword])
 
@@ -127,15 +131,7 @@ def test_seg_from_sources_lacking_every_type2_attribute_and_with_unusable_values
     group = _group(root, paths)
     before = _digests(paths)
     mask = _seg_mask(group)
-    out = masks.write_dicom_seg(
-        tmp_path / "seg.dcm",
-        mask,
-        group,
-        NAMES,
-        algorithm_name="m",
-        algorithm_version="1",
-        software_version="t",
-    )
+    out = _write_seg(tmp_path, mask, group)
     assert _digests(paths) == before
     _check_seg(out, group, mask, paths, empty=[*stripped, "PatientSex", "PatientBirthDate", "StudyTime"])
     assert pydicom.dcmread(out).PatientSex == ""
@@ -175,15 +171,7 @@ def test_seg_has_frames_where_its_segments_are_and_reads_back_on_the_series_grid
     root, paths = _series(tmp_path)
     group = _group(root, paths)
     mask = np.zeros(group.shape, np.uint8) if empty else _seg_mask(group)
-    out = masks.write_dicom_seg(
-        tmp_path / "seg.dcm",
-        mask,
-        group,
-        NAMES,
-        algorithm_name="m",
-        algorithm_version="1",
-        software_version="t",
-    )
+    out = _write_seg(tmp_path, mask, group)
     present = sum(bool((mask[:, :, k] == v).any()) for k in range(mask.shape[2]) for v in (1, 2))
     assert present == 4 or empty  # organ on three slices, lesion on one
     n_frames = int(pydicom.dcmread(out, stop_before_pixels=True).NumberOfFrames)
@@ -207,3 +195,30 @@ def test_type2_list_covers_the_patient_and_general_study_modules():
         if not item["path"] and item["type"] == "2"
     }
     assert type2 == set(masks.TYPE2_PATIENT_STUDY)
+
+
+def test_seg_takes_patient_and_study_from_its_first_source_only(tmp_path, caplog):
+    """Only the first source (in spatial order) is made fit for the SEG's patient and study
+    modules: the others' Type 2 values may be missing or unusable without a warning per file."""
+    import logging
+
+    import pydicom
+
+    root, paths = _series(tmp_path, sex="F")
+    group = _group(root, paths)
+    first = group.headers[group.frames[0][0]].path
+    others = [p for p in paths if p != first]
+    _strip(others, ["PatientName", "StudyID"])
+    for path in others:
+        ds = pydicom.dcmread(path)
+        ds.PatientSex = "U"
+        ds.save_as(path, enforce_file_format=True)
+    before = _digests(paths)
+    mask = _seg_mask(group)
+    with caplog.at_level(logging.WARNING, logger=masks.__name__):
+        out = _write_seg(tmp_path, mask, group)
+    assert _digests(paths) == before
+    assert not caplog.records
+    seg, src = pydicom.dcmread(out), pydicom.dcmread(first, stop_before_pixels=True)
+    assert (seg.PatientSex, seg.PatientName, seg.StudyID) == ("F", src.PatientName, src.StudyID)
+    _check_seg(out, group, mask, paths, empty=[])
