@@ -183,6 +183,10 @@ class TrainConfig(_Section):
     # Mean validation Dice gain that counts as an improvement for patience (smaller gains still
     # keep the better weights but do not reset the count).
     early_stopping_min_delta: float = Field(0.001, ge=0.0)
+    # Share of train.epochs before which a validation without that gain does not count towards
+    # patience: the schedule's learning rate is still high there and validation swings by tenths
+    # (a gain still resets the count). 0: patience counts from the first validation.
+    early_stopping_start: float = Field(0.5, ge=0.0, le=1.0)
     # Stop cleanly after this many minutes; None (default): no budget, so the model does not depend
     # on how busy the machine was.
     time_budget_minutes: float | None = Field(None, gt=0.0)

@@ -154,15 +154,22 @@ class LoopState:
         return self.stopped_reason != "completed" or self.epoch + 1 >= epochs
 
     def record_validation(
-        self, epoch: int, val: dict[str, float], patience: int | None, min_delta: float = 0.0
+        self,
+        epoch: int,
+        val: dict[str, float],
+        patience: int | None,
+        min_delta: float = 0.0,
+        *,
+        counts: bool = True,
     ) -> bool:
         """Whether `val` is the best so far (its weights are kept). Patience counts validations
         that did not beat the last reference by more than `min_delta`; after `patience` of them
-        the run has converged and stops early."""
+        the run has converged and stops early. A validation with `counts` False (before
+        `train.early_stopping_start` of the schedule) may reset the count but never adds to it."""
         mean = val["val_dice_mean"]
         if mean > self.reference_mean + min_delta:
             self.reference_mean, self.stale = mean, 0
-        else:
+        elif counts:
             self.stale += 1
             if patience and self.stale >= patience:
                 self.stopped_reason = "early_stopping"
@@ -405,7 +412,11 @@ def validate_epoch(
     """Validate, record the result in `state` and keep the best weights (best.pt, rank 0)."""
     val = validate(run.unet, cases, run.plan, device=run.device, options=options)
     tc = run.config.train
-    best = state.record_validation(epoch, val, tc.early_stopping_patience, tc.early_stopping_min_delta)
+    # (the last epoch's validation ends the run anyway: no early stop to record there)
+    counts = math.ceil(tc.early_stopping_start * tc.epochs) <= epoch + 1 < tc.epochs
+    best = state.record_validation(
+        epoch, val, tc.early_stopping_patience, tc.early_stopping_min_delta, counts=counts
+    )
     if best and run.dist.main:
         save_best(run.ckpt_dir / BEST, run.unet.state_dict(), epoch)
     return val

@@ -128,7 +128,25 @@ def test_wall_clock_budget_stops_cleanly_keeping_the_best(staging, tmp_path):
 def test_early_stopping_after_patience_validations(staging, tmp_path):
     cfg = tiny_config(epochs=20, lr=1e-12, warmup_epochs=0, early_stopping_patience=1)
     result = train(staging, tmp_path / "run", cfg)
-    assert result.stopped_reason == "early_stopping" and result.epochs_run < 20
+    # patience counts from the middle of the schedule (train.early_stopping_start 0.5)
+    assert result.stopped_reason == "early_stopping" and 10 <= result.epochs_run < 20
+
+
+def test_no_early_stop_before_the_schedule_has_run_its_start_share(staging, tmp_path):
+    cfg = tiny_config(
+        epochs=4, lr=1e-12, warmup_epochs=0, early_stopping_patience=1, early_stopping_start=1.0
+    )
+    result = train(staging, tmp_path / "run", cfg)
+    assert result.stopped_reason == "completed" and result.epochs_run == 4
+
+
+def test_validations_before_the_start_may_reset_patience_but_never_add_to_it():
+    state = LoopState()
+    for epoch, (mean, counts) in enumerate([(0.5, False), (0.4, False), (0.3, False), (0.45, True)]):
+        state.record_validation(epoch, {"val_dice_mean": mean}, patience=2, min_delta=0.0, counts=counts)
+    assert (state.stale, state.stopped_reason, state.best_epoch) == (1, "completed", 0)
+    state.record_validation(4, {"val_dice_mean": 0.6}, patience=2, counts=False)
+    assert (state.stale, state.reference_mean) == (0, 0.6)
 
 
 @pytest.mark.parametrize(
