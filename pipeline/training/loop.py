@@ -9,7 +9,7 @@ resumes from the last checkpoint after a crash. It ends by writing the model fol
 (`pipeline.io.model_dir.save_model_dir`) and the QC pictures of the first `val_qc_cases` validation
 cases (`validation_qc/`), and returns a `TrainResult`.
 
-What carries from epoch to epoch is a `LoopState`; what a run builds once (network, optimizer,
+What carries from epoch to epoch is a `LoopState` (`state`); what a run builds once (network, optimizer,
 schedule, device) is a `_Run`; an epoch is `run_epoch`: `train_epoch`, then `validate_epoch` on
 validation epochs, then the checkpoint. Per-epoch metrics go to `TrainCallback.on_epoch_end`, so
 tracking (MLflow) stays out of here.
@@ -26,8 +26,8 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +82,7 @@ from pipeline.training.result import (
     write_result,
 )
 from pipeline.training.schedule import Budget, lr_lambda, seed_everything
+from pipeline.training.state import LoopState, patience_counts
 from pipeline.training.validate import ValCase, load_val_cases, validate, write_validation_qc
 from unet_model import UNet
 from unet_model.deep_supervision import DeepSupervision, DeepSupervisionLoss
@@ -109,74 +110,6 @@ class TrainCallback:
 
     def on_train_end(self, result: TrainResult) -> None:
         """After the model folder is written."""
-
-
-@dataclass
-class LoopState:
-    """What the loop carries from epoch to epoch besides the weights, the optimizer and the
-    schedule: all a resume needs of it."""
-
-    epoch: int = -1  # the last completed epoch; -1 before the first
-    best_mean: float = -math.inf  # the best mean validation Dice so far
-    best_epoch: int = -1  # its epoch; -1 while none validated
-    best_metrics: dict[str, float] = field(default_factory=dict)  # the validation metrics of best_epoch
-    stale: int = 0  # validations since the last one that improved by min_delta (early stopping)
-    reference_mean: float = -math.inf  # the mean Dice that last reset `stale`
-    history: list[dict[str, float]] = field(default_factory=list)  # per-epoch metrics
-    stopped_reason: str = "completed"  # completed | early_stopping | time_budget
-
-    _JSON = ("best_metrics", "history")  # stored as JSON text, as the checkpoint always held them
-
-    def to_checkpoint(self) -> dict[str, Any]:
-        """The checkpoint's loop-state entries (`checkpoint.Checkpoint.loop`)."""
-        entries = asdict(self)
-        for key in self._JSON:
-            entries[key] = json.dumps(entries[key])
-        return entries
-
-    @classmethod
-    def from_checkpoint(cls, entries: Mapping[str, Any]) -> LoopState:
-        """The state `to_checkpoint` wrote."""
-        return cls(
-            epoch=int(entries["epoch"]),
-            best_mean=float(entries["best_mean"]),
-            best_epoch=int(entries["best_epoch"]),
-            best_metrics=json.loads(entries["best_metrics"]),
-            stale=int(entries["stale"]),
-            # checkpoints written before min_delta existed: their best reset patience last
-            reference_mean=float(entries.get("reference_mean", entries["best_mean"])),
-            history=json.loads(entries["history"]),
-            stopped_reason=str(entries["stopped_reason"]),
-        )
-
-    def finished(self, epochs: int) -> bool:
-        """Whether the run has stopped, or has done its `epochs`."""
-        return self.stopped_reason != "completed" or self.epoch + 1 >= epochs
-
-    def record_validation(
-        self,
-        epoch: int,
-        val: dict[str, float],
-        patience: int | None,
-        min_delta: float = 0.0,
-        *,
-        counts: bool = True,
-    ) -> bool:
-        """Whether `val` is the best so far (its weights are kept). Patience counts validations
-        that did not beat the last reference by more than `min_delta`; after `patience` of them
-        the run has converged and stops early. A validation with `counts` False (before
-        `train.early_stopping_start` of the schedule) may reset the count but never adds to it."""
-        mean = val["val_dice_mean"]
-        if mean > self.reference_mean + min_delta:
-            self.reference_mean, self.stale = mean, 0
-        elif counts:
-            self.stale += 1
-            if patience and self.stale >= patience:
-                self.stopped_reason = "early_stopping"
-        if mean > self.best_mean:
-            self.best_mean, self.best_epoch, self.best_metrics = mean, epoch, val
-            return True
-        return False
 
 
 # --------------------------------------------------------------------------------------------
@@ -412,10 +345,12 @@ def validate_epoch(
     """Validate, record the result in `state` and keep the best weights (best.pt, rank 0)."""
     val = validate(run.unet, cases, run.plan, device=run.device, options=options)
     tc = run.config.train
-    # (the last epoch's validation ends the run anyway: no early stop to record there)
-    counts = math.ceil(tc.early_stopping_start * tc.epochs) <= epoch + 1 < tc.epochs
     best = state.record_validation(
-        epoch, val, tc.early_stopping_patience, tc.early_stopping_min_delta, counts=counts
+        epoch,
+        val,
+        tc.early_stopping_patience,
+        tc.early_stopping_min_delta,
+        counts=patience_counts(epoch, tc.epochs, tc.early_stopping_start),
     )
     if best and run.dist.main:
         save_best(run.ckpt_dir / BEST, run.unet.state_dict(), epoch)

@@ -11,7 +11,7 @@ from pipeline.training.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from pipeline.training.loop import LoopState
+from pipeline.training.state import LoopState
 
 # The keys of last.pt as every run so far wrote them (reference_mean since min_delta; a checkpoint
 # without it still resumes): a checkpoint of an older run still resumes.

@@ -14,8 +14,9 @@ import torch
 import torch.distributed as dist
 
 from pipeline.planning.plan import load_plan
-from pipeline.training.loop import LoopState, TrainCallback, train
+from pipeline.training.loop import TrainCallback, train
 from pipeline.training.result import plot_training_curves
+from pipeline.training.state import LoopState, patience_counts
 from tests.pipeline.ingest.staging_fixture import tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
@@ -84,7 +85,7 @@ def test_training_resumes_after_being_killed(staging, tmp_path):
             f"""
             import time, json
             from pipeline.config import PipelineConfig
-            from pipeline.training.loop import LoopState, TrainCallback, train
+            from pipeline.training.loop import TrainCallback, train
 
             class Slow(TrainCallback):
                 def on_epoch_end(self, epoch, metrics):
@@ -226,3 +227,11 @@ def test_validation_dice_equals_evaluate_on_predicts_output(staging, tmp_path, p
     cli = CliRunner().invoke(app, ["evaluate", "--pred", str(out), "--truth", str(truth)])
     assert cli.exit_code == 0, cli.output
     assert f"dice_mean        {result.best_dice_mean:.4f}" in cli.output
+
+
+@pytest.mark.parametrize(
+    ("epoch", "start", "expected"),
+    [(0, 0.0, True), (3, 0.5, False), (4, 0.5, True), (8, 0.5, True), (9, 0.5, False), (9, 0.0, False)],
+)
+def test_patience_counts_from_its_start_share_until_before_the_last_epoch(epoch, start, expected):
+    assert patience_counts(epoch, 10, start) is expected
