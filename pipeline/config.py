@@ -191,6 +191,12 @@ class TrainConfig(_Section):
     # on how busy the machine was.
     time_budget_minutes: float | None = Field(None, gt=0.0)
     class_weighted_ce: bool = False  # weight the CE term by the plan's class weights
+    # The Dice term over the whole batch of slices (nnU-Net's batch Dice for 2D) rather than per
+    # slice, where a label absent from a slice scores 0 whatever its small probabilities there.
+    # Off by default: on the demo data it scored the same (bench.accuracy, README).
+    batch_dice: bool = False
+    # The background's Dice in the Dice term (nnU-Net leaves it out; the CE term covers it).
+    dice_background: bool = True
     # Auxiliary 1x1 heads on the lower decoder levels with a weighted loss over downsampled targets
     # (nnU-Net); the heads are dropped at export, so the model is the classic U-Net either way.
     deep_supervision: bool = True

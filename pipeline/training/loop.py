@@ -36,7 +36,7 @@ from monai.losses import DiceCELoss
 from torch import nn
 from tqdm.auto import tqdm
 
-from pipeline.config import PipelineConfig
+from pipeline.config import PipelineConfig, TrainConfig
 from pipeline.inference.predictor import PredictOptions
 from pipeline.io.atomic import write_text
 from pipeline.io.manifest import read_manifest
@@ -200,6 +200,26 @@ def _plan_and_split(
     return plan, split, by_id
 
 
+def training_loss(
+    tc: TrainConfig, plan: Plan, level_weights: Sequence[float], device: torch.device
+) -> DeepSupervisionLoss:
+    """Dice + cross-entropy on the softmax, over the decoder levels' `level_weights` (one level
+    without deep supervision). The Dice term per `train.batch_dice` (over the batch's slices
+    together, nnU-Net's choice for 2D, or per slice) and `train.dice_background`; the CE term
+    weighted by the plan's class weights with `train.class_weighted_ce`."""
+    weight = (
+        torch.tensor(plan.class_weights, dtype=torch.float32, device=device) if tc.class_weighted_ce else None
+    )
+    dice_ce = DiceCELoss(
+        to_onehot_y=True,
+        softmax=True,
+        weight=weight,
+        batch=tc.batch_dice,
+        include_background=tc.dice_background,
+    )
+    return DeepSupervisionLoss(dice_ce, level_weights)
+
+
 def _build_run(
     config: PipelineConfig,
     plan: Plan,
@@ -216,13 +236,7 @@ def _build_run(
         net = DeepSupervision(net)
     channels_last = training_channels_last(tc.channels_last, device)
     net = prepare_model(net, device, channels_last)
-    weight = (
-        torch.tensor(plan.class_weights, dtype=torch.float32, device=device) if tc.class_weighted_ce else None
-    )
-    loss_fn = DeepSupervisionLoss(
-        DiceCELoss(to_onehot_y=True, softmax=True, weight=weight),
-        net.weights if isinstance(net, DeepSupervision) else [1.0],
-    )
+    loss_fn = training_loss(tc, plan, net.weights if isinstance(net, DeepSupervision) else [1.0], device)
     if tc.optimizer == "adamw":
         optimizer: torch.optim.Optimizer = torch.optim.AdamW(
             net.parameters(), lr=tc.lr, weight_decay=tc.weight_decay
