@@ -27,6 +27,7 @@ MODALITIES = ("CT", "MR")
 LABELS = {0: "background", 1: "organ", 2: "lesion"}
 LPS_FROM_RAS = np.diag([-1.0, -1.0, 1.0])  # DICOM's patient frame from NIfTI's
 BLUR_MM = 0.8  # the scanner's point-spread, added to every partial-volume ramp
+REACHES_OUT = 0.1  # share of a lesion's surface outside its organ from which it is drawn bright
 
 
 def _rotation(rng: np.random.Generator) -> np.ndarray:
@@ -129,7 +130,9 @@ def make_anatomy(seed: int, modality: str = "CT", fov: float = 140.0, center=(0.
 
     CT contrasts are Hounsfield units (air -1000, soft tissue 40, organ 60..100, lesion 40..70
     HU above or below the organ, fat -100, bone-like 400..700); MR contrasts are positive
-    arbitrary units (fat bright, lesion 1.5..1.8 or 0.45..0.6 times the organ).
+    arbitrary units (fat bright, lesion 1.5..1.8 or 0.45..0.6 times the organ). A lesion that
+    reaches past the organ's surface (`REACHES_OUT`) is the brighter kind, so it shows against
+    the soft tissue round the organ as well.
     """
     if modality not in MODALITIES:
         raise ValueError(f"modality must be one of {', '.join(MODALITIES)}; got {modality!r}")
@@ -158,13 +161,23 @@ def make_anatomy(seed: int, modality: str = "CT", fov: float = 140.0, center=(0.
     shrink = np.array([rng.uniform(0.4, 0.55), rng.uniform(0.4, 0.55), rng.uniform(0.55, 0.75)])
     lesion = Ellipsoid(lesion_c, organ_axes * shrink, _rotation(rng))
 
+    # A lesion with part of its border past the organ's surface borders the tissue round the organ
+    # there, and a darker one would be about as dark as that tissue (CT 40 HU, MR 250 here): that
+    # border would not show, and no reader could draw its ground truth. A lesion with a tenth or
+    # more of its surface outside the organ is drawn brighter than the organ; one inside it is
+    # brighter or darker (the same random draws either way).
+    organ = Ellipsoid(organ_c, organ_axes, organ_rot)
+    reaches_out = surface_share_outside(lesion, organ) >= REACHES_OUT
     if modality == "CT":
         organ_v = rng.uniform(60, 100)
-        lesion_v = organ_v + rng.choice([-1, 1]) * rng.uniform(40, 70)
+        drawn = rng.choice([-1, 1])
+        sign = 1 if reaches_out else drawn
+        lesion_v = organ_v + sign * rng.uniform(40, 70)
         values = {"air": -1000.0, "body": 40.0, "fat": -100.0, "bone": rng.uniform(400, 700)}
     else:
         organ_v = rng.uniform(400, 550)
-        lesion_v = organ_v * (rng.uniform(1.5, 1.8) if rng.random() < 0.5 else rng.uniform(0.45, 0.6))
+        bright = rng.random() < 0.5 or reaches_out
+        lesion_v = organ_v * (rng.uniform(1.5, 1.8) if bright else rng.uniform(0.45, 0.6))
         values = {"air": 0.0, "body": 250.0, "fat": 700.0, "bone": 120.0}
     values |= {"organ": float(organ_v), "lesion": float(lesion_v)}
     waves, phases = _random_waves(rng, 8, np.array([0.20, 0.45]) * fov)
@@ -177,13 +190,23 @@ def make_anatomy(seed: int, modality: str = "CT", fov: float = 140.0, center=(0.
         fat_mm=float(rng.uniform(0.04, 0.07) * fov),
         spine_center=spine_center,
         spine_radius=float(rng.uniform(0.08, 0.11) * fov),
-        organ=Ellipsoid(organ_c, organ_axes, organ_rot),
+        organ=organ,
         lesion=lesion,
         values={key: float(v) for key, v in values.items()},
         texture_waves=waves,
         texture_phases=phases,
         texture_amplitude=2.0 if modality == "CT" else 5.0,
     )
+
+
+def surface_share_outside(inner: Ellipsoid, outer: Ellipsoid, points: int = 2000) -> float:
+    """The share of `inner`'s surface outside `outer` (of `points` spread evenly over it)."""
+    k = np.arange(points) + 0.5
+    polar, azimuth = np.arccos(1.0 - 2.0 * k / points), np.pi * (1.0 + 5**0.5) * k  # a Fibonacci sphere
+    unit = np.stack([np.sin(polar) * np.cos(azimuth), np.sin(polar) * np.sin(azimuth), np.cos(polar)])
+    surface = inner.center[:, None] + inner.rotation @ (inner.semi_axes[:, None] * unit)  # (3, points) LPS
+    local = outer.rotation.T @ (surface - outer.center[:, None]) / outer.semi_axes[:, None]
+    return float((np.sum(local * local, axis=0) > 1.0).mean())
 
 
 def _random_waves(rng: np.random.Generator, k: int, wavelengths: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -4,7 +4,14 @@ from scipy import ndimage
 
 from pipeline.synthetic.dataset import _orientation, _origin, _slab, dicom_affine
 from pipeline.synthetic.dicom import SeriesSpec, slice_positions
-from pipeline.synthetic.phantom import make_anatomy, make_phantom, sample
+from pipeline.synthetic.phantom import (
+    REACHES_OUT,
+    Ellipsoid,
+    make_anatomy,
+    make_phantom,
+    sample,
+    surface_share_outside,
+)
 
 
 @pytest.mark.parametrize("modality", ["CT", "MR"])
@@ -129,3 +136,35 @@ def test_masks_overlay_the_image_and_lesions_keep_their_contrast(orientation, mo
         outside = ndimage.binary_dilation(label > 0, iterations=2) & (label == 0)
         step = abs(anatomy.values["organ"] - anatomy.values["body"])
         assert abs(np.median(image[outside]) - organ) > 0.5 * step, (orientation, spacing)
+
+
+def test_surface_share_outside_measures_how_much_of_a_shape_pokes_out():
+    outer = Ellipsoid(np.zeros(3), np.array([10.0, 8.0, 20.0]))
+    inside = Ellipsoid(np.array([1.0, 0.0, 2.0]), np.array([3.0, 3.0, 5.0]))
+    assert surface_share_outside(inside, outer) == 0.0
+    # A sphere centred on the outer one's surface: about half of it is outside.
+    on_edge = Ellipsoid(np.array([10.0, 0.0, 0.0]), np.array([2.0, 2.0, 2.0]))
+    assert 0.4 < surface_share_outside(on_edge, outer) < 0.6
+    beyond = Ellipsoid(np.array([30.0, 0.0, 0.0]), np.array([2.0, 2.0, 2.0]))
+    assert surface_share_outside(beyond, outer) == 1.0
+
+
+@pytest.mark.parametrize("modality", ["CT", "MR"])
+def test_a_lesion_reaching_past_its_organ_shows_against_the_tissue_round_it_too(modality):
+    dark_inside = bright_inside = reaching = 0
+    for seed in range(120):
+        a = make_anatomy(seed, modality)
+        organ, lesion, body = a.values["organ"], a.values["lesion"], a.values["body"]
+        if surface_share_outside(a.lesion, a.organ) >= REACHES_OUT:
+            reaching += 1
+            # as far from the soft tissue round the organ as the least contrast it has with the organ
+            if modality == "CT":
+                assert lesion - body >= 40, (seed, lesion, body)
+            else:
+                assert lesion / body >= 1.5, (seed, lesion, body)
+        elif lesion < organ:
+            dark_inside += 1
+        else:
+            bright_inside += 1
+    # Lesions inside the organ stay of both kinds; some of every kind are drawn.
+    assert min(dark_inside, bright_inside, reaching) >= 15, (dark_inside, bright_inside, reaching)
