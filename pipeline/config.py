@@ -193,7 +193,7 @@ class TrainConfig(_Section):
     class_weighted_ce: bool = False  # weight the CE term by the plan's class weights
     # The Dice term over the whole batch of slices (nnU-Net's batch Dice for 2D) rather than per
     # slice, where a label absent from a slice scores 0 whatever its small probabilities there.
-    # Off by default: on the demo data it scored the same (bench.accuracy, README).
+    # Off by default: on the demo data it scored no better (bench.accuracy, README).
     batch_dice: bool = False
     # The background's Dice in the Dice term (nnU-Net leaves it out; the CE term covers it).
     dice_background: bool = True
