@@ -10,7 +10,8 @@ per-modality intensity statistics of the labelled foreground, and voxel counts p
 - target in-plane spacing: the median in-plane spacing; the slice spacing is never resampled;
 - normalization by modality: CT is clipped to the 0.5/99.5 percentiles of the labelled
   foreground of all CT cases and z-scored with that foreground's mean and std; MR and any other
-  modality are z-scored per case over the body (Otsu) mask;
+  modality are z-scored per case over the body (`zscore_mask`: every voxel brighter than the
+  background, see `transforms.zscore_mask`);
 - patch size: the median in-plane size after resampling, rounded up to a multiple of 16, capped;
 - 2.5-D context (`plan_context`): the network's input is the slice and its neighbours along the
   slice axis, k = 3 slices when the median slice spacing is at most `CONTEXT_MAX_SPACING_RATIO` x
@@ -48,6 +49,7 @@ SAMPLES_PER_CASE = 20_000  # foreground intensities sampled per case for the CT 
 # 2.5-D context: neighbours count as the same anatomy up to this slice spacing / in-plane spacing.
 CONTEXT_MAX_SPACING_RATIO = 3.0
 CONTEXT_SLICES = 3  # the planned context when the slices are close enough: the slice and one each side
+ZSCORE_MASKS = ("body", "otsu")  # Plan.zscore_mask: the first is what new plans use
 
 
 @dataclass(frozen=True)
@@ -95,11 +97,19 @@ class Plan:
     # Input channels: the slice and its (k - 1) / 2 neighbours on each side along the slice axis
     # (`plan_context`); 1: the slice alone (plans from before 2.5-D context read as 1).
     context_slices: int = 1
+    # The voxels a per-case z-score takes its mean and std from (`transforms.zscore_mask`): "body"
+    # (new plans) or "otsu", the rule of plans from before it, kept so their models see exactly
+    # the inputs they were trained on.
+    zscore_mask: str = "otsu"
 
     def __post_init__(self) -> None:
         k = self.context_slices
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"plan context_slices must be an odd positive integer (1: off); got {k!r}")
+        if self.zscore_mask not in ZSCORE_MASKS:
+            raise ValueError(
+                f"plan zscore_mask must be one of {', '.join(ZSCORE_MASKS)}; got {self.zscore_mask!r}"
+            )
 
     @property
     def num_classes(self) -> int:
@@ -331,6 +341,7 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
         reasons={"patch_size": patch_why, "context_slices": context_why},
         context_slices=context,
         anisotropy_ratio=ANISOTROPY_RATIO,
+        zscore_mask=ZSCORE_MASKS[0],
         fingerprint_summary={
             "cases": len(fingerprint.cases),
             "modalities": {

@@ -38,29 +38,73 @@ from pipeline.planning.plan import Plan
 IMAGE, LABEL = "image", "label"
 SLICE_AXIS_KEY = "slice_axis"  # per-case RAS axis the slices are taken across (set by PlanSpacingd)
 FOREGROUND_MARGIN = 4  # voxels kept around the body box
+# Share of a non-negative image's 99.5th percentile below which a voxel counts as background for
+# the "body" z-score mask: MR's noise floor is a few percent of its tissues' signal (SNR >= 20).
+BACKGROUND_FLOOR = 0.1
+
+
+def _otsu_threshold(values: np.ndarray) -> float | None:
+    """Otsu's threshold of `values` (256 bins), or None when they are all equal."""
+    flat = values.reshape(-1).astype(np.float64)
+    lo, hi = float(flat.min()), float(flat.max())
+    if hi <= lo:
+        return None
+    hist, edges = np.histogram(flat, bins=256, range=(lo, hi))
+    centers = (edges[:-1] + edges[1:]) / 2
+    w0 = np.cumsum(hist)
+    w1 = w0[-1] - w0
+    m0 = np.cumsum(hist * centers) / np.maximum(w0, 1)
+    m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1)
+    return float(centers[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))])
+
+
+def _as_input_type(mask: np.ndarray, image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
+    return torch.as_tensor(mask) if isinstance(image, torch.Tensor) else mask
+
+
+def _numpy(image: torch.Tensor | np.ndarray) -> np.ndarray:
+    return image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
 
 
 def body_mask(image: torch.Tensor | np.ndarray) -> torch.Tensor | np.ndarray:
     """Voxels above the Otsu threshold of the image: the body, without the air or MR background.
 
-    Used for the foreground crop and for the per-case z-score of MR and other modalities. Our own
-    ten lines because MONAI has no Otsu transform and scikit-image is not a dependency.
+    Used for the foreground crop (and, in plans from before `zscore_mask`, for the per-case
+    z-score). Otsu's threshold sits between the image's two largest intensity classes: air and
+    tissue when the image has air round the body, so its bounding box is the body's, and noise
+    in the air stays below it. Our own lines because MONAI has no Otsu transform and
+    scikit-image is not a dependency.
     """
-    values = image.detach().cpu().numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
-    flat = values.reshape(-1).astype(np.float64)
-    lo, hi = float(flat.min()), float(flat.max())
-    if hi <= lo:
-        mask = np.ones_like(values, dtype=bool)
-    else:
-        hist, edges = np.histogram(flat, bins=256, range=(lo, hi))
-        centers = (edges[:-1] + edges[1:]) / 2
-        w0 = np.cumsum(hist)
-        w1 = w0[-1] - w0
-        m0 = np.cumsum(hist * centers) / np.maximum(w0, 1)
-        m1 = (np.sum(hist * centers) - np.cumsum(hist * centers)) / np.maximum(w1, 1)
-        threshold = centers[int(np.argmax(w0 * w1 * (m0 - m1) ** 2))]
-        mask = values > threshold
-    return torch.as_tensor(mask) if isinstance(image, torch.Tensor) else mask
+    values = _numpy(image)
+    threshold = _otsu_threshold(values)
+    mask = np.ones_like(values, dtype=bool) if threshold is None else values > threshold
+    return _as_input_type(mask, image)
+
+
+def zscore_mask(image: torch.Tensor | np.ndarray, rule: str = "body") -> torch.Tensor | np.ndarray:
+    """The voxels a per-case z-score takes its mean and std from, by the plan's `zscore_mask` rule.
+
+    "otsu": `body_mask`. Where the image has little or no air (a field of view inside the body,
+    a thin coronal slab, a crop), its two largest classes are tissues, and Otsu's mask is the
+    brighter tissue alone: its std is that of one tissue's noise, so the z-scored body lies 5
+    standard deviations below zero in one case and 1.5 in the next, and a model sees a case unlike
+    any it was trained on (a demo MR slab came out black but for its fat and was segmented empty).
+    "body": for images without negative values (MR magnitude, PET, ...), every voxel above the
+    lower of Otsu's threshold and a tenth of the 99.5th percentile: the background (air, the
+    noise floor) lies below both, every tissue above the latter, so the mask is the whole body
+    whether or not the image has air. Images with negative values keep Otsu's mask (no known floor).
+    """
+    if rule == "otsu":
+        return body_mask(image)
+    if rule != "body":
+        raise ValueError(f"unknown z-score mask rule {rule!r}")
+    values = _numpy(image)
+    threshold = _otsu_threshold(values)
+    if threshold is None:
+        return _as_input_type(np.ones_like(values, dtype=bool), image)
+    if float(values.min()) >= 0.0:
+        threshold = min(threshold, BACKGROUND_FLOOR * float(np.percentile(values, 99.5)))
+    return _as_input_type(values > threshold, image)
 
 
 def _spacing_of(img: MetaTensor) -> np.ndarray:
@@ -99,7 +143,7 @@ class PlanNormalized(MapTransform):
     MONAI's ScaleIntensityRangePercentilesd computes percentiles per image, and
     NormalizeIntensityd has no clip step, so neither gives nnU-Net's CT scheme (clip to the
     dataset's foreground percentiles, z-score with the dataset's foreground statistics).
-    Other modalities: z-score with the mean and std of the case's body (Otsu) mask.
+    Other modalities: z-score with the mean and std of the case's body (`zscore_mask`, the plan's rule).
     """
 
     def __init__(self, keys: Sequence[str], plan: Plan) -> None:
@@ -115,7 +159,7 @@ class PlanNormalized(MapTransform):
                 lo, hi = norm["clip"]
                 img = (img.clamp(lo, hi) - norm["mean"]) / norm["std"]
             else:
-                mask = body_mask(img)
+                mask = zscore_mask(img, self.plan.zscore_mask)
                 fg = img[mask] if bool(mask.any()) else img.reshape(-1)
                 img = (img - fg.mean()) / fg.std().clamp_min(1e-6)
             d[key] = img

@@ -5,7 +5,7 @@ import torch
 from pipeline.io.manifest import read_manifest
 from pipeline.io.volume import Volume
 from pipeline.planning.plan import Plan, plan_dataset
-from pipeline.planning.transforms import body_mask, preprocess_volume, restore_labels
+from pipeline.planning.transforms import body_mask, preprocess_volume, restore_labels, zscore_mask
 from tests.pipeline.ingest.staging_fixture import make_staging
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
@@ -64,3 +64,60 @@ def test_body_mask_separates_body_from_air():
     img[5:15, 5:15] = 40.0
     mask = body_mask(img)
     assert mask.sum() == 100 * 4 and mask[10, 10, 0] and not mask[0, 0, 0]
+
+
+def _mr_body(with_air: bool, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """A magnitude MR-like volume: body tissue (250) with fat (700) along two sides and an organ
+    (450), Rician noise; with air (the noise floor) round the body, or the same anatomy cut to
+    the body (a field of view inside it). Returns (image, tissue: 0 air, 1 body, 2 organ, 3 fat)."""
+    rng = np.random.default_rng(seed)
+    tissue = np.zeros((64, 64, 12), np.uint8)
+    tissue[12:52, 12:52] = 1
+    tissue[12:52, 12:16] = tissue[12:52, 48:52] = 3
+    tissue[26:38, 26:38] = 2
+    level = np.array([0.0, 250.0, 450.0, 700.0], np.float32)[tissue]
+    noise = rng.standard_normal((2, *tissue.shape)).astype(np.float32) * 15
+    image = np.hypot(level + noise[0], noise[1])
+    return (image, tissue) if with_air else (image[12:52, 12:52], tissue[12:52, 12:52])
+
+
+@pytest.mark.parametrize("with_air", [True, False])
+def test_the_body_z_score_mask_is_every_tissue_with_or_without_air(with_air):
+    image, tissue = _mr_body(with_air)
+    mask = np.asarray(zscore_mask(image, "body"))
+    assert mask[tissue > 0].mean() > 0.999
+    assert not with_air or mask[tissue == 0].mean() < 0.01
+    assert np.array_equal(np.asarray(zscore_mask(image, "otsu")), np.asarray(body_mask(image)))
+    assert isinstance(zscore_mask(torch.as_tensor(image), "body"), torch.Tensor)
+
+
+def test_the_z_scored_body_does_not_depend_on_the_air_in_the_field_of_view():
+    """The same anatomy with and without air round it must reach the network at the same values:
+    Otsu's mask without air is the fat alone, and its z-score puts the body far off."""
+    levels = {}
+    for rule in ("body", "otsu"):
+        for with_air in (True, False):
+            image, tissue = _mr_body(with_air, seed=1)
+            plan = Plan(
+                slice_axis=2,
+                target_spacing=1.0,
+                patch_size=64,
+                normalization={},
+                labels=LABELS,
+                class_weights=[1.0, 1.0, 1.0],
+                crop_foreground=False,
+                zscore_mask=rule,
+            )
+            slices, _ = preprocess_volume(Volume(image, np.eye(4), "MR"), plan)
+            z = slices[:, 0].numpy().transpose(1, 2, 0)  # (S, H, W) -> the volume's (X, Y, Z)
+            levels[rule, with_air] = [float(z[tissue == t].mean()) for t in (1, 2, 3)]
+    assert np.allclose(levels["body", True], levels["body", False], atol=0.25)
+    assert abs(levels["otsu", True][0] - levels["otsu", False][0]) > 1.0  # what the rule fixes
+
+
+def test_an_image_with_negative_values_keeps_otsu_for_the_body_mask():
+    image = np.full((20, 20, 4), -1000.0, np.float32)
+    image[5:15, 5:15] = 40.0
+    assert np.array_equal(zscore_mask(image, "body"), body_mask(image))
+    with pytest.raises(ValueError, match="unknown z-score mask rule"):
+        zscore_mask(image, "nonzero")
