@@ -115,7 +115,7 @@ class PreprocessConfig(_Section):
     # foreground centres drawn per class (each label as likely as the others, as nnU-Net samples):
     # a small lesion is seen as often as the organ around it; False: per voxel (large labels dominate)
     balance_classes: bool = True
-    crop_foreground: bool = True  # crop each volume to its body (Otsu) bounding box
+    crop_foreground: bool = True  # crop each volume to its body's box (transforms.crop_mask)
     augment: bool = True  # random flips, rotation/scaling, noise, contrast and intensity shift
     flip_prob: float = Field(0.5, ge=0.0, le=1.0)  # per in-plane axis
     rotate_degrees: float = Field(15.0, ge=0.0, le=180.0)  # +- in-plane rotation

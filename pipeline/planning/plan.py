@@ -49,7 +49,7 @@ SAMPLES_PER_CASE = 20_000  # foreground intensities sampled per case for the CT 
 # 2.5-D context: neighbours count as the same anatomy up to this slice spacing / in-plane spacing.
 CONTEXT_MAX_SPACING_RATIO = 3.0
 CONTEXT_SLICES = 3  # the planned context when the slices are close enough: the slice and one each side
-ZSCORE_MASKS = ("body", "otsu")  # Plan.zscore_mask: the first is what new plans use
+ZSCORE_MASKS = ("body", "otsu")  # Plan.zscore_mask and crop_mask: the first is what new plans use
 
 
 @dataclass(frozen=True)
@@ -101,15 +101,19 @@ class Plan:
     # (new plans) or "otsu", the rule of plans from before it, kept so their models see exactly
     # the inputs they were trained on.
     zscore_mask: str = "otsu"
+    # The mask the foreground crop takes its box from (`transforms.crop_mask`): "body" (new plans)
+    # or "otsu", the rule of plans from before it.
+    crop_mask: str = "otsu"
 
     def __post_init__(self) -> None:
         k = self.context_slices
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"plan context_slices must be an odd positive integer (1: off); got {k!r}")
-        if self.zscore_mask not in ZSCORE_MASKS:
-            raise ValueError(
-                f"plan zscore_mask must be one of {', '.join(ZSCORE_MASKS)}; got {self.zscore_mask!r}"
-            )
+        for name in ("zscore_mask", "crop_mask"):
+            if getattr(self, name) not in ZSCORE_MASKS:
+                raise ValueError(
+                    f"plan {name} must be one of {', '.join(ZSCORE_MASKS)}; got {getattr(self, name)!r}"
+                )
 
     @property
     def num_classes(self) -> int:
@@ -342,6 +346,7 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
         context_slices=context,
         anisotropy_ratio=ANISOTROPY_RATIO,
         zscore_mask=ZSCORE_MASKS[0],
+        crop_mask=ZSCORE_MASKS[0],
         fingerprint_summary={
             "cases": len(fingerprint.cases),
             "modalities": {

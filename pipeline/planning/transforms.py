@@ -3,7 +3,7 @@
 One deterministic chain (`geometry_transforms`) is shared by training, validation and inference:
 
     LoadImaged -> EnsureChannelFirstd -> Orientationd(RAS) -> PlanSpacingd (in-plane only)
-    -> CropForegroundd (body box) -> PlanNormalized
+    -> PlanCropForegroundd (body box) -> PlanNormalized
 
 Training then samples random 2D slices of the cached result and augments them
 (`pipeline.training.augment`). Validation and inference call `preprocess_volume`, which runs the
@@ -41,6 +41,10 @@ FOREGROUND_MARGIN = 4  # voxels kept around the body box
 # Share of a non-negative image's 99.5th percentile below which a voxel counts as background for
 # the "body" z-score mask: MR's noise floor is a few percent of its tissues' signal (SNR >= 20).
 BACKGROUND_FLOOR = 0.1
+AIR_HU = -500.0  # CT: air (-1000) below, every tissue (lung from about -900 partly) above
+# A crop box plane must hold at least this share of the fullest plane's mask voxels: stray noise
+# voxels in the air (a few per plane) do not stretch the box, anatomy (hundreds) does.
+CROP_PLANE_SHARE = 0.01
 
 
 def _otsu_threshold(values: np.ndarray) -> float | None:
@@ -105,6 +109,61 @@ def zscore_mask(image: torch.Tensor | np.ndarray, rule: str = "body") -> torch.T
     if float(values.min()) >= 0.0:
         threshold = min(threshold, BACKGROUND_FLOOR * float(np.percentile(values, 99.5)))
     return _as_input_type(values > threshold, image)
+
+
+def crop_mask(
+    image: torch.Tensor | np.ndarray, modality: str | None = None, rule: str = "body"
+) -> torch.Tensor | np.ndarray:
+    """The mask whose bounding box the foreground crop keeps, by the plan's `crop_mask` rule.
+
+    "otsu": `body_mask`. Its box loses anatomy where Otsu's mask is one tissue (a field of view
+    with little air): whatever lies outside that tissue's box is cropped away and predicted
+    background, with no error. "body": CT voxels above -500 HU (air is the one thing below), other
+    modalities `zscore_mask`'s body; then only the planes (along each axis) holding at least
+    `CROP_PLANE_SHARE` of the fullest plane's voxels, so stray noise in the air does not stretch
+    the box. `image` may carry a leading channel axis (as MONAI's crop passes it).
+    """
+    if rule == "otsu":
+        return body_mask(image)
+    if rule != "body":
+        raise ValueError(f"unknown crop mask rule {rule!r}")
+    values = _numpy(image)
+    mask = values > AIR_HU if str(modality or "").upper() == "CT" else np.asarray(zscore_mask(values, "body"))
+    spatial = mask.any(axis=0) if mask.ndim == 4 else mask
+    if not spatial.any():
+        return _as_input_type(np.ones_like(values, dtype=bool), image)
+    keep = np.ones_like(spatial)
+    for axis in range(spatial.ndim):
+        others = tuple(a for a in range(spatial.ndim) if a != axis)
+        counts = spatial.sum(axis=others)
+        planes = counts >= max(1.0, CROP_PLANE_SHARE * float(counts.max()))
+        keep &= np.expand_dims(planes, others)
+    mask = mask & (keep[None] if mask.ndim == 4 else keep)
+    return _as_input_type(mask, image)
+
+
+class PlanCropForegroundd(MapTransform):
+    """MONAI's CropForegroundd with the plan's crop mask for the case's modality (key `modality`).
+
+    CropForegroundd's `select_fn` sees the image alone, and the mask depends on the modality
+    (CT's air is a known value), so the transform is made per call.
+    """
+
+    def __init__(self, keys: Sequence[str], plan: Plan) -> None:
+        super().__init__(keys)
+        self.plan = plan
+
+    def __call__(self, data: Mapping[Hashable, Any]) -> dict[Hashable, Any]:
+        modality = str(data.get("modality", "unknown"))
+        rule = self.plan.crop_mask
+        crop = CropForegroundd(
+            self.keys,
+            source_key=IMAGE,
+            select_fn=lambda image: crop_mask(image, modality, rule),
+            margin=FOREGROUND_MARGIN,
+            allow_smaller=True,
+        )
+        return dict(crop(data))
 
 
 def _spacing_of(img: MetaTensor) -> np.ndarray:
@@ -174,15 +233,7 @@ def geometry_transforms(plan: Plan, keys: Sequence[str] = (IMAGE, LABEL), load: 
         steps += [LoadImaged(keys, image_only=True), EnsureChannelFirstd(keys)]
     steps += [Orientationd(keys, axcodes="RAS", labels=None), PlanSpacingd(keys, plan)]
     if plan.crop_foreground:
-        steps.append(
-            CropForegroundd(
-                keys,
-                source_key=IMAGE,
-                select_fn=body_mask,
-                margin=FOREGROUND_MARGIN,
-                allow_smaller=True,
-            )
-        )
+        steps.append(PlanCropForegroundd(keys, plan))
     steps.append(PlanNormalized([IMAGE], plan))
     return steps
 

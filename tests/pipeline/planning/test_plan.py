@@ -171,10 +171,12 @@ def test_context_indices_refuse_an_even_context():
         context_indices([0], 4, 2)
 
 
-def test_new_plans_z_score_over_the_body_and_older_plans_keep_otsu():
+def test_new_plans_z_score_and_crop_by_the_body_and_older_plans_keep_otsu():
     data = make_plan(_fp([(1, 1, 2)] * 2, [(64, 64, 10)] * 2)).to_dict()
-    assert data["zscore_mask"] == "body"
-    del data["zscore_mask"]  # a plan saved before the rule was a plan field
-    assert Plan.from_dict(data).zscore_mask == "otsu"
-    with pytest.raises(ValueError, match="zscore_mask must be one of body, otsu"):
-        Plan.from_dict({**data, "zscore_mask": "nonzero"})
+    assert data["zscore_mask"] == data["crop_mask"] == "body"
+    del data["zscore_mask"], data["crop_mask"]  # a plan saved before the rules were plan fields
+    old = Plan.from_dict(data)
+    assert old.zscore_mask == old.crop_mask == "otsu"
+    for name in ("zscore_mask", "crop_mask"):
+        with pytest.raises(ValueError, match=f"{name} must be one of body, otsu"):
+            Plan.from_dict({**data, name: "nonzero"})

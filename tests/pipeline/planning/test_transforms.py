@@ -5,7 +5,14 @@ import torch
 from pipeline.io.manifest import read_manifest
 from pipeline.io.volume import Volume
 from pipeline.planning.plan import Plan, plan_dataset
-from pipeline.planning.transforms import body_mask, preprocess_volume, restore_labels, zscore_mask
+from pipeline.planning.transforms import (
+    FOREGROUND_MARGIN,
+    body_mask,
+    crop_mask,
+    preprocess_volume,
+    restore_labels,
+    zscore_mask,
+)
 from tests.pipeline.ingest.staging_fixture import make_staging
 
 LABELS = {"background": 0, "organ": 1, "lesion": 2}
@@ -121,3 +128,48 @@ def test_an_image_with_negative_values_keeps_otsu_for_the_body_mask():
     assert np.array_equal(zscore_mask(image, "body"), body_mask(image))
     with pytest.raises(ValueError, match="unknown z-score mask rule"):
         zscore_mask(image, "nonzero")
+
+
+def _plan(rule: str) -> Plan:
+    return Plan(
+        slice_axis=2,
+        target_spacing=1.0,
+        patch_size=64,
+        normalization={"CT": {"scheme": "ct", "clip": [-200.0, 200.0], "mean": 0.0, "std": 100.0}},
+        labels=LABELS,
+        class_weights=[1.0, 1.0, 1.0],
+        crop_foreground=True,
+        zscore_mask=rule,
+        crop_mask=rule,
+    )
+
+
+def test_the_body_crop_keeps_a_ct_field_of_view_without_air_whole():
+    """A CT reconstructed inside the body (no air): fat (-100) over a third of it, soft tissue
+    (40) elsewhere. Nothing in it is background, so nothing may be cropped; Otsu's box was the
+    soft tissue's, and the fat side (and whatever lay in it) was cut away and predicted empty."""
+    rng = np.random.default_rng(0)
+    image = np.full((60, 50, 8), 40.0, np.float32)
+    image[:20] = -100.0
+    image += rng.standard_normal(image.shape).astype(np.float32) * 10
+    shapes = {}
+    for rule in ("body", "otsu"):
+        _, info = preprocess_volume(Volume(image, np.eye(4), "CT"), _plan(rule))
+        shapes[rule] = info.spatial_shape
+    assert shapes["body"] == image.shape
+    assert shapes["otsu"][0] < image.shape[0]  # what the rule fixes: part of the fat side was cut
+
+
+def test_stray_noise_in_the_air_does_not_stretch_the_body_crop():
+    image, tissue = _mr_body(with_air=True, seed=2)
+    image[1, 1, 2] = image[62, 60, 3] = image[3, 50, 7] = 600.0  # bright noise voxels far out in the air
+    mask = np.asarray(crop_mask(image[None], "MR", "body"))[0]
+    rows, cols, _ = np.nonzero(mask)
+    body_rows, body_cols, _ = np.nonzero(tissue)
+    assert (rows.min(), rows.max()) == (body_rows.min(), body_rows.max())
+    assert (cols.min(), cols.max()) == (body_cols.min(), body_cols.max())
+    _, info = preprocess_volume(Volume(image, np.eye(4), "MR"), _plan("body"))
+    assert info.spatial_shape[:2] == (40 + 2 * FOREGROUND_MARGIN, 40 + 2 * FOREGROUND_MARGIN)
+    assert np.array_equal(np.asarray(crop_mask(image, "MR", "otsu")), np.asarray(body_mask(image)))
+    with pytest.raises(ValueError, match="unknown crop mask rule"):
+        crop_mask(image, "MR", "nonzero")
