@@ -41,7 +41,10 @@ FOREGROUND_MARGIN = 4  # voxels kept around the body box
 # Share of a non-negative image's 99.5th percentile below which a voxel counts as background for
 # the "body" z-score mask: MR's noise floor is a few percent of its tissues' signal (SNR >= 20).
 BACKGROUND_FLOOR = 0.1
-AIR_HU = -500.0  # CT: air (-1000) below, every tissue (lung from about -900 partly) above
+NEGATIVE_SLACK = 0.01  # negative values down to this share of the 99.5th percentile: still "no signal"
+# CT: air (-1000) below, soft tissue, fat and bone above; lung (-700 to -900) and gas fall below,
+# but inside the body wall, whose box holds them.
+AIR_HU = -500.0
 # A crop box plane must hold at least this share of the fullest plane's mask voxels: stray noise
 # voxels in the air (a few per plane) do not stretch the box, anatomy (hundreds) does.
 CROP_PLANE_SHARE = 0.01
@@ -93,10 +96,11 @@ def zscore_mask(image: torch.Tensor | np.ndarray, rule: str = "body") -> torch.T
     brighter tissue alone: its std is that of one tissue's noise, so the z-scored body lies 5
     standard deviations below zero in one case and 1.5 in the next, and a model sees a case unlike
     any it was trained on (a demo MR slab came out black but for its fat and was segmented empty).
-    "body": for images without negative values (MR magnitude, PET, ...), every voxel above the
-    lower of Otsu's threshold and a tenth of the 99.5th percentile: the background (air, the
-    noise floor) lies below both, every tissue above the latter, so the mask is the whole body
-    whether or not the image has air. Images with negative values keep Otsu's mask (no known floor).
+    "body": for images whose zero means no signal (MR magnitude, PET, ...: the 0.5th percentile
+    not below -1 % of the 99.5th, so ringing, interpolation or -1 padding do not count), every
+    voxel above the lower of Otsu's threshold and a tenth of the 99.5th percentile: the background
+    (air, the noise floor) lies below both, every tissue above the latter, so the mask is the
+    whole body whether or not the image has air. Other images keep Otsu's mask (no known floor).
     """
     if rule == "otsu":
         return body_mask(image)
@@ -106,8 +110,9 @@ def zscore_mask(image: torch.Tensor | np.ndarray, rule: str = "body") -> torch.T
     threshold = _otsu_threshold(values)
     if threshold is None:
         return _as_input_type(np.ones_like(values, dtype=bool), image)
-    if float(values.min()) >= 0.0:
-        threshold = min(threshold, BACKGROUND_FLOOR * float(np.percentile(values, 99.5)))
+    low, high = (float(v) for v in np.percentile(values, [0.5, 99.5]))
+    if high > 0.0 and low >= -NEGATIVE_SLACK * high:
+        threshold = min(threshold, BACKGROUND_FLOOR * high)
     return _as_input_type(values > threshold, image)
 
 
@@ -138,15 +143,18 @@ def crop_mask(
         counts = spatial.sum(axis=others)
         planes = counts >= max(1.0, CROP_PLANE_SHARE * float(counts.max()))
         keep &= np.expand_dims(planes, others)
-    mask = mask & (keep[None] if mask.ndim == 4 else keep)
-    return _as_input_type(mask, image)
+    kept = mask & (keep[None] if mask.ndim == 4 else keep)
+    # Planes dropped along different axes can together hold every voxel (thin structures): then
+    # the unfiltered mask, never an empty box.
+    return _as_input_type(kept if kept.any() else mask, image)
 
 
 class PlanCropForegroundd(MapTransform):
     """MONAI's CropForegroundd with the plan's crop mask for the case's modality (key `modality`).
 
     CropForegroundd's `select_fn` sees the image alone, and the mask depends on the modality
-    (CT's air is a known value), so the transform is made per call.
+    (CT's air is a known value), so the transform is made per call. Not invertible through MONAI
+    (nor is PlanSpacingd): predictions go back to the source grid by the affines (`restore`).
     """
 
     def __init__(self, keys: Sequence[str], plan: Plan) -> None:
@@ -219,7 +227,8 @@ class PlanNormalized(MapTransform):
                 img = (img.clamp(lo, hi) - norm["mean"]) / norm["std"]
             else:
                 mask = zscore_mask(img, self.plan.zscore_mask)
-                fg = img[mask] if bool(mask.any()) else img.reshape(-1)
+                # Two voxels at least: one has no std (NaN), and the clamp below keeps NaN.
+                fg = img[mask] if int(mask.sum()) >= 2 else img.reshape(-1)
                 img = (img - fg.mean()) / fg.std().clamp_min(1e-6)
             d[key] = img
         return d

@@ -233,7 +233,8 @@ def _write_ensemble(
             raise RuntimeError(f"fold {k} in {result.out_dir} finished without a model folder")
         loaded.append(load_model_dir(result.model_dir))
     for k, item in enumerate(loaded[1:], start=1):
-        if item.plan != loaded[0].plan:
+        # As Plans, not raw JSON: a fold saved before a plan field existed reads with its default.
+        if Plan.from_dict(item.plan) != Plan.from_dict(loaded[0].plan):
             raise ModelIntegrityError(
                 item.path,
                 f"fold {k} was trained with another plan than fold 0 ({loaded[0].path / PLAN_FILE}); "
