@@ -123,8 +123,9 @@ def crop_mask(
 
     "otsu": `body_mask`. Its box loses anatomy where Otsu's mask is one tissue (a field of view
     with little air): whatever lies outside that tissue's box is cropped away and predicted
-    background, with no error. "body": CT voxels above -500 HU (air is the one thing below), other
-    modalities `zscore_mask`'s body; then only the planes (along each axis) holding at least
+    background, with no error. "body": CT voxels above -500 HU (`AIR_HU`: air, and lung or gas
+    inside the body wall, whose box holds them, lie below), other modalities `zscore_mask`'s
+    body; then only the planes (along each axis) holding at least
     `CROP_PLANE_SHARE` of the fullest plane's voxels, so stray noise in the air does not stretch
     the box. `image` may carry a leading channel axis (as MONAI's crop passes it).
     """
