@@ -58,6 +58,7 @@ RECIPE_VARIANTS: dict[str, dict[str, dict]] = {
     "- augmentation": {"preprocess": {"augment": False}},
     "- test-time mirroring": {"infer": {"mirror_axes": []}},
     "- 2.5-D context": {"preprocess": {"context_slices": 1}},
+    "- weights average": {"train": {"ema_decay": None}},
     "+ batch Dice without background (nnU-Net's)": {"train": {"batch_dice": True, "dice_background": False}},
 }
 

@@ -2,10 +2,11 @@
 
 `checkpoints/last.pt` is what a resume needs: the state dicts of the network, the optimizer and the
 schedule, the random number generators' states, the run's fixed inputs (config, plan, split) and
-the loop's state (`LoopState.to_checkpoint()`, stored flat beside the rest). `checkpoints/best.pt`
-holds the best weights of the classic U-Net (no deep supervision heads) and their epoch. Both load
-with `torch.load(weights_only=True)`: tensors and plain types only, so the config, plan and split
-are stored as JSON text.
+the loop's state (`LoopState.to_checkpoint()`, stored flat beside the rest) and, under
+train.ema_decay, the weights' moving average. `checkpoints/best.pt` holds the best weights of the
+classic U-Net (no deep supervision heads; the average's under train.ema_decay) and their epoch.
+Both load with `torch.load(weights_only=True)`: tensors and plain types only, so the config, plan
+and split are stored as JSON text.
 """
 
 from __future__ import annotations
@@ -39,6 +40,8 @@ class Checkpoint:
     plan: dict[str, Any]  # Plan.to_dict()
     split: dict[str, list[str]]  # {"train": [...], "val": [...]}
     loop: dict[str, Any]  # `LoopState.to_checkpoint()`
+    # `WeightAverage.state_dict()` under train.ema_decay; absent in runs without it (and before it)
+    average: dict[str, Any] | None = None
 
     @property
     def epoch(self) -> int:
@@ -46,19 +49,23 @@ class Checkpoint:
         return int(self.loop["epoch"])
 
 
-_KEYS = tuple(f.name for f in fields(Checkpoint) if f.name != "loop")
+_OPTIONAL_KEYS = ("average",)
+_KEYS = tuple(f.name for f in fields(Checkpoint) if f.name not in ("loop", *_OPTIONAL_KEYS))
 _JSON_KEYS = ("config", "plan", "split")
 
 
 def save_checkpoint(path: Path, checkpoint: Checkpoint) -> None:
     """Write last.pt atomically (a crash mid-write leaves the previous one)."""
-    clash = set(checkpoint.loop) & set(_KEYS)
+    clash = set(checkpoint.loop) & {*_KEYS, *_OPTIONAL_KEYS}
     if clash:
         raise ValueError(f"loop state keys {sorted(clash)} collide with the checkpoint's own keys")
     state = dict(checkpoint.loop)
     for key in _KEYS:
         value = getattr(checkpoint, key)
         state[key] = json.dumps(value) if key in _JSON_KEYS else value
+    for key in _OPTIONAL_KEYS:
+        if getattr(checkpoint, key) is not None:
+            state[key] = getattr(checkpoint, key)
     _save(path, state)
 
 
@@ -72,6 +79,7 @@ def load_checkpoint(path: Path) -> Checkpoint:
             "Delete it to train that run from the start."
         )
     values = {key: state.pop(key) for key in _KEYS}
+    values |= {key: state.pop(key, None) for key in _OPTIONAL_KEYS}
     for key in _JSON_KEYS:
         values[key] = json.loads(values[key])
     return Checkpoint(**values, loop=state)

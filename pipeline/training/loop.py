@@ -3,8 +3,9 @@
 `train(staging, out_dir, config)` plans the dataset (or reloads the plan of a run it resumes),
 splits cases, trains with Dice + cross-entropy (over the decoder's levels under deep supervision,
 whose auxiliary heads never leave the loop), validates every `val_every` epochs on whole
-validation volumes through predict's own path (`validate.validate`), keeps the best weights by
-mean validation Dice, stops early or at the wall-clock budget, checkpoints every epoch and
+validation volumes through predict's own path (`validate.validate`) with the moving average of
+the weights (`training.ema`, under train.ema_decay), keeps the best weights by mean validation
+Dice, stops early or at the wall-clock budget, checkpoints every epoch and
 resumes from the last checkpoint after a crash. It ends by writing the model folder
 (`pipeline.io.model_dir.save_model_dir`) and the QC pictures of the first `val_qc_cases` validation
 cases (`validation_qc/`), and returns a `TrainResult`.
@@ -72,6 +73,7 @@ from pipeline.training.data import (
     split_cases,
 )
 from pipeline.training.distributed import DistContext, process_group
+from pipeline.training.ema import WeightAverage
 from pipeline.training.result import (
     CURVES_FILE,
     MODEL_DIR,
@@ -143,11 +145,17 @@ class _Run:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     budget: Budget
     ckpt_dir: Path
+    average: WeightAverage | None  # of `unet`'s weights, under train.ema_decay
 
     @property
     def unet(self) -> nn.Module:
-        """The classic network inside `net`: what validation scores and best.pt and the model folder hold."""
+        """The classic network inside `net`: what the model folder holds (the best weights, at the end)."""
         return self.net.unet if isinstance(self.net, DeepSupervision) else self.net
+
+    @property
+    def scored(self) -> nn.Module:
+        """What validation scores and best.pt keeps: the weights' moving average, else `unet` itself."""
+        return self.average.model if self.average is not None else self.unet
 
     def checkpoint(self, state: LoopState) -> Checkpoint:
         return Checkpoint(
@@ -159,6 +167,7 @@ class _Run:
             plan=self.plan.to_dict(),
             split=self.split,
             loop=state.to_checkpoint(),
+            average=self.average.state_dict() if self.average is not None else None,
         )
 
 
@@ -256,6 +265,10 @@ def _build_run(
         optimizer.load_state_dict(checkpoint.optimizer)
         scheduler.load_state_dict(checkpoint.scheduler)
         set_rng_state(checkpoint.rng)
+    unet = net.unet if isinstance(net, DeepSupervision) else net
+    average = WeightAverage(unet, tc.ema_decay) if tc.ema_decay else None
+    if average is not None and checkpoint is not None and checkpoint.average is not None:
+        average.load_state_dict(checkpoint.average)  # a checkpoint without one: it starts afresh
 
     model: nn.Module = net
     if tc.compile:
@@ -279,6 +292,7 @@ def _build_run(
         scheduler=scheduler,
         budget=budget,
         ckpt_dir=ckpt_dir,
+        average=average,
     )
 
 
@@ -323,6 +337,8 @@ def train_step(run: _Run, batch: dict[str, Any]) -> tuple[float, int]:
         nn.utils.clip_grad_norm_(run.model.parameters(), run.config.train.grad_clip)
     run.optimizer.step()
     run.scheduler.step()
+    if run.average is not None:
+        run.average.update(run.unet)
     return float(loss.detach()), x.shape[0]
 
 
@@ -357,7 +373,7 @@ def validate_epoch(
     run: _Run, state: LoopState, epoch: int, cases: Sequence[ValCase], options: PredictOptions
 ) -> dict[str, float]:
     """Validate, record the result in `state` and keep the best weights (best.pt, rank 0)."""
-    val = validate(run.unet, cases, run.plan, device=run.device, options=options)
+    val = validate(run.scored, cases, run.plan, device=run.device, options=options)
     tc = run.config.train
     best = state.record_validation(
         epoch,
@@ -367,7 +383,7 @@ def validate_epoch(
         counts=patience_counts(epoch, tc.epochs, tc.early_stopping_start),
     )
     if best and run.dist.main:
-        save_best(run.ckpt_dir / BEST, run.unet.state_dict(), epoch)
+        save_best(run.ckpt_dir / BEST, run.scored.state_dict(), epoch)
     return val
 
 
@@ -506,12 +522,15 @@ def _train(
             if run_epoch(run, state, epoch, batches, val_cases, val_options, callbacks, bar):
                 break
 
-    # The best weights (by mean val Dice) become the model; the last ones if none validated.
+    # The best weights (by mean val Dice) become the model; the last ones (their average under
+    # train.ema_decay) if none validated.
     if state.best_epoch >= 0 and (run.ckpt_dir / BEST).is_file():
         run.unet.load_state_dict(load_best(run.ckpt_dir / BEST))
         if val_options != predict_options:  # also when resuming a finished run
             cases = val_cases or load_val_cases([by_id[c] for c in split["val"]], plan)
             final_validation(run, state, cases, predict_options)
+    elif run.average is not None:
+        run.unet.load_state_dict(run.average.model.state_dict())
     model_dir = None
     if dctx.main:
         if state.history:

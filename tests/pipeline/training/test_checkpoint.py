@@ -93,3 +93,28 @@ def test_restored_generators_draw_the_same_numbers():
     first = torch.rand(4)
     set_rng_state(state)
     assert torch.equal(torch.rand(4), first)
+
+
+def test_the_weights_average_round_trips_and_older_checkpoints_have_none(tmp_path):
+    net = nn.Linear(3, 2)
+    average = {"model": {k: v * 0.5 for k, v in net.state_dict().items()}, "updates": 7}
+    fields = dict(
+        model=net.state_dict(),
+        optimizer={},
+        scheduler={},
+        rng=rng_state(),
+        config={},
+        plan={},
+        split={"train": [], "val": []},
+        loop=MID_RUN.to_checkpoint(),
+    )
+    with_average, without = tmp_path / "with.pt", tmp_path / "without.pt"
+    save_checkpoint(with_average, Checkpoint(**fields, average=average))
+    save_checkpoint(without, Checkpoint(**fields))
+
+    assert set(torch.load(with_average, weights_only=True)) == FILE_KEYS | {"average"}
+    read = load_checkpoint(with_average)
+    assert read.average["updates"] == 7
+    assert torch.equal(read.average["model"]["weight"], average["model"]["weight"])
+    assert LoopState.from_checkpoint(read.loop) == MID_RUN  # the average is not taken for loop state
+    assert load_checkpoint(without).average is None

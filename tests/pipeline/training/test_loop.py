@@ -76,6 +76,27 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
     )
 
 
+def test_validation_and_the_model_use_the_weights_average(staging, tmp_path):
+    run = tmp_path / "run"
+    result = train(staging, run, tiny_config(epochs=1, steps_per_epoch=3, lr=0.05))
+    last = torch.load(run / "checkpoints" / "last.pt", weights_only=True)
+    best = torch.load(run / "checkpoints" / "best.pt", weights_only=True)["model"]
+    assert result.best_epoch == 0 and last["average"]["updates"] == 3  # one update per step
+    average = last["average"]["model"]
+    assert best.keys() == average.keys()
+    assert all(torch.equal(best[k], average[k]) for k in best)  # the one validation scored the average
+    trained = {k.removeprefix("unet."): v for k, v in last["model"].items() if k.startswith("unet.")}
+    assert any(not torch.equal(best[k], trained[k]) for k in best if best[k].is_floating_point())
+    from safetensors.torch import load_file
+
+    exported = load_file(result.model_dir / "weights.safetensors")
+    assert all(torch.equal(exported[k], best[k]) for k in exported)
+
+    plain = train(staging, tmp_path / "plain", tiny_config(epochs=1, steps_per_epoch=3, ema_decay=None))
+    assert "average" not in torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)
+    assert plain.best_epoch == 0
+
+
 def test_training_resumes_after_being_killed(staging, tmp_path):
     out = tmp_path / "run"
     cfg = tiny_config(epochs=4)
