@@ -23,6 +23,7 @@ import threading
 import time
 
 from pipeline.inference.memory import default_budget
+from pipeline.logs import logging_state, worker_logging
 from pipeline.system import available_cores
 
 
@@ -58,15 +59,19 @@ def _context():
     return _FORKSERVER
 
 
-def _serve(conn, log_level: int) -> None:
+def _serve(conn, log_level: int, terminal: bool | None = None) -> None:
     """A worker's loop: run each call it is sent and send back its result or its exception.
 
-    The pipeline's log records go to stderr (inherited: the flow's or the Dask worker's) at the
-    parent's level; without a handler here a case's log would be lost with its process.
+    Started from the command line (`terminal`: its `logging_state()`), the worker keeps the
+    terminal's rules (`pipeline.logs`). Otherwise the pipeline's log records go to stderr
+    (inherited: the flow's or the Dask worker's) at the parent's level; without a handler here a
+    case's log would be lost with its process.
     """
     import sys
 
-    if log_level < logging.WARNING:
+    if terminal is not None:
+        worker_logging(terminal)
+    elif log_level < logging.WARNING:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         logger = logging.getLogger("pipeline")
@@ -112,7 +117,7 @@ class _Worker:
         ctx = _context()
         self.conn, child = ctx.Pipe(duplex=True)
         level = logging.getLogger("pipeline").getEffectiveLevel()
-        self.proc = ctx.Process(target=_serve, args=(child, level), daemon=True)
+        self.proc = ctx.Process(target=_serve, args=(child, level, logging_state()), daemon=True)
         self.proc.start()
         child.close()
         self.calls = 0

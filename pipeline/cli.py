@@ -13,6 +13,7 @@ import typer
 
 from pipeline import __version__
 from pipeline.errors import Status
+from pipeline.logs import setup_logging
 
 app = typer.Typer(
     name="unet-pipeline",
@@ -132,65 +133,6 @@ def demo_data(
     typer.echo("  expected.json what ingest should make of it all")
 
 
-# Loggers whose warnings are ours to show; every other library's warnings (and Python warnings
-# they raise) are detail: shown with --verbose and written to $UNET_PIPELINE_LOG_FILE, not shown
-# on a successful run's terminal.
-OWN_LOGGERS = ("pipeline", "flows", "unet_model", "__main__")
-LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
-
-
-class _ThirdPartyQuiet:
-    """A logging filter: our records pass; a library's pass only when they are errors."""
-
-    def __init__(self, verbose: bool) -> None:
-        self.verbose = verbose
-
-    def filter(self, record) -> bool:
-        if self.verbose or record.name.split(".")[0] in OWN_LOGGERS:
-            return True
-        return record.levelno >= 40  # logging.ERROR
-
-
-def setup_logging(verbose: bool) -> None:
-    """The terminal: our warnings and errors on stderr (INFO and library detail with --verbose).
-
-    Library warnings (MONAI's optional-decoder notice, pydicom's value checks, ...) and Python
-    warnings are routed through logging and kept off the terminal unless --verbose; MLflow's
-    artifact progress bars are off. With $UNET_PIPELINE_LOG_FILE set, everything down to DEBUG is
-    also written to that file.
-    """
-    import logging
-    import os
-
-    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
-    logging.captureWarnings(True)
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        if getattr(handler, "_unet_pipeline", False):
-            root.removeHandler(handler)
-    console = logging.StreamHandler(sys.stderr)
-    console.setLevel(logging.DEBUG if verbose else logging.WARNING)
-    console.setFormatter(logging.Formatter(LOG_FORMAT))
-    console.addFilter(_ThirdPartyQuiet(verbose))
-    handlers: list[logging.Handler] = [console]
-    log_file = os.environ.get("UNET_PIPELINE_LOG_FILE")
-    if log_file:
-        to_file = logging.FileHandler(log_file, encoding="utf-8")
-        to_file.setLevel(logging.DEBUG)
-        to_file.setFormatter(logging.Formatter("%(asctime)s " + LOG_FORMAT))
-        handlers.append(to_file)
-    for handler in handlers:
-        handler._unet_pipeline = True  # type: ignore[attr-defined]
-        root.addHandler(handler)
-    root.setLevel(logging.DEBUG if (verbose or log_file) else logging.INFO)
-    if not (verbose or log_file):
-        # Nothing would show them: don't pay for formatting library INFO/DEBUG records.
-        for name in ("monai", "mlflow", "pydicom", "highdicom", "matplotlib", "urllib3", "alembic"):
-            logging.getLogger(name).setLevel(logging.WARNING)
-    for name in OWN_LOGGERS[:3]:
-        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-
-
 @app.command("ingest")
 def ingest_command(
     source: Annotated[
@@ -228,7 +170,6 @@ def ingest_command(
     reports do not count), 1 when cases are staged and something is quarantined, 2 when no case
     is staged (or bad arguments).
     """
-    import sys
 
     from pipeline.config import ConfigError
     from pipeline.ingest import ingest, ingest_limits
@@ -406,7 +347,6 @@ def predict_command(
     Exit code 0 when every case is ok (and pushed), 1 when some are quarantined or failed (or a
     PACS series was incomplete, or a push failed), 2 when none is ok.
     """
-    import sys
 
     from pipeline.inference.batch import BatchSettings, predict
     from pipeline.inference.model import ModelLoadError

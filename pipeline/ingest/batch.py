@@ -32,6 +32,7 @@ from pipeline.ingest.queue import ConversionQueue
 from pipeline.ingest.report import IngestReport, account, write_outputs
 from pipeline.io.batchdir import BatchDir, resolve_folders, resolve_secret
 from pipeline.io.walk import discover
+from pipeline.logs import logging_state, worker_logging
 from pipeline.system import available_cores
 
 log = logging.getLogger(__name__)
@@ -247,7 +248,12 @@ def ingest(
         staged = Path(staging).resolve()
         running: dict[Future, str] = {}
         # forkserver: safe when the caller has threads (Prefect, MLflow), cheaper than spawn.
-        with ProcessPoolExecutor(max_workers=queue.slots, mp_context=get_context("forkserver")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=queue.slots,
+            mp_context=get_context("forkserver"),
+            initializer=worker_logging,  # the terminal's rules (a bad tag's pydicom warning stays off it)
+            initargs=(logging_state(),),
+        ) as pool:
             while queue.busy:
                 for case_id in queue.ready():
                     future = pool.submit(
