@@ -13,7 +13,9 @@ the best weights on the held-out cases through predict's path (`training.validat
 HD95 over cases, with the seconds each run took. Variants: ours with the defaults; ours without
 deep supervision; with SGD (Nesterov, momentum 0.99, poly, lr 0.01: nnU-Net's) instead of AdamW;
 without augmentation; without test-time mirroring; without the 2.5-D context (one input slice,
-`preprocess.context_slices: 1`; the same as ours where the plan chose 1); and MONAI's BasicUNet
+`preprocess.context_slices: 1`; the same as ours where the plan chose 1); without the weights'
+moving average (`train.ema_decay: null`: validation and export use the last step's weights); with
+nnU-Net's batch Dice over the labels only; and MONAI's BasicUNet
 and UNet trained by the same loop at our planned width and context (without deep supervision,
 which needs our decoder). Prints a table and one JSON line.
 """

@@ -13,7 +13,8 @@ from typing import Annotated
 import typer
 
 from flows.reporting import demo_lines
-from pipeline.cli import app, setup_logging
+from pipeline.cli import app
+from pipeline.logs import setup_logging
 
 __all__ = ["app"]
 

@@ -59,7 +59,7 @@ def _context():
     return _FORKSERVER
 
 
-def _serve(conn, log_level: int, terminal: bool | None = None) -> None:
+def _serve(conn, log_level: int, terminal: tuple[bool, str | None] | None = None) -> None:
     """A worker's loop: run each call it is sent and send back its result or its exception.
 
     Started from the command line (`terminal`: its `logging_state()`), the worker keeps the

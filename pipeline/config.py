@@ -201,8 +201,9 @@ class TrainConfig(_Section):
     # (nnU-Net); the heads are dropped at export, so the model is the classic U-Net either way.
     deep_supervision: bool = True
     # Validate and export a moving average of the weights (and batch norm's statistics) rather
-    # than the last step's: its decay after n steps is min(ema_decay, (1 + n) / (10 + n)), so a
-    # run of a few thousand steps averages about its last ninth (`training.ema`). None: off.
+    # than the last step's: its n-th step's decay is min(ema_decay, (1 + n) / (10 + n)), so a run
+    # shorter than 9 / (1 - ema_decay) steps averages about its last ninth (`training.ema`).
+    # None: off (and for runs begun before it, which resume without it).
     ema_decay: float | None = Field(0.999, gt=0.0, lt=1.0)
     # Validation cases drawn as QC pictures (prediction of the best weights, ground truth dashed)
     # at the end of the run, into validation_qc/ and the MLflow run; 0: none.

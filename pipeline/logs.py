@@ -21,7 +21,9 @@ import sys
 OWN_LOGGERS = ("pipeline", "flows", "unet_model", "__main__")
 LOG_FORMAT = "%(levelname)s %(name)s: %(message)s"
 
-_STATE: bool | None = None  # the verbosity `setup_logging` set in this process; None: never called
+# What `setup_logging` set in this process (verbose, the log file's absolute path or None); None
+# while it has not been called.
+_STATE: tuple[bool, str | None] | None = None
 
 
 class _ThirdPartyQuiet:
@@ -36,12 +38,12 @@ class _ThirdPartyQuiet:
         return record.levelno >= 40  # logging.ERROR
 
 
-def setup_logging(verbose: bool) -> None:
+def setup_logging(verbose: bool, log_file: str | None = None) -> None:
     """The terminal: our warnings and errors on stderr (INFO and library detail with --verbose).
 
     Library warnings and Python warnings are routed through logging and kept off the terminal
-    unless --verbose; MLflow's artifact progress bars are off. With $UNET_PIPELINE_LOG_FILE set,
-    everything down to DEBUG is also written to that file.
+    unless --verbose; MLflow's artifact progress bars are off. With a `log_file` (default
+    $UNET_PIPELINE_LOG_FILE), everything down to DEBUG is also written to that file.
     """
     global _STATE
 
@@ -57,8 +59,9 @@ def setup_logging(verbose: bool) -> None:
     console.setFormatter(logging.Formatter(LOG_FORMAT))
     console.addFilter(_ThirdPartyQuiet(verbose))
     handlers: list[logging.Handler] = [console]
-    log_file = os.environ.get("UNET_PIPELINE_LOG_FILE")
+    log_file = log_file or os.environ.get("UNET_PIPELINE_LOG_FILE") or None
     if log_file:
+        log_file = os.path.abspath(log_file)
         to_file = logging.FileHandler(log_file, encoding="utf-8")
         to_file.setLevel(logging.DEBUG)
         to_file.setFormatter(logging.Formatter("%(asctime)s %(process)d " + LOG_FORMAT))
@@ -73,16 +76,18 @@ def setup_logging(verbose: bool) -> None:
             logging.getLogger(name).setLevel(logging.WARNING)
     for name in OWN_LOGGERS[:3]:
         logging.getLogger(name).setLevel(logging.INFO if verbose else logging.WARNING)
-    _STATE = verbose
+    _STATE = (verbose, log_file)
 
 
-def logging_state() -> bool | None:
-    """What a worker process needs to repeat this process's rules (`worker_logging`'s argument)."""
+def logging_state() -> tuple[bool, str | None] | None:
+    """What a worker process needs to repeat this process's rules (`worker_logging`'s argument):
+    the verbosity and the log file as this process resolved them (a worker's environment and
+    working directory are its server's, not necessarily ours)."""
     return _STATE
 
 
-def worker_logging(state: bool | None) -> None:
+def worker_logging(state: tuple[bool, str | None] | None) -> None:
     """In a worker process: the rules `setup_logging` set in its parent (`logging_state()`);
     nothing when the parent never set them (a program using the library keeps its own)."""
     if state is not None:
-        setup_logging(state)
+        setup_logging(*state)

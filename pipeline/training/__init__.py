@@ -4,6 +4,7 @@
 - `augment`: random 2D slices of the planned volumes, augmented (training only);
 - `distributed`: the process group (torchrun), destroyed however the run ends;
 - `loop`: `train` (the `LoopState` from epoch to epoch; `train_epoch`, `validate_epoch`);
+- `ema`: the moving average of the weights that validation scores and the model folder holds;
 - `checkpoint`: what checkpoints/last.pt and best.pt hold, written and read in one place;
 - `validate`: whole validation cases through inference's predictor, scored by `metrics`;
 - `metrics`: Dice and HD95 per label (validation and the `evaluate` command);

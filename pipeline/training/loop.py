@@ -265,10 +265,6 @@ def _build_run(
         optimizer.load_state_dict(checkpoint.optimizer)
         scheduler.load_state_dict(checkpoint.scheduler)
         set_rng_state(checkpoint.rng)
-    unet = net.unet if isinstance(net, DeepSupervision) else net
-    average = WeightAverage(unet, tc.ema_decay) if tc.ema_decay else None
-    if average is not None and checkpoint is not None and checkpoint.average is not None:
-        average.load_state_dict(checkpoint.average)  # a checkpoint without one: it starts afresh
 
     model: nn.Module = net
     if tc.compile:
@@ -277,6 +273,11 @@ def _build_run(
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
+    # After DDP's wrap, which gives every rank rank 0's weights: the ranks' averages start equal.
+    unet = net.unet if isinstance(net, DeepSupervision) else net
+    average = WeightAverage(unet, tc.ema_decay) if tc.ema_decay else None
+    if average is not None and checkpoint is not None and checkpoint.average is not None:
+        average.load_state_dict(checkpoint.average)
     return _Run(
         config=config,
         plan=plan,
@@ -472,6 +473,9 @@ def train(
     if resume and last_path.is_file():
         checkpoint = load_checkpoint(last_path)
         config = PipelineConfig.from_dict(checkpoint.config, source=f"checkpoint {last_path}")
+        if "ema_decay" not in checkpoint.config.get("train", {}):
+            # begun before the weights' average existed: it ends as it began, with the last weights
+            config = config.replace(train={"ema_decay": None})
         log.info("resuming from %s after epoch %d", last_path, checkpoint.epoch)
     with process_group(config.train.device) as dctx:
         return _train(staging, out_dir, config, checkpoint, dctx, callbacks, resume, plan)

@@ -1,5 +1,6 @@
 """The terminal's rules hold in the worker processes the command line starts."""
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -14,7 +15,7 @@ REPO = Path(__file__).resolve().parents[2]
 # and logs a warning of ours.
 SCRIPT = textwrap.dedent(
     """
-    import logging, sys
+    import logging, os, sys
     from concurrent.futures import ProcessPoolExecutor
     from multiprocessing import get_context
     from pipeline.logs import logging_state, setup_logging, worker_logging
@@ -27,7 +28,8 @@ SCRIPT = textwrap.dedent(
         return len(str(ds.PatientName))
 
     if __name__ == "__main__":
-        setup_logging(verbose=sys.argv[1] == "verbose")
+        setup_logging(verbose=sys.argv[1] == "verbose", log_file="run.log")  # relative: ours
+        assert logging_state() == (sys.argv[1] == "verbose", os.path.abspath("run.log"))
         with ProcessPoolExecutor(
             1, mp_context=get_context("forkserver"), initializer=worker_logging, initargs=(logging_state(),)
         ) as pool:
@@ -42,7 +44,8 @@ def test_a_worker_keeps_library_warnings_off_the_terminal_unless_verbose(tmp_pat
     script.write_text(SCRIPT)
     done = subprocess.run(
         [sys.executable, str(script), "verbose" if verbose else "quiet"],
-        cwd=REPO,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True,
         text=True,
         timeout=120,
@@ -55,14 +58,6 @@ def test_a_worker_keeps_library_warnings_off_the_terminal_unless_verbose(tmp_pat
     assert ("WARNING py.warnings:" in done.stderr) is verbose
     if not verbose:  # the quiet terminal holds our own lines only
         assert done.stderr.splitlines() == ["WARNING pipeline.ingest.test: a warning of ours"]
-
-
-def test_a_worker_of_a_program_that_never_set_the_rules_is_left_alone():
-    import logging
-
-    from pipeline.logs import logging_state, worker_logging
-
-    handlers = list(logging.getLogger().handlers)
-    worker_logging(None)
-    assert logging.getLogger().handlers == handlers
-    assert logging_state() is None or isinstance(logging_state(), bool)
+    # the log file (named relative to the parent's folder) has everything, the worker's included
+    log = (tmp_path / "run.log").read_text()
+    assert "PN component length" in log and "a warning of ours" in log

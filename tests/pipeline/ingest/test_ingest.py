@@ -500,3 +500,28 @@ def test_every_dicom_situation_at_once(tmp_path):
     assert set(staged) == {"good", "old"}
     np.testing.assert_array_equal(_staged_image(staging, staged["good"]), good)
     np.testing.assert_array_equal(_staged_image(staging, staged["old"]), old)
+
+
+def test_conversion_workers_start_with_the_terminal_rules(tmp_path, monkeypatch):
+    """The pool's workers run `worker_logging` with this process's rules (pipeline.logs): a
+    library's warning in a worker stays off a quiet terminal, as in the CLI's own process."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.ingest import batch
+    from pipeline.logs import logging_state, worker_logging
+
+    made = []
+
+    class Recorded(ThreadPoolExecutor):  # threads: the initializer is recorded, not run here
+        def __init__(self, max_workers, **kwargs):
+            made.append(kwargs)
+            super().__init__(max_workers)
+
+    monkeypatch.setattr(batch, "ProcessPoolExecutor", Recorded)
+    src = tmp_path / "src"
+    _series(src, "a", seed=41)
+    _series(src, "b", seed=42)
+    report = ingest(src, tmp_path / "staging", secret_file=tmp_path / "secret", workers=2)
+    assert report.cases == 2
+    (kwargs,) = made
+    assert kwargs["initializer"] is worker_logging and kwargs["initargs"] == (logging_state(),)

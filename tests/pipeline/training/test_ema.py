@@ -90,3 +90,12 @@ def test_state_round_trips_and_a_wrong_architecture_is_refused():
         average.update(other)
     with pytest.raises(ValueError, match="decay"):
         WeightAverage(net, 1.0)
+
+
+def test_entries_are_matched_by_name_not_only_by_shape():
+    from collections import OrderedDict
+
+    first = nn.Sequential(OrderedDict(a=nn.Linear(3, 3), b=nn.Linear(3, 3)))
+    swapped = nn.Sequential(OrderedDict(b=nn.Linear(3, 3), a=nn.Linear(3, 3)))
+    with pytest.raises(ValueError, match=r"a\.weight .* b\.weight"):
+        WeightAverage(first, 0.9).update(swapped)

@@ -13,11 +13,16 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from pipeline.inference.predictor import PredictOptions
+from pipeline.io.manifest import read_manifest
+from pipeline.planning.network import unet_config
 from pipeline.planning.plan import load_plan
 from pipeline.training.loop import TrainCallback, train
 from pipeline.training.result import plot_training_curves
 from pipeline.training.state import LoopState, patience_counts
+from pipeline.training.validate import load_val_cases, validate
 from tests.pipeline.ingest.staging_fixture import tiny_config
+from unet_model import UNet
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -76,6 +81,11 @@ def test_two_epochs_train_validate_checkpoint_and_save(staging, tmp_path):
     )
 
 
+def _unet_weights(last: dict) -> dict:
+    """The classic U-Net's weights in a last.pt trained under deep supervision."""
+    return {k.removeprefix("unet."): v for k, v in last["model"].items() if k.startswith("unet.")}
+
+
 def test_validation_and_the_model_use_the_weights_average(staging, tmp_path):
     run = tmp_path / "run"
     result = train(staging, run, tiny_config(epochs=1, steps_per_epoch=3, lr=0.05))
@@ -84,17 +94,49 @@ def test_validation_and_the_model_use_the_weights_average(staging, tmp_path):
     assert result.best_epoch == 0 and last["average"]["updates"] == 3  # one update per step
     average = last["average"]["model"]
     assert best.keys() == average.keys()
-    assert all(torch.equal(best[k], average[k]) for k in best)  # the one validation scored the average
-    trained = {k.removeprefix("unet."): v for k, v in last["model"].items() if k.startswith("unet.")}
+    assert all(torch.equal(best[k], average[k]) for k in best)  # best.pt keeps the average
+    trained = _unet_weights(last)
     assert any(not torch.equal(best[k], trained[k]) for k in best if best[k].is_floating_point())
     from safetensors.torch import load_file
 
     exported = load_file(result.model_dir / "weights.safetensors")
-    assert all(torch.equal(exported[k], best[k]) for k in exported)
+    assert exported.keys() == best.keys() and all(torch.equal(exported[k], best[k]) for k in exported)
+    # the recorded validation is the average's, not the last step's weights'
+    plan = load_plan(run / "plan.json")
+    options = PredictOptions.from_config(tiny_config().infer)
+    rows = [r for r in read_manifest(staging, resolve=True) if r["case_id"] in result.split["val"]]
+    cases = load_val_cases(rows, plan)
+    config = tiny_config()
+    net = UNet(unet_config(plan, config.model))
+    for weights, expected in ((average, True), (trained, False)):
+        net.load_state_dict(weights)
+        score = validate(net, cases, plan, device=torch.device("cpu"), options=options)["val_dice_mean"]
+        assert (score == pytest.approx(result.best_dice_mean, abs=1e-6)) is expected
 
     plain = train(staging, tmp_path / "plain", tiny_config(epochs=1, steps_per_epoch=3, ema_decay=None))
-    assert "average" not in torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)
-    assert plain.best_epoch == 0
+    plain_last = torch.load(tmp_path / "plain" / "checkpoints" / "last.pt", weights_only=True)
+    assert "average" not in plain_last and plain.best_epoch == 0
+    plain_best = torch.load(tmp_path / "plain" / "checkpoints" / "best.pt", weights_only=True)["model"]
+    plain_trained = {
+        k.removeprefix("unet."): v for k, v in plain_last["model"].items() if k.startswith("unet.")
+    }
+    assert all(torch.equal(plain_best[k], plain_trained[k]) for k in plain_best)  # the weights themselves
+
+
+def test_a_run_begun_before_the_average_resumes_without_it(staging, tmp_path):
+    out = tmp_path / "run"
+    train(staging, out, tiny_config(epochs=1))
+    last_path = out / "checkpoints" / "last.pt"
+    old = torch.load(last_path, weights_only=True)
+    del old["average"]  # as a checkpoint written before train.ema_decay existed
+    config = json.loads(old["config"])
+    del config["train"]["ema_decay"]
+    old["config"] = json.dumps(config)
+    torch.save(old, last_path)
+    result = train(staging, out, tiny_config(epochs=1))
+    assert result.epochs_run == 1
+    assert "average" not in torch.load(last_path, weights_only=True)
+    assert json.loads((out / "config.json").read_text())["train"]["ema_decay"] is None
 
 
 def test_training_resumes_after_being_killed(staging, tmp_path):
@@ -136,6 +178,8 @@ def test_training_resumes_after_being_killed(staging, tmp_path):
     assert result.resumed_from_epoch == 1  # epoch 0 was checkpointed before the kill
     assert result.epochs_run == 4 and result.stopped_reason == "completed"
     assert [h["epoch"] for h in result.history] == [0, 1, 2, 3]
+    # the weights' average resumed with the run: one update per step of all four epochs
+    assert torch.load(last, weights_only=True)["average"]["updates"] == 4 * cfg.train.steps_per_epoch
     again = train(staging, out, tiny_config())  # a finished run resumes to its result
     assert again.epochs_run == 4 and again.best_dice_mean == result.best_dice_mean
 
