@@ -170,7 +170,6 @@ def ingest_command(
     reports do not count), 1 when cases are staged and something is quarantined, 2 when no case
     is staged (or bad arguments).
     """
-
     from pipeline.config import ConfigError
     from pipeline.ingest import ingest, ingest_limits
 
@@ -347,7 +346,6 @@ def predict_command(
     Exit code 0 when every case is ok (and pushed), 1 when some are quarantined or failed (or a
     PACS series was incomplete, or a push failed), 2 when none is ok.
     """
-
     from pipeline.inference.batch import BatchSettings, predict
     from pipeline.inference.model import ModelLoadError
     from pipeline.io.batchdir import check_out_folder

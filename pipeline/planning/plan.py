@@ -49,7 +49,7 @@ SAMPLES_PER_CASE = 20_000  # foreground intensities sampled per case for the CT 
 # 2.5-D context: neighbours count as the same anatomy up to this slice spacing / in-plane spacing.
 CONTEXT_MAX_SPACING_RATIO = 3.0
 CONTEXT_SLICES = 3  # the planned context when the slices are close enough: the slice and one each side
-ZSCORE_MASKS = ("body", "otsu")  # Plan.zscore_mask and crop_mask: the first is what new plans use
+MASK_RULES = ("body", "otsu")  # of Plan.zscore_mask and Plan.crop_mask: the first is what new plans use
 
 
 @dataclass(frozen=True)
@@ -110,9 +110,9 @@ class Plan:
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ValueError(f"plan context_slices must be an odd positive integer (1: off); got {k!r}")
         for name in ("zscore_mask", "crop_mask"):
-            if getattr(self, name) not in ZSCORE_MASKS:
+            if getattr(self, name) not in MASK_RULES:
                 raise ValueError(
-                    f"plan {name} must be one of {', '.join(ZSCORE_MASKS)}; got {getattr(self, name)!r}"
+                    f"plan {name} must be one of {', '.join(MASK_RULES)}; got {getattr(self, name)!r}"
                 )
 
     @property
@@ -345,8 +345,8 @@ def make_plan(fingerprint: Fingerprint, preprocess: Any | None = None) -> Plan:
         reasons={"patch_size": patch_why, "context_slices": context_why},
         context_slices=context,
         anisotropy_ratio=ANISOTROPY_RATIO,
-        zscore_mask=ZSCORE_MASKS[0],
-        crop_mask=ZSCORE_MASKS[0],
+        zscore_mask=MASK_RULES[0],
+        crop_mask=MASK_RULES[0],
         fingerprint_summary={
             "cases": len(fingerprint.cases),
             "modalities": {
