@@ -1,7 +1,7 @@
 """Training with the defaults on a brain-sized task: how long it takes on this machine.
 
     .venv/bin/python -m bench.train_scale                   # 10 volumes of 176 x 256 x 256 at 1 mm, 4 epochs
-    .venv/bin/python -m bench.train_scale --full            # the whole default run (60 epochs or convergence)
+    .venv/bin/python -m bench.train_scale --full            # the whole default run (at most 120 epochs)
     .venv/bin/python -m bench.train_scale --cases 10 --shape 160 224 224 --epochs 6
 
 Generates `--cases` MR volumes of `--shape` (slices, rows, columns) at 1 mm isotropic (the

@@ -10,7 +10,7 @@ The n-th update (n = 1, 2, ...) uses the decay min(`decay`, (1 + n) / (10 + n)):
 the average follows the weights closely (the first steps' weights are no use to average), and it
 reaches `decay` only after about 9 / (1 - decay) steps, so in a run shorter than that it averages
 roughly the last ninth of the run whatever its length (the default 0.999 is reached after 9,000
-steps: the default 60 epochs of 25 steps end at about 0.994). Integer buffers (batch norm's batch
+steps: the default 120 epochs of 25 steps end at about 0.997). Integer buffers (batch norm's batch
 count) are copied.
 """
 
