@@ -3,8 +3,9 @@
     .venv/bin/python -m bench.demo_dice [WORK_DIR]
 
 Generates the demo dataset, copies its labelled MSD cases into a staging folder (the ingest
-stage's format), trains with the default configuration and prints one JSON line: the best mean
-validation Dice, per-label Dice and HD95, epochs, wall time.
+stage's format), trains with the default configuration (to convergence) and prints one JSON
+line: the best mean validation Dice, per-label Dice and HD95, epochs, wall time, and the seconds
+from the start of training to the first validation at or above 0.90, which the gate reads.
 """
 
 from __future__ import annotations
@@ -67,7 +68,14 @@ def main(work: Path, budget_minutes: float | None = None) -> dict:
     if budget_minutes is not None:
         config = config.replace(train={"time_budget_minutes": budget_minutes})
     start = time.perf_counter()
-    result = train(staging, work / "run", config, resume=False)
+    reached: list[float] = []  # seconds from the start to the first validation at the gate's Dice
+
+    class GateClock:
+        def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+            if not reached and metrics.get("val_dice_mean", 0.0) >= GATE_DICE:
+                reached.append(time.perf_counter() - start)
+
+    result = train(staging, work / "run", config, callbacks=[GateClock()], resume=False)
     seconds = time.perf_counter() - start
     speeds = sorted(h["slices_per_s"] for h in result.history if "slices_per_s" in h)
     return {
@@ -79,7 +87,8 @@ def main(work: Path, budget_minutes: float | None = None) -> dict:
         "stopped_reason": result.stopped_reason,
         "train_seconds": round(seconds, 1),
         "median_train_slices_per_s": round(speeds[len(speeds) // 2], 1) if speeds else None,
-        "gate_passed": result.best_dice_mean >= GATE_DICE and seconds <= GATE_SECONDS,
+        "seconds_to_gate_dice": round(reached[0], 1) if reached else None,
+        "gate_passed": bool(reached) and reached[0] <= GATE_SECONDS,
     }
 
 
