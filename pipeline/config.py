@@ -169,7 +169,7 @@ class TrainConfig(_Section):
     warmup_epochs: int = Field(1, ge=0)  # linear warm-up, then cosine (adamw) or poly (sgd) decay
     grad_clip: float | None = Field(12.0, gt=0.0)  # max gradient norm; None: no clipping
     # An upper bound: patience (below) ends a run once validation has converged, which on the demo's
-    # 48 cases took 100-110 epochs; 60 stopped short of it (validation 0.008 lower, held-out 0.015-0.06).
+    # 48 cases took 100-118 epochs; 60 stopped short of it (validation 0.008 lower, held-out 0.015-0.06).
     epochs: int = Field(120, ge=1)
     steps_per_epoch: int = Field(25, ge=1)  # optimizer steps per epoch (an epoch is not a data pass)
     # 2D slices per step. None: planned from the device's memory and the data (8 on CPU: small
