@@ -339,6 +339,10 @@ def predict_command(
         float | None,
         typer.Option(help="Memory for cases in flight, GB (default: half of the memory available).", min=0.1),
     ] = None,
+    model_streams: Annotated[
+        int | None,
+        typer.Option(help="Cases in the network at once (default: one per core up to 4; 1 on a GPU).", min=1),
+    ] = None,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log each case.")] = False,
 ) -> None:
     """Segment every case of SOURCE; masks, DICOM SEG, QC, results.csv and report.html in OUT.
@@ -370,6 +374,7 @@ def predict_command(
                 postprocess_masks=postprocess,
                 secret_file=secret_file,
                 memory_budget=int(memory_gb * 2**30) if memory_gb else None,
+                model_streams=model_streams,
             ),
             progress=sys.stderr.isatty(),
         )

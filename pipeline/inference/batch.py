@@ -17,9 +17,10 @@ model staged beside batch.json (`model.stage_model`), so workers never need the 
 
 The model is loaded and verified (sha256, no pickle) once, before any case runs (`model`). The
 cases are found by the ingest rules (`cases`) and predicted by `predictor`. A background thread
-loads and preprocesses the next case while the current one computes, when the planned peaks of
-both fit the memory budget (`memory`); writer threads (`writers`) write the finished cases'
-outputs and done-markers while the model works on the next one, their planned bytes counted in
+loads and preprocesses the next case while the model computes, when the planned peaks fit the
+memory budget (`memory`); on a CPU several cases compute at once, each in its own model stream
+with its share of the cores (`streams`); writer threads (`writers`) write the finished cases'
+outputs and done-markers while the model works on the next ones, their planned bytes counted in
 the same budget, each case's lock held until its done-marker stands.
 
 Reliability: every output is written atomically and the done-marker last, so a crash leaves a
@@ -46,6 +47,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import torch
 from tqdm.auto import tqdm
 
 from pipeline.config import PipelineConfig, Workdir
@@ -78,6 +80,7 @@ from pipeline.inference.model import (
 from pipeline.inference.predictor import PredictOptions
 from pipeline.inference.records import OUTPUT_VERSION, clear_case, clip_line, done_marker, output_settings
 from pipeline.inference.results import CaseResult, PredictSummary
+from pipeline.inference.streams import ModelStreams, stream_layout
 from pipeline.inference.worker import load, open_batch, predict_loaded, run_case, write_case
 from pipeline.inference.writers import Writers
 from pipeline.ingest import IngestLimits, forget_jobs, keep_job
@@ -107,6 +110,9 @@ class BatchSettings:
     # Threads writing finished cases' outputs while the model works on the next (`predict` only;
     # never part of a case key). 0: each case written in the loop, before the next is predicted.
     writers: int = 2
+    # Cases predicted at once, each in its own thread with its share of the intra-op threads
+    # (`predict` only; never part of a case key). None: one per core up to 4 on a CPU, one on a GPU.
+    model_streams: int | None = None
 
 
 @dataclass(frozen=True)
@@ -456,9 +462,10 @@ def predict(
 
     Raises ModelLoadError (before any case runs), FileNotFoundError or ValueError for bad arguments;
     never for a bad case. The three steps in one process, pipelined: the next case loads in the
-    background while the planned peaks of both fit `settings.memory_budget`, and the outputs of
-    finished cases are written by `settings.writers` threads (`writers`) while the model works
-    on the next; each case's lock is held from its prediction until its done-marker stands.
+    background while the planned peaks fit `settings.memory_budget`, `settings.model_streams`
+    cases compute at once (`streams`), and the outputs of finished cases are written by
+    `settings.writers` threads (`writers`) while the model works on the next; each case's lock
+    is held from its prediction until its done-marker stands.
     `on_case_done` (and the progress bar) fire once a case is fully done, in this thread.
     """
     settings = settings or BatchSettings()
@@ -479,12 +486,20 @@ def _predict_todo(
     progress: bool,
     on_case_done: Callable[[CaseResult], None] | None,
 ) -> None:
-    """predict's step 2: the cases to do, pipelined (see `predict`)."""
+    """predict's step 2: the cases to do, pipelined (see `predict`).
+
+    This thread loads (`prefetch`, which waits for room in the memory budget) and hands each
+    case to a free model stream (`streams`). A stream predicts the case and hands it to the
+    writers itself, so the bytes the budget counts are released without this thread: it may
+    wait for room in the budget without stopping the work that makes room. A case's planned peak
+    is held in `writing` from its hand-over to a stream until its prediction is handed on."""
     batch = open_batch(out)
     todo = [batch.case(case_id) for case_id in plan.todo]
     budget = settings.memory_budget if settings.memory_budget is not None else batch.limits.memory_budget
     if budget is None:
         budget = default_budget()
+    streams, threads = stream_layout(settings.model_streams, batch.device, torch.get_num_threads())
+    log.debug("predict: %d model stream(s) of %d thread(s)", streams, threads)
     bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
 
     def done(result: CaseResult) -> None:  # a case fully done: outputs and marker, or its record
@@ -495,25 +510,50 @@ def _predict_todo(
     cost = lambda c: plan.case_bytes.get(c.case_id, 0)  # noqa: E731
     writing = Writing()
     write = lambda p: write_case(batch, p)  # noqa: E731
-    with Writers(write, workers=max(1, settings.writers), writing=writing, on_done=done) as writers:
-        cases = prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget, writing=writing)
-        for case, pending in cases:
-            lock = ExitStack()  # held across predict and write; a writer closes it when done
-            lock.enter_context(batch.work.case_lock(case.case_id))
-            try:
-                if settings.writers < 1:  # serially, in this thread
-                    result = run_case(case, pending, batch)
-                else:
-                    result = predict_loaded(case, pending, batch)
-                del pending
-            except BaseException:  # an interrupt: the case was not handed on
-                lock.close()
-                raise
+
+    def compute(case: PredictCase, pending: Pending, lock: ExitStack) -> CaseResult | None:
+        """In a stream: predict the case and hand it to a writer (None), or write it here when
+        there are no writer threads; a failed case's result is returned, its lock released."""
+        try:
+            if settings.writers < 1:  # serially, in this stream
+                result = run_case(case, pending, batch)
+            else:
+                result = predict_loaded(case, pending, batch)
+            del pending
             if isinstance(result, CaseResult):
                 lock.close()
+                return result
+            writers.submit(result, lock, planned_write_bytes(cost(case)))
+            return None
+        except BaseException:  # not handed on: nothing else releases the case
+            lock.close()
+            raise
+        finally:
+            writing.release(cost(case))
+
+    def report() -> None:
+        writers.poll()
+        for result in model.results():
+            if result is not None:
                 done(result)
-            else:
-                writers.submit(result, lock, planned_write_bytes(cost(case)))
-            del result
-            writers.poll()
+
+    with (
+        Writers(write, workers=max(1, settings.writers), writing=writing, on_done=done) as writers,
+        ModelStreams(streams, threads, on_idle=report) as model,
+    ):
+        cases = prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget, writing=writing)
+        for case, pending in cases:
+            lock = ExitStack()  # held across predict and write; a stream or writer closes it
+            lock.enter_context(batch.work.case_lock(case.case_id))
+            writing.hold(cost(case))
+            try:
+                model.submit(compute, case, pending, lock)
+            except BaseException:  # an interrupt while waiting for a stream: not handed on
+                writing.release(cost(case))
+                lock.close()
+                raise
+            del pending
+            report()
+        model.drain()
+        report()
     bar.close()

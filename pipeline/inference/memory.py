@@ -3,10 +3,10 @@
 Each case's peak memory is planned from its headers (voxel count and spacing, read before any
 voxel is), with the per-voxel costs measured on predict's own path (see PEAK_BYTES_PER_VOXEL).
 The loader then reads the next case ahead of the one computing only while both planned peaks
-fit the budget; a case whose plan alone exceeds the budget still runs, alone. Cases whose
-outputs are still being written (`writers`) hold their volume and mask until done: their planned
-bytes (`planned_write_bytes`) count against the same budget (`Writing`), so a load waits for
-them when the budget has no room for both.
+fit the budget; a case whose plan alone exceeds the budget still runs, alone. Cases computing in
+the other model streams (`streams`: their planned peaks) and cases whose outputs are still being
+written (`writers`: they hold their volume and mask until done, `planned_write_bytes`) count
+against the same budget (`Writing`), so a load waits for them when the budget has no room.
 """
 
 from __future__ import annotations
@@ -65,8 +65,9 @@ def planned_write_bytes(case_bytes: int) -> int:
 
 
 class Writing:
-    """The planned bytes of the cases being written now, shared by the writer threads (which
-    hold and release them) and the loader (which waits for room)."""
+    """The planned bytes of the cases computing or being written now, shared by the model
+    streams and writer threads (which hold and release them) and the loader (which waits for
+    room)."""
 
     def __init__(self) -> None:
         self._held = 0
@@ -147,9 +148,10 @@ def prefetch(
 
     The next item is loaded while the current one computes only when the planned costs of both,
     plus the bytes `writing` holds, fit `budget`; otherwise its load starts once the consumer
-    asks for it, i.e. after the current item is finished (the consumer has dropped its result
-    or handed it to a writer), and once the writes leave it room. So at most two cases are read
-    or computing at once, two only when the budget allows, and the writes count too.
+    asks for it and `writing` leaves it room (or holds nothing). A consumer that computes
+    several items at once holds the planned cost of each in `writing` while it computes, and
+    must release them without waiting on this generator (as the model streams do), or a wait
+    for room would never end.
     """
     if not items:
         return

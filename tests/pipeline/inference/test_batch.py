@@ -28,6 +28,7 @@ import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -639,7 +640,7 @@ def test_predict_plans_case_sizes_and_a_small_budget_loads_one_case_at_a_time(se
                 nifti_source,
                 setup.model_dir,
                 tmp_path / f"out{budget}",
-                BatchSettings(device="cpu", secret_file=setup.secret, memory_budget=budget),
+                BatchSettings(device="cpu", secret_file=setup.secret, memory_budget=budget, model_streams=2),
                 on_case_done=lambda r: events.append("done"),
             )
         assert summary.exit_code == 0
@@ -680,30 +681,47 @@ def _locked(lock_file: Path) -> bool:
 def test_pipelined_outputs_equal_the_serial_ones_and_a_case_is_reported_only_when_done(
     setup, dicom_source, tmp_path, monkeypatch
 ):
+    import pipeline.inference.worker as worker
     from pipeline.outputs import qc
 
     settings = BatchSettings(device="cpu", secret_file=setup.secret)
-    serial = predict(dicom_source, setup.model_dir, tmp_path / "serial", replace(settings, writers=0))
+    serial = predict(
+        dicom_source, setup.model_dir, tmp_path / "serial", replace(settings, writers=0, model_streams=1)
+    )
 
     out = tmp_path / "pipelined"
-    real_qc = qc.write_qc_png
+    real_qc, real_predict = qc.write_qc_png, worker.predict_volume
     held: list[bool] = []
     reported: list[tuple[str, set[str]]] = []
+    threads: list[tuple[int, int]] = []
+    both_in = threading.Barrier(2, timeout=30)  # broken, failing the case, unless two run at once
 
     def qc_under_lock(path, *args, **kwargs):  # in a writer thread: the case's lock is still held
         held.append(_locked(out / ".batch" / "locks" / f"{Path(path).parent.name}.lock"))
         return real_qc(path, *args, **kwargs)
 
+    def two_at_once(*args, **kwargs):  # in a model stream: the first two cases meet here
+        threads.append((threading.get_ident(), torch.get_num_threads()))
+        if len(threads) <= 2:
+            both_in.wait()
+        return real_predict(*args, **kwargs)
+
     monkeypatch.setattr(qc, "write_qc_png", qc_under_lock)
+    monkeypatch.setattr(worker, "predict_volume", two_at_once)
+    caller_threads = torch.get_num_threads()
     pipelined = predict(
         dicom_source,
         setup.model_dir,
         out,
-        replace(settings, writers=2),
+        replace(settings, writers=2, model_streams=2),
         on_case_done=lambda r: reported.append((r.case_id, {p.name for p in (out / r.case_id).iterdir()})),
     )
     assert serial.exit_code == pipelined.exit_code == 0
     assert held == [True] * 3
+    # two streams of max(1, threads // 2) intra-op threads, neither the caller's thread
+    assert len({t for t, _ in threads}) == 2 and threading.get_ident() not in {t for t, _ in threads}
+    assert {n for _, n in threads} == {max(1, caller_threads // 2)}
+    assert torch.get_num_threads() == caller_threads
     assert sorted(c for c, _ in reported) == sorted(r.case_id for r in serial.results)
     assert all(names == {"seg.nii.gz", "seg.dcm", "qc.png", "done.json"} for _, names in reported)
     for r in serial.results:

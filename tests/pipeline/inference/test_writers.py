@@ -119,3 +119,33 @@ def test_highdicom_stays_quiet_while_any_writer_thread_writes_a_seg():
     level = logger.level
     logger.setLevel(before)
     assert seen == [logging.WARNING] and level == logging.INFO
+
+
+def test_several_threads_submit_and_only_the_polling_thread_reports():
+    writing = Writing()
+    reported: list[tuple[int, int]] = []
+    main = threading.get_ident()
+
+    def write(i: int) -> int:
+        time.sleep(0.005)
+        return i
+
+    with Writers(
+        write, workers=2, writing=writing, on_done=lambda r: reported.append((r, threading.get_ident()))
+    ) as w:
+
+        def stream(first: int) -> None:
+            for i in range(first, first + 5):
+                w.submit(i, ExitStack(), 1)
+
+        threads = [threading.Thread(target=stream, args=(k * 5,)) for k in range(3)]
+        for t in threads:
+            t.start()
+        while any(t.is_alive() for t in threads):
+            w.poll()
+            time.sleep(0.001)
+        for t in threads:
+            t.join()
+    assert sorted(r for r, _ in reported) == list(range(15))
+    assert {t for _, t in reported} == {main}
+    assert writing.held == 0
