@@ -106,11 +106,11 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         layout = stream_layout(None, device, torch.get_num_threads())
 
         def in_streams() -> None:
-            with ModelStreams(*layout) as streams:
+            with ModelStreams(layout) as streams:
                 for slices in prepared:
                     streams.submit(forward, slices)
                 streams.drain()
-                streams.results()
+                list(streams.results())  # raises what a stream raised
 
         one_stream()
         in_streams()
@@ -145,8 +145,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     med = {k: median(v) for k, v in times.items()}
     print(f"  cases ok {n_ok} ({n_slices} slices); end-to-end {best:.2f} s (median {med['e2e']:.2f})")
     print(
-        f"  model-only: one case at a time {one:.2f} s (median {med['one']:.2f}); in {layout[0]} "
-        f"stream(s) of {layout[1]} thread(s) {streamed:.2f} s (median {med['streams']:.2f})"
+        f"  model-only: one case at a time {one:.2f} s (median {med['one']:.2f}); in {len(layout)} "
+        f"stream(s) of {'+'.join(map(str, layout))} thread(s) {streamed:.2f} s (median {med['streams']:.2f})"
     )
     print(f"  end-to-end {e2e_vpm:.1f} volumes/min, model-only bound {bound_vpm:.1f} volumes/min")
     print(f"  ratio end-to-end / model-only = {ratio:.3f} (target >= 0.75)")

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -498,8 +499,9 @@ def _predict_todo(
     budget = settings.memory_budget if settings.memory_budget is not None else batch.limits.memory_budget
     if budget is None:
         budget = default_budget()
-    streams, threads = stream_layout(settings.model_streams, batch.device, torch.get_num_threads())
-    log.debug("predict: %d model stream(s) of %d thread(s)", streams, threads)
+    caller_threads = torch.get_num_threads()
+    threads = stream_layout(settings.model_streams, batch.device, caller_threads)
+    log.debug("predict: %d model stream(s) of %s intra-op thread(s)", len(threads), threads)
     bar = tqdm(total=len(todo), desc="predicting", unit="case", disable=not progress)
 
     def done(result: CaseResult) -> None:  # a case fully done: outputs and marker, or its record
@@ -531,6 +533,11 @@ def _predict_todo(
         finally:
             writing.release(cost(case))
 
+    def not_taken(case: PredictCase, lock: ExitStack) -> None:
+        """An interrupt while handing `case` over, before a stream took it: released here."""
+        writing.release(cost(case))
+        lock.close()
+
     def report() -> None:
         writers.poll()
         for result in model.results():
@@ -539,19 +546,18 @@ def _predict_todo(
 
     with (
         Writers(write, workers=max(1, settings.writers), writing=writing, on_done=done) as writers,
-        ModelStreams(streams, threads, on_idle=report) as model,
+        ModelStreams(threads, on_idle=report) as model,
     ):
-        cases = prefetch(todo, lambda c: load(batch, c), cost=cost, budget=budget, writing=writing)
+        # The loader preprocesses with the caller's thread count, whatever the streams set.
+        set_threads = lambda: torch.set_num_threads(caller_threads)  # noqa: E731
+        cases = prefetch(
+            todo, lambda c: load(batch, c), cost=cost, budget=budget, writing=writing, on_start=set_threads
+        )
         for case, pending in cases:
             lock = ExitStack()  # held across predict and write; a stream or writer closes it
             lock.enter_context(batch.work.case_lock(case.case_id))
             writing.hold(cost(case))
-            try:
-                model.submit(compute, case, pending, lock)
-            except BaseException:  # an interrupt while waiting for a stream: not handed on
-                writing.release(cost(case))
-                lock.close()
-                raise
+            model.submit(compute, case, pending, lock, on_withdraw=partial(not_taken, case, lock))
             del pending
             report()
         model.drain()

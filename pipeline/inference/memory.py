@@ -112,6 +112,33 @@ def max_cases_in_flight(case_bytes: Sequence[int], budget: int, cap: int) -> int
     return max(1, min(n, cap)) if largest else max(1, cap)
 
 
+class Handoff:
+    """Who releases what a case holds (its planned bytes, its lock) once its caller handed it to
+    another thread: that thread, when it `take`s the case, or the caller, when it `withdraw`s it
+    first (an interrupt that came while, or just after, it handed the case over). Exactly one of
+    the two wins, so the bytes are released once and the lock closed once, whatever the timing."""
+
+    def __init__(self) -> None:
+        self._owner: str | None = None
+        self._guard = threading.Lock()
+
+    def _claim(self, owner: str) -> bool:
+        with self._guard:
+            if self._owner is None:
+                self._owner = owner
+            return self._owner == owner
+
+    def take(self) -> bool:
+        """In the thread the case was handed to, before it touches the case: True when it now
+        owns the case; False when the caller withdrew it (leave it alone)."""
+        return self._claim("taken")
+
+    def withdraw(self) -> bool:
+        """In the caller, on an error while handing over: True when the case was not taken (the
+        caller releases it); False when the other thread owns it."""
+        return self._claim("withdrawn")
+
+
 class Pending(Generic[R]):
     """A case being loaded; `take()` hands its result over once and forgets it, so the caller's
     reference is the only one and the memory goes when the caller is done with it."""
@@ -143,8 +170,10 @@ def prefetch(
     cost: Callable[[T], int],
     budget: int,
     writing: Writing | None = None,
+    on_start: Callable[[], None] | None = None,
 ) -> Iterator[tuple[T, Pending]]:
-    """Yield (item, its Pending load) in order, loading in one background thread.
+    """Yield (item, its Pending load) in order, loading in one background thread (which runs
+    `on_start` first: its settings, such as its intra-op thread count, made explicit).
 
     The next item is loaded while the current one computes only when the planned costs of both,
     plus the bytes `writing` holds, fit `budget`; otherwise its load starts once the consumer
@@ -155,7 +184,7 @@ def prefetch(
     """
     if not items:
         return
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-load") as pool:
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="predict-load", initializer=on_start) as pool:
         ahead: Pending | None = None
         for i, item in enumerate(items):
             if ahead is None and writing is not None:

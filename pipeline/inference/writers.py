@@ -8,7 +8,8 @@ last), then releases the case's lock and the bytes it held in `writing`. At most
 are being written at once; `submit` waits for a free writer, so the queue stays bounded. `submit`
 may be called from several threads (the model streams, `streams`); `on_done` fires only in the
 thread that calls `poll` and `finish` (the batch's own: progress bars and callbacks stay in one
-thread), once a case is fully done, in the order the cases were submitted.
+thread), once a case is fully done; the cases one call reports, in the order they were
+submitted.
 
 Threads, not processes: the mask and volume stay where they are (no copy to a child process),
 and the writers spend much of their time in zlib, numpy and file I/O, which release the GIL.
@@ -23,12 +24,13 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from typing import Generic, TypeVar
 
-from pipeline.inference.memory import Writing
+from pipeline.inference.memory import Handoff, Writing
 
 log = logging.getLogger(__name__)
 
 P = TypeVar("P")
 R = TypeVar("R")
+_WITHDRAWN = object()  # what `_run` returns for a case its submitter withdrew
 
 
 class Writers(Generic[P, R]):
@@ -70,15 +72,17 @@ class Writers(Generic[P, R]):
         is done. Waits for a free writer first; safe to call from several threads."""
         self._free.acquire()
         self._writing.hold(planned_bytes)
+        handoff = Handoff()  # an interrupt just after the hand-over: exactly one side releases
         try:
             with self._guard:
-                future = self._pool.submit(self._run, item, lock, planned_bytes)
+                future = self._pool.submit(self._run, handoff, item, lock, planned_bytes)
                 self._running[future] = self._submitted
                 self._submitted += 1
         except BaseException:
-            self._writing.release(planned_bytes)
-            self._free.release()
-            lock.close()
+            if handoff.withdraw():
+                self._writing.release(planned_bytes)
+                self._free.release()
+                lock.close()
             raise
 
     def poll(self) -> None:
@@ -96,7 +100,9 @@ class Writers(Generic[P, R]):
                 return
             self._collect(wait(running, return_when=FIRST_COMPLETED).done)
 
-    def _run(self, item: P, lock: ExitStack, planned_bytes: int) -> R:
+    def _run(self, handoff: Handoff, item: P, lock: ExitStack, planned_bytes: int) -> R | object:
+        if not handoff.take():  # withdrawn by its submitter, who released it
+            return _WITHDRAWN
         try:
             return self._write(item)
         finally:
@@ -110,4 +116,6 @@ class Writers(Generic[P, R]):
             for future in order:
                 del self._running[future]
         for future in order:
-            self._on_done(future.result())  # `write` records a case's failure; it never raises for one
+            result = future.result()  # `write` records a case's failure; it never raises for one
+            if result is not _WITHDRAWN:
+                self._on_done(result)

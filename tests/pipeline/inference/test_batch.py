@@ -20,6 +20,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from typer.testing import CliRunner
 from pipeline.cli import app
 from pipeline.inference.batch import BatchSettings, finalize_batch, predict, predict_case, prepare_batch
 from pipeline.inference.model import ModelLoadError
+from pipeline.inference.streams import stream_layout
 from tests.pipeline.inference.predict_fixture import PredictSetup, make_predict_setup, save_untrained_model
 
 REPO = Path(__file__).resolve().parents[3]
@@ -718,9 +720,10 @@ def test_pipelined_outputs_equal_the_serial_ones_and_a_case_is_reported_only_whe
     )
     assert serial.exit_code == pipelined.exit_code == 0
     assert held == [True] * 3
-    # two streams of max(1, threads // 2) intra-op threads, neither the caller's thread
-    assert len({t for t, _ in threads}) == 2 and threading.get_ident() not in {t for t, _ in threads}
-    assert {n for _, n in threads} == {max(1, caller_threads // 2)}
+    # two streams sharing the caller's intra-op threads, neither of them the caller's thread
+    per_thread = dict(threads)
+    assert len(per_thread) == 2 and threading.get_ident() not in per_thread
+    assert sorted(per_thread.values()) == sorted(stream_layout(2, torch.device("cpu"), caller_threads))
     assert torch.get_num_threads() == caller_threads
     assert sorted(c for c, _ in reported) == sorted(r.case_id for r in serial.results)
     assert all(names == {"seg.nii.gz", "seg.dcm", "qc.png", "done.json"} for _, names in reported)
@@ -739,6 +742,71 @@ def test_pipelined_outputs_equal_the_serial_ones_and_a_case_is_reported_only_whe
         for name in ("seg.nii.gz", "qc.png"):
             assert done_a["outputs"][name] == done_b["outputs"][name]
         assert done_a["result"]["volumes_ml"] == done_b["result"]["volumes_ml"]
+
+
+@pytest.mark.parametrize("streams", [1, 2])
+def test_an_interrupt_mid_batch_releases_every_case_and_a_rerun_finishes_the_rest(
+    setup, tmp_path, monkeypatch, streams
+):
+    import pipeline.inference.worker as worker
+    from pipeline.outputs import qc
+
+    source = tmp_path / "nifti"
+    source.mkdir()
+    for case in setup.demo.cases:
+        shutil.copy(setup.demo.msd_root / case.msd_image, source / Path(case.msd_image).name)
+    n_cases = len(setup.demo.cases)
+    out = tmp_path / "out"
+    settings = BatchSettings(device="cpu", secret_file=setup.secret, model_streams=streams, writers=2)
+    reported: list[str] = []
+    interrupted = threading.Event()
+    calls, busy, streams_busy = [0], [0], threading.Event()
+    guard = threading.Lock()
+    real_predict, real_qc = worker.predict_volume, qc.write_qc_png
+
+    def held_back(*args, **kwargs):  # past the first two cases, the model waits for the Ctrl-C
+        with guard:
+            calls[0] += 1
+            if calls[0] > 2:
+                busy[0] += 1
+                if busy[0] == streams:
+                    streams_busy.set()
+        if calls[0] > 2:
+            assert interrupted.wait(timeout=60)
+        return real_predict(*args, **kwargs)
+
+    def written_once_the_streams_are_busy(*args, **kwargs):
+        # The Ctrl-C (as the first case is reported) then finds predict waiting for a free
+        # stream with the next case locked: that case must be released, never started.
+        assert streams_busy.wait(timeout=60)
+        time.sleep(0.3)  # predict reaches its wait in `submit`
+        return real_qc(*args, **kwargs)
+
+    def ctrl_c(result) -> None:  # Ctrl-C arrives as the first case is reported
+        reported.append(result.case_id)
+        interrupted.set()
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(worker, "predict_volume", held_back)
+    monkeypatch.setattr(qc, "write_qc_png", written_once_the_streams_are_busy)
+    # The traceback kept (as a notebook or a task state keeps it) must hold no case's lock.
+    with pytest.raises(KeyboardInterrupt) as kept:
+        predict(source, setup.model_dir, out, settings, on_case_done=ctrl_c)
+    monkeypatch.undo()
+    done = sorted(p.parent.name for p in out.glob("*/done.json"))
+    # The two written and those in the streams finish (a case is never cut); the next never starts.
+    assert reported[0] in done and len(done) == 2 + streams < n_cases
+    assert calls[0] == 2 + streams
+    for case_dir in out.glob("case_*"):  # nothing partial: a case is whole or has no outputs
+        names = {p.name for p in case_dir.iterdir()}
+        assert names in ({"seg.nii.gz", "qc.png", "done.json"}, set()), names  # NIfTI: no SEG
+    locks = sorted((out / ".batch" / "locks").glob("case_*.lock"))
+    assert locks and not any(_locked(lock) for lock in locks)  # none left locked in this process
+    del kept
+    rerun = predict(source, setup.model_dir, out, settings)
+    assert rerun.exit_code == 0
+    assert sorted(r.case_id for r in rerun.results if r.skipped) == done
+    assert rerun.processed == n_cases - len(done)
 
 
 def test_predict_reads_each_header_once_and_rereads_a_series_changed_since_planning(

@@ -107,6 +107,27 @@ def test_prefetch_runs_a_case_larger_than_the_budget_alone():
     assert out == [0, 1, 2, 3] and peak[0] <= 2
 
 
+def test_prefetch_sets_its_loader_thread_up_before_the_first_load():
+    import threading
+
+    from pipeline.inference.memory import prefetch
+
+    started_in: list[str] = []
+    loaded_in: list[str] = []
+
+    def load(item: int) -> int:
+        assert started_in, "a load ran before on_start"
+        loaded_in.append(threading.current_thread().name)
+        return item
+
+    on_start = lambda: started_in.append(threading.current_thread().name)  # noqa: E731
+    loads = prefetch(list(range(3)), load, cost=lambda i: 1, budget=10, on_start=on_start)
+    got = [pending.take() for _, pending in loads]
+    assert got == [0, 1, 2]
+    assert len(started_in) == 1 and set(loaded_in) == set(started_in)  # once, in the loader's thread
+    assert started_in[0] != threading.current_thread().name
+
+
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's peak-RSS reset")
 def test_peak_memory_of_a_volume_at_a_reduced_voxel_limit_stays_within_the_plan(tmp_path):
     """bench/predict_memory.py's measurement on a 256 x 256 x 80 CT with the voxel limit set to
