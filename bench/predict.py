@@ -43,6 +43,7 @@ from pipeline.inference.predictor import segment_slices
 from pipeline.inference.streams import ModelStreams, stream_layout
 from pipeline.ingest import IngestLimits, ingest
 from pipeline.io.model_dir import save_model_dir
+from pipeline.logs import setup_logging
 from pipeline.planning.network import plan_network, unet_config
 from pipeline.planning.plan import plan_dataset
 from pipeline.planning.transforms import preprocess_volume
@@ -60,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     args = p.parse_args(argv)
 
     configure_threads()
+    setup_logging(verbose=False)  # as `unet-pipeline predict` runs: library notices off the terminal
     load_at_start = os.getloadavg()[0]
     tmp = Path(tempfile.mkdtemp(prefix="bench-predict-"))
     try:
