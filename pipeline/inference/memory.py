@@ -112,33 +112,6 @@ def max_cases_in_flight(case_bytes: Sequence[int], budget: int, cap: int) -> int
     return max(1, min(n, cap)) if largest else max(1, cap)
 
 
-class Handoff:
-    """Who releases what a case holds (its planned bytes, its lock) once its caller handed it to
-    another thread: that thread, when it `take`s the case, or the caller, when it `withdraw`s it
-    first (an interrupt that came while, or just after, it handed the case over). Exactly one of
-    the two wins, so the bytes are released once and the lock closed once, whatever the timing."""
-
-    def __init__(self) -> None:
-        self._owner: str | None = None
-        self._guard = threading.Lock()
-
-    def _claim(self, owner: str) -> bool:
-        with self._guard:
-            if self._owner is None:
-                self._owner = owner
-            return self._owner == owner
-
-    def take(self) -> bool:
-        """In the thread the case was handed to, before it touches the case: True when it now
-        owns the case; False when the caller withdrew it (leave it alone)."""
-        return self._claim("taken")
-
-    def withdraw(self) -> bool:
-        """In the caller, on an error while handing over: True when the case was not taken (the
-        caller releases it); False when the other thread owns it."""
-        return self._claim("withdrawn")
-
-
 class Pending(Generic[R]):
     """A case being loaded; `take()` hands its result over once and forgets it, so the caller's
     reference is the only one and the memory goes when the caller is done with it."""

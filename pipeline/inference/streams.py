@@ -29,11 +29,10 @@ import logging
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
+from queue import SimpleQueue
 from typing import Any
 
 import torch
-
-from pipeline.inference.memory import Handoff
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +61,33 @@ def stream_layout(requested: int | None, device: torch.device, threads: int) -> 
     return tuple(max(1, share + (i < extra)) for i in range(streams))
 
 
+class Handoff:
+    """Who releases what a case holds (its planned bytes, its lock) once its caller handed it to
+    a stream: that thread, when it `take`s the case, or the caller, when it `withdraw`s it
+    first (an interrupt that came while, or just after, it handed the case over). Exactly one of
+    the two wins, so the bytes are released once and the lock closed once, whatever the timing."""
+
+    def __init__(self) -> None:
+        self._owner: str | None = None
+        self._guard = threading.Lock()
+
+    def _claim(self, owner: str) -> bool:
+        with self._guard:
+            if self._owner is None:
+                self._owner = owner
+            return self._owner == owner
+
+    def take(self) -> bool:
+        """In the thread the case was handed to, before it touches the case: True when it now
+        owns the case; False when the caller withdrew it (leave it alone)."""
+        return self._claim("taken")
+
+    def withdraw(self) -> bool:
+        """In the caller, on an error while handing over: True when the case was not taken (the
+        caller releases it); False when the other thread owns it."""
+        return self._claim("withdrawn")
+
+
 class ModelStreams:
     """A pool of one thread per entry of `threads`, each with that many intra-op threads; see
     the module docstring."""
@@ -74,8 +100,9 @@ class ModelStreams:
         self.streams = len(counts)
         self._on_idle = on_idle or (lambda: None)
         self._caller_threads = torch.get_num_threads()
-        self._unclaimed = list(counts)  # thread counts not yet taken by a starting stream thread
-        self._guard = threading.Lock()
+        self._unclaimed: SimpleQueue[int] = SimpleQueue()  # counts not yet taken by a stream thread
+        for n in counts:
+            self._unclaimed.put(n)
         self._pool = ThreadPoolExecutor(
             max_workers=self.streams, thread_name_prefix="predict-model", initializer=self._start_stream
         )
@@ -84,9 +111,7 @@ class ModelStreams:
 
     def _start_stream(self) -> None:
         """In each new stream thread, once: its share of the cores."""
-        with self._guard:
-            n = self._unclaimed.pop(0) if self._unclaimed else min(self.threads)
-        torch.set_num_threads(n)
+        torch.set_num_threads(self._unclaimed.get_nowait())  # the pool starts at most one per count
 
     def __enter__(self) -> ModelStreams:
         return self

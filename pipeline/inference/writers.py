@@ -24,13 +24,12 @@ from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from contextlib import ExitStack
 from typing import Generic, TypeVar
 
-from pipeline.inference.memory import Handoff, Writing
+from pipeline.inference.memory import Writing
 
 log = logging.getLogger(__name__)
 
 P = TypeVar("P")
 R = TypeVar("R")
-_WITHDRAWN = object()  # what `_run` returns for a case its submitter withdrew
 
 
 class Writers(Generic[P, R]):
@@ -72,17 +71,15 @@ class Writers(Generic[P, R]):
         is done. Waits for a free writer first; safe to call from several threads."""
         self._free.acquire()
         self._writing.hold(planned_bytes)
-        handoff = Handoff()  # an interrupt just after the hand-over: exactly one side releases
         try:
             with self._guard:
-                future = self._pool.submit(self._run, handoff, item, lock, planned_bytes)
+                future = self._pool.submit(self._run, item, lock, planned_bytes)
                 self._running[future] = self._submitted
                 self._submitted += 1
         except BaseException:
-            if handoff.withdraw():
-                self._writing.release(planned_bytes)
-                self._free.release()
-                lock.close()
+            self._writing.release(planned_bytes)
+            self._free.release()
+            lock.close()
             raise
 
     def poll(self) -> None:
@@ -100,9 +97,7 @@ class Writers(Generic[P, R]):
                 return
             self._collect(wait(running, return_when=FIRST_COMPLETED).done)
 
-    def _run(self, handoff: Handoff, item: P, lock: ExitStack, planned_bytes: int) -> R | object:
-        if not handoff.take():  # withdrawn by its submitter, who released it
-            return _WITHDRAWN
+    def _run(self, item: P, lock: ExitStack, planned_bytes: int) -> R:
         try:
             return self._write(item)
         finally:
@@ -116,6 +111,4 @@ class Writers(Generic[P, R]):
             for future in order:
                 del self._running[future]
         for future in order:
-            result = future.result()  # `write` records a case's failure; it never raises for one
-            if result is not _WITHDRAWN:
-                self._on_done(result)
+            self._on_done(future.result())  # `write` records a case's failure; it never raises for one

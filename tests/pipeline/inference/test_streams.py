@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 
-from pipeline.inference.memory import Handoff
-from pipeline.inference.streams import MAX_CPU_STREAMS, ModelStreams, stream_layout
+from pipeline.inference.streams import MAX_CPU_STREAMS, Handoff, ModelStreams, stream_layout
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 
